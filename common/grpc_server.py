@@ -1,0 +1,147 @@
+"""gRPC server scaffolding shared by every service: options, health,
+reflection, and the SIGTERM drain sequence.
+
+Every service follows the same life cycle so the balancer and the stack
+supervisor can treat them alike: NOT_SERVING while starting, SERVING when
+ready, NOT_SERVING on SIGTERM, a drain period for the balancer to notice,
+then `server.stop(grace)` which lets in-flight RPCs finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Transport knobs common to all services."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # 0 disables; replicas set it so connections re-spread after a restart.
+    max_connection_age_ms: int = 0
+    max_connection_age_grace_ms: int = 0
+    # Seconds between NOT_SERVING and closing the listener on SIGTERM.
+    drain_seconds: float = 0.0
+    # Seconds in-flight RPCs get to finish once the listener closes.
+    grace_seconds: float = 30.0
+
+    def channel_args(self) -> list[tuple[str, int]]:
+        args = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if self.max_connection_age_ms > 0:
+            args.append(("grpc.max_connection_age_ms", self.max_connection_age_ms))
+            args.append(("grpc.max_connection_age_grace_ms", self.max_connection_age_grace_ms))
+        return args
+
+
+class ServiceServer:
+    """An aio server with health and reflection, bound to one port."""
+
+    def __init__(self, options: ServerOptions, service_names: Sequence[str]) -> None:
+        self.options = options
+        self.server = grpc.aio.server(options=options.channel_args())
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = list(service_names)
+        reflection.enable_server_reflection(
+            self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{options.host}:{options.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {options.host}:{options.port}")
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.server.start()
+
+    async def drain_and_stop(self) -> None:
+        """NOT_SERVING, wait for the balancer to notice, then finish in-flight work."""
+        await self.set_serving(False)
+        if self.options.drain_seconds > 0:
+            await asyncio.sleep(self.options.drain_seconds)
+        await self.server.stop(self.options.grace_seconds)
+
+
+async def run_until_signalled(
+    server: ServiceServer,
+    ready: Callable[[], Awaitable[None]] | None = None,
+    cleanup: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Start, run `ready` (loading, warming), go SERVING, wait for SIGTERM/SIGINT, drain."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        if ready is not None:
+            await ready()
+        await server.set_serving(True)
+        log.info("serving on %s:%d", server.options.host, server.port)
+        await stop.wait()
+        log.info("signal received: draining for %.1fs", server.options.drain_seconds)
+        await server.drain_and_stop()
+    finally:
+        await server.server.stop(0)
+        if cleanup is not None:
+            await cleanup()
+    log.info("stopped cleanly")
+
+
+def add_server_flags(parser, *, default_port: int, port_env: str) -> None:
+    """Flags every service has; environment variables mirror them."""
+    import os
+
+    parser.add_argument("--host", default=os.environ.get("SUTRA_HOST", "127.0.0.1"),
+                        help="address to bind (env SUTRA_HOST; default %(default)s)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get(port_env, default_port)),
+                        help=f"port to bind, 0 = any free port (env {port_env}; default %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int,
+                        default=int(os.environ.get("SUTRA_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+                        help="largest gRPC message accepted or sent (env SUTRA_MAX_MESSAGE_BYTES; default %(default)s)")
+    parser.add_argument("--drain-seconds", type=float, default=float(os.environ.get("SUTRA_DRAIN_SECONDS", 0.0)),
+                        help="on SIGTERM, seconds to report NOT_SERVING before closing the port, so a balancer "
+                             "can notice (env SUTRA_DRAIN_SECONDS; default %(default)s)")
+    parser.add_argument("--grace-seconds", type=float, default=float(os.environ.get("SUTRA_GRACE_SECONDS", 30.0)),
+                        help="seconds in-flight RPCs get to finish after the port closes "
+                             "(env SUTRA_GRACE_SECONDS; default %(default)s)")
+    parser.add_argument("--log-level", default=os.environ.get("SUTRA_LOG_LEVEL", "INFO"),
+                        help="logging level (env SUTRA_LOG_LEVEL; default %(default)s)")
+
+
+def server_options_from(args, **extra) -> ServerOptions:
+    return ServerOptions(
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_bytes,
+        drain_seconds=args.drain_seconds,
+        grace_seconds=args.grace_seconds,
+        **extra,
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
