@@ -96,13 +96,26 @@ async def run_until_signalled(
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     try:
+        started = True
         if ready is not None:
-            await ready()
-        await server.set_serving(True)
-        log.info("serving on %s:%d", server.options.host, server.port)
-        await stop.wait()
-        log.info("signal received: draining for %.1fs", server.options.drain_seconds)
-        await server.drain_and_stop()
+            # A signal during a slow `ready` (loading, waiting for a backend) must still stop us.
+            ready_task = asyncio.ensure_future(ready())
+            stop_task = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({ready_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            stop_task.cancel()
+            if not ready_task.done():
+                log.info("signal received while starting: stopping before SERVING")
+                ready_task.cancel()
+                await asyncio.gather(ready_task, return_exceptions=True)
+                started = False
+            else:
+                ready_task.result()
+        if started:
+            await server.set_serving(True)
+            log.info("serving on %s:%d", server.options.host, server.port)
+            await stop.wait()
+            log.info("signal received: draining for %.1fs", server.options.drain_seconds)
+            await server.drain_and_stop()
     finally:
         await server.server.stop(0)
         if cleanup is not None:
