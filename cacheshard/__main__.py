@@ -1,0 +1,103 @@
+"""Entry point.
+
+    python -m cacheshard [--port 50052] [--path DIR] [--sync] ...   serve
+    python -m cacheshard checkpoint --address HOST:PORT --to DIR     back up a running shard
+
+The database is opened before the port is bound, so a directory that is
+locked, unwritable or in a foreign format ends the process at once with a
+one-line reason on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from cacheshard.settings import DEFAULT_PORT, build_parser, settings_from
+
+log = logging.getLogger("cacheshard")
+
+EXIT_STARTUP = 2
+
+
+def serve(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from common.grpc_server import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings) -> int:
+    from cacheshard.server import ShardServer
+    from cacheshard.shard import Shard
+    from cacheshard.store import ShardStore, StartupError
+    from common.grpc_server import run_until_signalled
+
+    try:
+        store = await asyncio.to_thread(ShardStore, settings)
+    except StartupError as exc:
+        print(f"cacheshard: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STARTUP
+    shard = Shard(store, settings)
+    log.info("opened %s: ~%d entries, budget %d entries (%d bytes of SST), %s mode",
+             settings.path, store.entries_at_open, settings.max_entries, settings.budget_bytes,
+             "sync (fsync before ack)" if settings.sync else "WAL")
+    try:
+        server = ShardServer(settings.server, shard)
+    except Exception as exc:
+        await shard.close()
+        print(f"cacheshard: cannot listen on {settings.server.host}:{settings.server.port}: {exc}",
+              file=sys.stderr, flush=True)
+        return EXIT_STARTUP
+    await run_until_signalled(server, cleanup=shard.close)
+    return 0
+
+
+def checkpoint(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cacheshard checkpoint",
+        description="Ask a running shard to write a consistent RocksDB checkpoint of its database into a new "
+                    "directory on the shard's machine. Restore by starting a shard with --path on that "
+                    "directory (or a copy of it).")
+    parser.add_argument("--address", default=os.environ.get("SUTRA_CACHE_SHARD_ADDRESS", f"127.0.0.1:{DEFAULT_PORT}"),
+                        help="the shard's HOST:PORT (env SUTRA_CACHE_SHARD_ADDRESS; default %(default)s)")
+    parser.add_argument("--to", required=True, help="directory to create; must not exist yet. A relative path is "
+                        "made absolute against this command's working directory")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait for the checkpoint (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    import grpc
+
+    from sutra.cache.v1 import cache_shard_service_pb2 as pb
+    from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = pb_grpc.CacheShardServiceStub(channel).Checkpoint(
+                pb.CheckpointRequest(path=os.path.abspath(args.to)), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"cacheshard checkpoint: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(reply.path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "checkpoint":
+        return checkpoint(argv[1:])
+    return serve(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The shard's settings: one frozen dataclass, built once in main() from
+flags and environment, validated there, and passed down to the store and
+the server. Nothing here reads the environment at import time."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.grpc_server import ServerOptions, add_server_flags, server_options_from
+
+DEFAULT_PORT = 50052
+DEFAULT_MAX_ENTRIES = 100_000
+# One entry on disk with the default model: 16-byte key + RocksDB's 8-byte
+# internal suffix + a 774-byte float16 value (6-byte header + 384 * 2), plus
+# block and index overhead; measured at about 800 bytes per entry.
+DEFAULT_ENTRY_BYTES = 800
+# FIFO evicts only SST files, so entries still in memtables come on top of
+# the SST budget. Memtables are sized at budget / MEMTABLE_FRACTION and at
+# most two exist at once, which bounds the overshoot at 2 / 8 = 25%.
+MEMTABLE_FRACTION = 8
+MAX_MEMTABLES = 2
+MIN_MEMTABLE_BYTES = 64 * 1024
+MAX_MEMTABLE_BYTES = 64 * 1024 * 1024
+BOUND_MARGIN = MAX_MEMTABLES / MEMTABLE_FRACTION
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    server: ServerOptions
+    path: Path
+    sync: bool = False
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    entry_bytes: int = DEFAULT_ENTRY_BYTES
+    max_batch: int = 4096
+    block_cache_mb: int = 64
+    row_cache_mb: int = 128
+    io_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_entries", "entry_bytes", "max_batch", "io_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("block_cache_mb", "row_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} cannot be negative")
+
+    @property
+    def budget_bytes(self) -> int:
+        """Size limit of the SST files (FIFO's max_table_files_size)."""
+        return self.max_entries * self.entry_bytes
+
+    @property
+    def memtable_bytes(self) -> int:
+        return max(MIN_MEMTABLE_BYTES, min(MAX_MEMTABLE_BYTES, self.budget_bytes // MEMTABLE_FRACTION))
+
+
+def _env_bool(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_shard_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--path", default=env("SUTRA_CACHE_SHARD_PATH", ".run/cacheshard"),
+        help="database directory; created if missing, refused at startup if it holds anything but a "
+             "cache shard (env SUTRA_CACHE_SHARD_PATH; default %(default)s)")
+    parser.add_argument(
+        "--sync", action="store_true", default=_env_bool("SUTRA_CACHE_SHARD_SYNC"),
+        help="fsync the write-ahead log before acknowledging a Store: an acknowledged entry survives "
+             "power loss and kernel crashes, at the cost of one fsync per Store. Without it (the default) "
+             "every Store still goes through the write-ahead log, so an acknowledged entry survives the "
+             "shard process crashing or being killed (kill -9), but the last writes may be lost if the "
+             "machine itself loses power (env SUTRA_CACHE_SHARD_SYNC=1)")
+    parser.add_argument(
+        "--max-entries", type=int, default=int(env("SUTRA_CACHE_SHARD_MAX_ENTRIES", DEFAULT_MAX_ENTRIES)),
+        help="size budget in entries. The shard keeps SST files under max-entries * entry-bytes with "
+             "RocksDB FIFO compaction (the oldest file, i.e. roughly the oldest writes, is dropped first) "
+             f"and holds at most {int(BOUND_MARGIN * 100)}%% more in memtables not yet flushed "
+             "(env SUTRA_CACHE_SHARD_MAX_ENTRIES; default %(default)s)")
+    parser.add_argument(
+        "--entry-bytes", type=int, default=int(env("SUTRA_CACHE_SHARD_ENTRY_BYTES", DEFAULT_ENTRY_BYTES)),
+        help="bytes one entry takes on disk, used to turn --max-entries into a byte limit; the default "
+             "fits 384-wide float16 vectors. Entries smaller than this let more entries fit "
+             "(env SUTRA_CACHE_SHARD_ENTRY_BYTES; default %(default)s)")
+    parser.add_argument(
+        "--max-batch", type=int, default=int(env("SUTRA_CACHE_SHARD_MAX_BATCH", 4096)),
+        help="most keys in one Lookup batch or entries in one Store; more is INVALID_ARGUMENT "
+             "(env SUTRA_CACHE_SHARD_MAX_BATCH; default %(default)s)")
+    parser.add_argument(
+        "--block-cache-mb", type=int, default=int(env("SUTRA_CACHE_SHARD_BLOCK_CACHE_MB", 64)),
+        help="RocksDB block cache in MiB (env SUTRA_CACHE_SHARD_BLOCK_CACHE_MB; default %(default)s)")
+    parser.add_argument(
+        "--row-cache-mb", type=int, default=int(env("SUTRA_CACHE_SHARD_ROW_CACHE_MB", 128)),
+        help="RocksDB row cache in MiB, 0 = off; caches whole values so a repeated lookup skips the "
+             "block search (env SUTRA_CACHE_SHARD_ROW_CACHE_MB; default %(default)s)")
+    parser.add_argument(
+        "--io-threads", type=int, default=int(env("SUTRA_CACHE_SHARD_IO_THREADS", 2)),
+        help="threads that run RocksDB calls off the event loop "
+             "(env SUTRA_CACHE_SHARD_IO_THREADS; default %(default)s)")
+
+
+def settings_from(args: argparse.Namespace) -> ShardSettings:
+    return ShardSettings(
+        server=server_options_from(args),
+        path=Path(args.path).expanduser().absolute(),
+        sync=args.sync,
+        max_entries=args.max_entries,
+        entry_bytes=args.entry_bytes,
+        max_batch=args.max_batch,
+        block_cache_mb=args.block_cache_mb,
+        row_cache_mb=args.row_cache_mb,
+        io_threads=args.io_threads,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cacheshard",
+        description="The L2 cache shard: sutra.cache.v1.CacheShardService over RocksDB (rocksdict) with "
+                    "the write-ahead log on and a bounded size.",
+        epilog="Backup: `python -m cacheshard checkpoint --address HOST:PORT --to DIR` asks a running shard "
+               "for a consistent RocksDB checkpoint in DIR (on the shard's machine); start a shard with "
+               "--path DIR to restore it. Run `python -m cacheshard checkpoint --help` for its flags.",
+    )
+    add_server_flags(parser, default_port=DEFAULT_PORT, port_env="SUTRA_CACHE_SHARD_PORT")
+    add_shard_flags(parser)
+    return parser

@@ -1,0 +1,229 @@
+"""The RocksDB side of the shard, through rocksdict: opening (with clear
+startup errors), multi-get, atomic batch writes, size figures, checkpoints.
+
+Everything here is synchronous and blocking; `cacheshard.shard` runs it on
+a small thread pool so the event loop never waits on the disk.
+
+Size bound: FIFO compaction with `max_table_files_size = max_entries *
+entry_bytes`. Every SST file stays in level 0; after each flush RocksDB
+deletes the oldest SST files until the total is under the limit, so
+eviction goes oldest file first, which is roughly insertion order (a key
+rewritten later lives on in the newer file). Memtables not yet flushed come
+on top; they are sized so the overshoot is at most `BOUND_MARGIN`.
+
+Directory format: a marker file (`SUTRA_CACHE_SHARD`, JSON with a format
+number) is written before RocksDB first creates the database, and copied
+into every checkpoint. A directory with a RocksDB database but no marker,
+or with another format number, is refused: it may be someone else's data,
+or a layout this build does not read (for example a level-compacted
+database, whose files FIFO would never evict).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import rocksdict
+
+from cacheshard.settings import MAX_MEMTABLES, ShardSettings
+
+log = logging.getLogger(__name__)
+
+MARKER = "SUTRA_CACHE_SHARD"
+FORMAT = 1
+_ROCKSDICT_CONFIG = "rocksdict-config.json"
+
+
+class StartupError(Exception):
+    """The database cannot be opened; the message is one line meant for the operator."""
+
+
+class StoreError(Exception):
+    """RocksDB refused a read or write at run time."""
+
+
+def _check_directory(path: Path) -> None:
+    """Refuse directories that are not (and cannot become) a cache shard; write the marker for a new one."""
+    if path.exists() and not path.is_dir():
+        raise StartupError(f"{path} exists and is not a directory")
+    if not path.exists():
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create database directory {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StartupError(f"database directory {path} is not writable by this user")
+    marker = path / MARKER
+    if marker.exists():
+        try:
+            found = json.loads(marker.read_text())["format"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StartupError(f"{marker} is unreadable ({exc}); not a cache shard directory this build can use") from None
+        if found != FORMAT:
+            raise StartupError(f"{path} holds cache shard format {found}; this build reads format {FORMAT}")
+        config = path / _ROCKSDICT_CONFIG
+        if config.exists():
+            try:
+                raw = json.loads(config.read_text()).get("raw_mode")
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"{config} is unreadable: {exc}") from None
+            if raw is not True:
+                raise StartupError(f"{path} was written by rocksdict in pickle mode, not as a raw cache shard")
+        return
+    contents = [p.name for p in path.iterdir()]
+    if "CURRENT" in contents:
+        raise StartupError(f"{path} holds a RocksDB database that is not a cache shard (no {MARKER} marker); "
+                           "refusing to open it")
+    if contents:
+        raise StartupError(f"{path} is not empty and is not a cache shard directory; "
+                           "point --path at an empty or new directory")
+    try:
+        _write_marker(path)
+    except OSError as exc:
+        raise StartupError(f"cannot write to database directory {path}: {exc.strerror or exc}") from None
+
+
+def _write_marker(directory: Path) -> None:
+    tmp = directory / (MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, "kind": "sutra cache shard", "keys": "raw bytes",
+                   "values": "common.codec"}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MARKER)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _options(settings: ShardSettings) -> rocksdict.Options:
+    opts = rocksdict.Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.set_paranoid_checks(True)
+    opts.set_compaction_style(rocksdict.DBCompactionStyle.fifo())
+    fifo = rocksdict.FifoCompactOptions()
+    fifo.max_table_files_size = settings.budget_bytes
+    opts.set_fifo_compaction_options(fifo)
+    opts.set_write_buffer_size(settings.memtable_bytes)
+    opts.set_max_write_buffer_number(MAX_MEMTABLES)
+    # All files live in level 0 under FIFO; keep RocksDB from throttling
+    # writes because of the file count (the size limit bounds it anyway).
+    opts.set_level_zero_slowdown_writes_trigger(64)
+    opts.set_level_zero_stop_writes_trigger(128)
+    # float16 vectors do not compress; skip the CPU.
+    opts.set_compression_type(rocksdict.DBCompressionType.none())
+    table = rocksdict.BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    table.set_block_cache(rocksdict.Cache(max(1, settings.block_cache_mb) * 1024 * 1024))
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_data_block_index_type(rocksdict.DataBlockIndexType.binary_and_hash())
+    table.set_data_block_hash_ratio(0.75)
+    opts.set_block_based_table_factory(table)
+    if settings.row_cache_mb > 0:
+        opts.set_row_cache(rocksdict.Cache(settings.row_cache_mb * 1024 * 1024))
+    opts.set_max_background_jobs(2)
+    opts.set_keep_log_file_num(5)
+    return opts
+
+
+def _explain_open_error(path: Path, exc: Exception) -> str:
+    text = str(exc)
+    lowered = text.lower()
+    if "lock" in lowered:
+        return (f"{path} is locked by another process (is another cache shard running on it?): {text}")
+    if "corruption" in lowered or "not supported" in lowered or "invalid argument" in lowered:
+        return f"cannot open {path}: incompatible or damaged database: {text}"
+    if "permission" in lowered or "read-only" in lowered or "not a directory" in lowered:
+        return f"cannot write to {path}: {text}"
+    return f"cannot open {path}: {text}"
+
+
+class ShardStore:
+    """One open database. Methods block; call them from a worker thread."""
+
+    def __init__(self, settings: ShardSettings) -> None:
+        self.settings = settings
+        self.path = settings.path
+        _check_directory(self.path)
+        opts = _options(settings)
+        try:
+            # Passing the default column family's options explicitly matters:
+            # without it rocksdict reopens an existing database with the
+            # options stored in its OPTIONS file, dropping our caches.
+            self._db = rocksdict.Rdict(str(self.path), opts, column_families={"default": opts})
+        except Exception as exc:  # rocksdict raises plain Exception
+            raise StartupError(_explain_open_error(self.path, exc)) from None
+        self._write_opts = rocksdict.WriteOptions()
+        self._write_opts.sync = settings.sync
+        self._db.set_write_options(self._write_opts)
+        self.entries_at_open = self.entries()
+
+    def multi_get(self, keys: list[bytes]) -> list[bytes | None]:
+        try:
+            return self._db.get(keys)
+        except Exception as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+
+    def write(self, keys: list[bytes], values: list[bytes]) -> None:
+        """One WriteBatch through the WAL (fsynced first in --sync mode)."""
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        put = batch.put
+        for key, value in zip(keys, values):
+            put(key, value)
+        try:
+            self._db.write(batch, self._write_opts)
+        except Exception as exc:
+            raise StoreError(f"write failed: {exc}") from exc
+
+    def entries(self) -> int:
+        return self._db.property_int_value("rocksdb.estimate-num-keys") or 0
+
+    def sst_bytes(self) -> int:
+        return self._db.property_int_value("rocksdb.total-sst-files-size") or 0
+
+    def bytes_on_disk(self) -> int:
+        """SST files plus write-ahead logs."""
+        wal = 0
+        with os.scandir(self.path) as it:
+            for entry in it:
+                if entry.name.endswith(".log"):
+                    try:
+                        wal += entry.stat().st_size
+                    except FileNotFoundError:
+                        pass
+        return self.sst_bytes() + wal
+
+    def checkpoint(self, dest: Path) -> Path:
+        """A consistent copy in `dest` (which must not exist), marker included.
+
+        Built next to `dest` and renamed into place, so `dest` either does not
+        exist or is a complete, openable shard directory."""
+        dest = dest.absolute()
+        if dest.exists():
+            raise FileExistsError(f"{dest} already exists")
+        if not dest.parent.is_dir():
+            raise FileNotFoundError(f"parent directory {dest.parent} does not exist")
+        tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        try:
+            rocksdict.Checkpoint(self._db).create_checkpoint(str(tmp))
+            _write_marker(tmp)
+            os.rename(tmp, dest)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    def close(self) -> None:
+        """Flush memtables to SST files and release the lock."""
+        try:
+            self._db.flush(True)
+        finally:
+            self._db.close()
+
