@@ -1,0 +1,22 @@
+"""`python -m mlbase`: run one model replica (see `--help`)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from common.grpc_server import configure_logging
+from mlbase.settings import load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    configure_logging(settings.log_level)
+    from mlbase.server import serve  # after parsing, so --help does not import grpc/torch
+
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

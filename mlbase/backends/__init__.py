@@ -1,0 +1,1 @@
+"""Inference backends: one file per engine, chosen by name (see registry)."""

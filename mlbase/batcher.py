@@ -1,0 +1,227 @@
+"""Dynamic batching: many concurrent requests, one inference thread.
+
+Requests hand in already tokenized texts. A single worker thread takes
+everything pending as one *generation* (after a short wait window when it was
+idle, so that requests arriving together share batches), sorts the
+generation by token length and cuts it into micro-batches bounded by a
+number of texts and by padded tokens (texts x longest text), so that short
+texts are not padded to the length of long ones. Every text of a generation
+is done before the next generation starts, so no request waits behind a
+stream of later ones.
+
+The queue is bounded in texts: `reserve` refuses at once (Overloaded ->
+RESOURCE_EXHAUSTED) when admitting a request would exceed it. A request
+whose caller went away (cancelled, deadline) is skipped by the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.errors import Overloaded, Unavailable
+from mlbase.backends.tokens import Encoded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 64
+    # Bound on padded tokens per micro-batch: texts x longest text.
+    max_batch_tokens: int = 8192
+    # How long an idle worker waits for more requests before starting.
+    wait_ms: float = 2.0
+    # Texts admitted (queued or being computed) at once.
+    max_queue: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue < 1:
+            raise ValueError("batch size, batch tokens and queue size must be at least 1")
+        if self.wait_ms < 0:
+            raise ValueError("wait window must not be negative")
+
+
+@dataclass(eq=False)
+class _Request:
+    out: np.ndarray
+    remaining: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    # Set by the event loop on cancellation, by the worker on failure; read by the worker.
+    abandoned: bool = False
+
+
+@dataclass(slots=True)
+class _Item:
+    encoded: Encoded
+    request: _Request
+    row: int
+
+
+@dataclass
+class BatchStats:
+    """Counters, written by the worker thread only."""
+
+    batches: int = 0
+    texts: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    generations: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+
+def plan_batches(items: Sequence[_Item], limits: BatchLimits) -> list[list[_Item]]:
+    """Sort by token length, longest first (ties keep arrival order), and cut
+    greedily so each batch has at most `max_batch_size` texts and at most
+    `max_batch_tokens` padded tokens. A single text longer than the token
+    budget still forms a batch of its own."""
+    ordered = sorted(items, key=lambda it: -it.encoded.length)
+    batches: list[list[_Item]] = []
+    current: list[_Item] = []
+    longest = 0
+    for item in ordered:
+        length = item.encoded.length
+        if current:
+            fits_size = len(current) < limits.max_batch_size
+            fits_tokens = (len(current) + 1) * max(longest, length) <= limits.max_batch_tokens
+            if fits_size and fits_tokens:
+                current.append(item)
+                longest = max(longest, length)
+                continue
+            batches.append(current)
+        current, longest = [item], length
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _resolve(request: _Request) -> None:
+    if not request.future.done():
+        request.future.set_result(request.out)
+
+
+def _fail(request: _Request, exc: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(exc)
+
+
+class Batcher:
+    """Owns the inference thread; `embed` is the backend's forward pass."""
+
+    def __init__(self, embed: Callable[[Sequence[Encoded]], np.ndarray], width: int, limits: BatchLimits) -> None:
+        self._embed = embed
+        self._width = width
+        self.limits = limits
+        self.stats = BatchStats()
+        self._cond = threading.Condition()
+        self._pending: list[_Item] = []
+        self._closing = False
+        self._admitted = 0  # event-loop thread only
+        self._thread: threading.Thread | None = None
+
+    @property
+    def admitted(self) -> int:
+        """Texts queued or being computed."""
+        return self._admitted
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mlbase-inference", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def reserve(self, count: int) -> Iterator[None]:
+        """Admit `count` texts for the duration of the block, or refuse at once."""
+        if self._closing:
+            raise Unavailable("replica is shutting down; retry on another replica")
+        if self._admitted + count > self.limits.max_queue:
+            raise Overloaded(f"queue full: {self._admitted} texts queued, {count} more would exceed "
+                             f"--max-queue {self.limits.max_queue}; retry on another replica")
+        self._admitted += count
+        try:
+            yield
+        finally:
+            self._admitted -= count
+
+    async def submit(self, items: Sequence[Encoded]) -> np.ndarray:
+        """Embed tokenized texts; float32 (len(items), width) in the given order."""
+        loop = asyncio.get_running_loop()
+        request = _Request(np.empty((len(items), self._width), dtype=np.float32), len(items),
+                           loop, loop.create_future())
+        if not items:
+            return request.out
+        with self._cond:
+            if self._closing:
+                raise Unavailable("replica is shutting down; retry on another replica")
+            self._pending.extend(_Item(e, request, row) for row, e in enumerate(items))
+            self._cond.notify()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            request.abandoned = True
+            raise
+
+    async def close(self) -> None:
+        """Stop taking requests, finish what is queued, join the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _take_generation(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._pending and not self._closing:
+                self._cond.wait()
+            if not self._pending:
+                return None  # closing and drained
+            if self.limits.wait_ms > 0 and len(self._pending) < self.limits.max_batch_size:
+                deadline = time.monotonic() + self.limits.wait_ms / 1000
+                while len(self._pending) < self.limits.max_batch_size and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            generation, self._pending = self._pending, []
+            return generation
+
+    def _run(self) -> None:
+        while (generation := self._take_generation()) is not None:
+            self.stats.generations += 1
+            for batch in plan_batches([it for it in generation if not it.request.abandoned], self.limits):
+                batch = [it for it in batch if not it.request.abandoned]
+                if batch:
+                    self._run_batch(batch)
+        log.debug("inference thread done")
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        try:
+            vectors = self._embed([it.encoded for it in batch])
+        except Exception as exc:  # the backend failed: fail these requests, keep serving
+            log.exception("inference failed for a batch of %d texts", len(batch))
+            for request in {id(it.request): it.request for it in batch}.values():
+                request.abandoned = True
+                request.loop.call_soon_threadsafe(_fail, request, exc)
+            return
+        stats = self.stats
+        stats.batches += 1
+        stats.texts += len(batch)
+        stats.tokens += sum(it.encoded.length for it in batch)
+        stats.padded_tokens += len(batch) * max(it.encoded.length for it in batch)
+        stats.sizes.append(len(batch))
+        if len(stats.sizes) > 1024:
+            del stats.sizes[:512]
+        for k, it in enumerate(batch):
+            request = it.request
+            request.out[it.row] = vectors[k]
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.loop.call_soon_threadsafe(_resolve, request)

@@ -1,0 +1,116 @@
+"""The replica's core, apart from any transport: validate, tokenize, batch,
+transform.
+
+One Embed call: check the request against the limits (before anything is
+queued), reserve room in the bounded queue (or refuse at once), tokenize on
+the tokenizer thread, refuse or count texts over the model window, wait for
+the batcher's inference thread, then apply the shared Matryoshka transform
+unless the caller wants the model's full-width output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import matryoshka
+from common.errors import InvalidInput, Unavailable
+from mlbase.backends.base import Backend, ModelDescription
+from mlbase.batcher import Batcher
+from mlbase.settings import MLBaseSettings
+
+log = logging.getLogger(__name__)
+
+# Short and long texts, so warm-up touches more than one sequence length.
+_WARMUP_TEXTS = ["warm up", "a replica warms up before it reports SERVING " * 4, ""] * 4
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: np.ndarray  # float32 (n, width)
+    width: int
+    truncated: list[int]
+    fingerprint: str
+
+
+class Engine:
+    """Owns the backend, the tokenizer thread and the batcher."""
+
+    def __init__(self, backend: Backend, settings: MLBaseSettings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.description: ModelDescription | None = None
+        self.fingerprint = ""
+        self.policy: matryoshka.WidthPolicy | None = None
+        self.batcher: Batcher | None = None
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbase-tokenize")
+        self.ready = False
+
+    async def start(self) -> None:
+        """Load the model (off the loop), start the inference thread, warm up."""
+        started = time.monotonic()
+        await asyncio.to_thread(self.backend.load)
+        self.description = self.backend.describe()
+        self.fingerprint = self.description.fingerprint()
+        s = self.settings
+        try:
+            self.policy = matryoshka.WidthPolicy(native_width=self.description.native_width, min_width=s.min_width,
+                                                 default_width=s.default_width, allowed=s.allowed_widths)
+        except ValueError as exc:
+            raise ValueError(f"width settings do not fit this model ({self.description.native_width} wide): {exc}")
+        self.batcher = Batcher(self.backend.embed, self.description.native_width, s.batch)
+        self.batcher.start()
+        await self._embed(_WARMUP_TEXTS, 0, True, False)
+        self.ready = True
+        log.info("model %s ready in %.1fs; fingerprint %s", self.description.model_id,
+                 time.monotonic() - started, self.fingerprint)
+
+    async def close(self) -> None:
+        """Finish queued work, then stop both threads."""
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.close()
+        await asyncio.to_thread(self._tokenizer_pool.shutdown, True)
+
+    def _validate(self, texts: Sequence[str]) -> None:
+        s = self.settings
+        if not texts:
+            raise InvalidInput("`texts` cannot be empty")
+        if len(texts) > s.max_inputs:
+            raise InvalidInput(f"`texts` has {len(texts)} entries; the limit is {s.max_inputs} (max_inputs)")
+        for i, text in enumerate(texts):
+            if len(text) > s.max_chars:
+                raise InvalidInput(f"`texts[{i}]` has {len(text)} characters; the limit is {s.max_chars} (max_chars)")
+
+    async def embed(self, texts: Sequence[str], dimensions: int, full_width: bool,
+                    reject_truncation: bool) -> EmbedResult:
+        if not self.ready:
+            raise Unavailable("model is not loaded yet; retry on another replica")
+        return await self._embed(texts, dimensions, full_width, reject_truncation)
+
+    async def _embed(self, texts: Sequence[str], dimensions: int, full_width: bool,
+                     reject_truncation: bool) -> EmbedResult:
+        assert self.policy is not None and self.batcher is not None and self.description is not None
+        self._validate(texts)
+        width = self.description.native_width if full_width else self.policy.resolve(dimensions)
+        with self.batcher.reserve(len(texts)):
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(self._tokenizer_pool, self.backend.tokenize, texts)
+            truncated = [i for i, e in enumerate(encoded) if e.truncated]
+            if truncated and reject_truncation:
+                raise InvalidInput(
+                    f"`texts[{truncated[0]}]` is longer than the model window of "
+                    f"{self.description.max_seq_length} tokens ({len(truncated)} such texts); "
+                    "shorten them or allow truncation")
+            full = await self.batcher.submit(encoded)
+        if full_width:
+            vectors = full
+        else:
+            vectors = matryoshka.reduce(full, width, self.settings.layer_norm)
+        return EmbedResult(vectors, width, truncated, self.fingerprint)
