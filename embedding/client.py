@@ -1,0 +1,236 @@
+"""Client library for EmbeddingService: texts in, a numpy array out.
+
+    from embedding.client import Client
+    with Client("127.0.0.1:50051") as c:
+        vectors = c.embed(["hello", "world"], dimensions=128)   # (2, 128) float32
+
+It asks for the packed float32 encoding (no per-float protobuf cost), splits
+inputs larger than the server's `max_inputs` into several calls, and retries
+UNAVAILABLE / RESOURCE_EXHAUSTED with exponential backoff and jitter within
+the call's timeout. `AsyncClient` has the same API for asyncio code and sends
+the chunks of a large input concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+_MAX_MESSAGE = 64 * 1024 * 1024
+_OPTIONS = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE)]
+
+
+@dataclass
+class EmbedOutput:
+    """Vectors plus what the server said about them (summed over chunks)."""
+
+    vectors: np.ndarray
+    model: str
+    dimensions: int
+    l1_hits: int = 0
+    l2_hits: int = 0
+    computed: int = 0
+    truncated: int = 0
+    duplicates: int = 0
+
+    def add_usage(self, usage: pb.EmbedUsage) -> None:
+        self.l1_hits += usage.l1_hits
+        self.l2_hits += usage.l2_hits
+        self.computed += usage.computed
+        self.truncated += usage.truncated
+        self.duplicates += usage.duplicates
+
+
+def decode(response: pb.EmbedResponse, count: int) -> np.ndarray:
+    """(count, dimensions) float32 from a packed or float-encoded response."""
+    if response.packed or not response.embeddings:
+        return np.frombuffer(response.packed, dtype="<f4").reshape(count, response.dimensions)
+    return np.array([e.values for e in response.embeddings], dtype=np.float32)
+
+
+def _as_list(texts: str | Sequence[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def _chunks(texts: list[str], size: int) -> list[list[str]]:
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
+
+
+def _backoff(attempt: int, base: float) -> float:
+    return base * (2 ** attempt) * (0.5 + random.random())
+
+
+class Client:
+    """Blocking client. Thread-safe (one gRPC channel)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.1, batch_size: int | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._batch_size = batch_size
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._info: pb.GetInfoResponse | None = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request):
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.RpcError as exc:
+                pause = _backoff(attempt, self.backoff)
+                if exc.code() not in RETRYABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
+                    raise
+                attempt += 1
+                time.sleep(pause)
+
+    def info(self) -> pb.GetInfoResponse:
+        if self._info is None:
+            self._info = self._call(self._stub.GetInfo, pb.GetInfoRequest())
+        return self._info
+
+    def cache_stats(self) -> pb.GetCacheStatsResponse:
+        return self._call(self._stub.GetCacheStats, pb.GetCacheStatsRequest())
+
+    def batch_size(self) -> int:
+        limit = self.info().max_inputs or 2048
+        return min(self._batch_size, limit) if self._batch_size else limit
+
+    def embed(self, texts: str | Sequence[str], dimensions: int = 0) -> np.ndarray:
+        """(len(texts), dimensions) float32, unit rows; dimensions=0 = the server's default."""
+        return self.embed_detailed(texts, dimensions).vectors
+
+    def embed_detailed(self, texts: str | Sequence[str], dimensions: int = 0,
+                       truncation: int = pb.TRUNCATION_TRUNCATE) -> EmbedOutput:
+        items = _as_list(texts)
+        if not items:
+            width = dimensions or self.info().default_width
+            return EmbedOutput(np.zeros((0, width), dtype=np.float32), self.info().model_id, width)
+        parts: list[np.ndarray] = []
+        out: EmbedOutput | None = None
+        for chunk in _chunks(items, self.batch_size() if len(items) > 1 else 1):
+            response = self._call(self._stub.Embed, pb.EmbedRequest(
+                inputs=chunk, dimensions=dimensions, encoding=pb.ENCODING_PACKED, truncation=truncation))
+            if out is None:
+                out = EmbedOutput(np.empty(0), response.model, response.dimensions)
+            out.add_usage(response.usage)
+            parts.append(decode(response, len(chunk)))
+        out.vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out
+
+    def stream(self, batches: Iterable[Sequence[str]], dimensions: int = 0) -> Iterator[tuple[np.ndarray, pb.EmbedResponse]]:
+        """Bulk ingestion over EmbedStream: yields (vectors, response) per batch, in order.
+
+        Not retried: a failed stream raises grpc.RpcError; callers that can
+        resume (the CLI does) restart from the first unanswered batch.
+        """
+        sizes: list[int] = []
+
+        def requests():
+            for batch in batches:
+                batch = list(batch)
+                sizes.append(len(batch))
+                yield pb.EmbedStreamRequest(inputs=batch, dimensions=dimensions, encoding=pb.ENCODING_PACKED)
+
+        for i, reply in enumerate(self._stub.EmbedStream(requests())):
+            yield decode(reply.result, sizes[i]), reply.result
+
+
+class AsyncClient:
+    """asyncio client with the same API; chunks of a large input go out concurrently."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.1, batch_size: int | None = None, concurrency: int = 4) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._batch_size = batch_size
+        self._concurrency = concurrency
+        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._info: pb.GetInfoResponse | None = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request):
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.aio.AioRpcError as exc:
+                pause = _backoff(attempt, self.backoff)
+                if exc.code() not in RETRYABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
+                    raise
+                attempt += 1
+                await asyncio.sleep(pause)
+
+    async def info(self) -> pb.GetInfoResponse:
+        if self._info is None:
+            self._info = await self._call(self._stub.GetInfo, pb.GetInfoRequest())
+        return self._info
+
+    async def cache_stats(self) -> pb.GetCacheStatsResponse:
+        return await self._call(self._stub.GetCacheStats, pb.GetCacheStatsRequest())
+
+    async def batch_size(self) -> int:
+        limit = (await self.info()).max_inputs or 2048
+        return min(self._batch_size, limit) if self._batch_size else limit
+
+    async def embed(self, texts: str | Sequence[str], dimensions: int = 0) -> np.ndarray:
+        return (await self.embed_detailed(texts, dimensions)).vectors
+
+    async def embed_detailed(self, texts: str | Sequence[str], dimensions: int = 0,
+                             truncation: int = pb.TRUNCATION_TRUNCATE) -> EmbedOutput:
+        items = _as_list(texts)
+        if not items:
+            info = await self.info()
+            width = dimensions or info.default_width
+            return EmbedOutput(np.zeros((0, width), dtype=np.float32), info.model_id, width)
+        chunks = _chunks(items, await self.batch_size() if len(items) > 1 else 1)
+        slots = asyncio.Semaphore(self._concurrency)
+
+        async def one(chunk: list[str]) -> pb.EmbedResponse:
+            async with slots:
+                return await self._call(self._stub.Embed, pb.EmbedRequest(
+                    inputs=chunk, dimensions=dimensions, encoding=pb.ENCODING_PACKED, truncation=truncation))
+
+        responses = await asyncio.gather(*(one(c) for c in chunks))
+        out = EmbedOutput(np.empty(0), responses[0].model, responses[0].dimensions)
+        parts = []
+        for chunk, response in zip(chunks, responses):
+            out.add_usage(response.usage)
+            parts.append(decode(response, len(chunk)))
+        out.vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out

@@ -1,0 +1,329 @@
+"""The frontend's core: validate → de-duplicate → L1 → L2 → single-flight →
+batch to ML-base → fill L1 → write back to L2.
+
+Transports (gRPC, the admin HTTP server) stay thin and call `Engine.embed`
+and `Engine.cache_stats`. The engine works on full-width vectors throughout;
+the requested Matryoshka width is produced once, on the way out, with the
+shared `common.matryoshka.reduce`, so one cache entry serves every width and
+a cached vector reduces exactly like a freshly computed one.
+
+Truncation is remembered with the vector: L1 entries carry a flag, and for
+texts that could exceed the model window at all (more UTF-8 bytes than
+window tokens, a bound that holds for WordPiece, BPE and SentencePiece
+tokenizers) a small marker entry is written next to the vector in L2 and
+looked up with it. Short texts never need the marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common import codec
+from common.cache_key import cache_key
+from common.errors import InvalidInput, Overloaded, Unavailable
+from common.matryoshka import WidthPolicy, reduce
+from embedding.batcher import Batcher, Compute
+from embedding.l1 import LRUCache
+from embedding.l2_client import L2Client
+from embedding.mlbase_pool import DeadlineExceeded, ReplicaInfo
+from embedding.settings import FrontendSettings
+from embedding.singleflight import Flight, SingleFlight
+from embedding.stats import Stats
+from embedding.writeback import WriteBack
+
+log = logging.getLogger(__name__)
+
+_MARKER_VALUE = codec.encode(np.ones(1, dtype=np.float32), "float32")
+_SPECIAL_TOKENS = 3  # [CLS]/[SEP] or <s>/</s>, plus a SentencePiece word-start piece
+
+
+def marker_key(key: bytes) -> bytes:
+    """L2 key of the 'this text was truncated' marker stored beside `key`."""
+    return hashlib.blake2b(b"sutra.truncated\x00" + key, digest_size=len(key)).digest()
+
+
+@dataclass
+class Usage:
+    l1_hits: int = 0
+    l2_hits: int = 0
+    computed: int = 0
+    truncated: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray  # (n, width) float32, unit rows
+    width: int
+    model: str
+    usage: Usage
+    truncated_indices: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The replica's description combined with this frontend's overrides."""
+
+    info: ReplicaInfo
+    policy: WidthPolicy
+    max_inputs: int
+    max_chars: int
+    max_batch: int
+
+    @classmethod
+    def build(cls, info: ReplicaInfo, settings: FrontendSettings) -> "ModelConfig":
+        policy = WidthPolicy(
+            native_width=info.native_width,
+            min_width=max(1, min(info.min_width or 1, info.native_width)),
+            default_width=settings.default_width or info.default_width or info.native_width,
+            allowed=settings.allowed_widths or info.allowed_widths,
+        )
+        max_chars = min(settings.max_chars, info.max_chars) if info.max_chars else settings.max_chars
+        max_batch = min(settings.max_batch, info.max_inputs) if info.max_inputs else settings.max_batch
+        return cls(info, policy, settings.max_inputs, max_chars, max_batch)
+
+    def might_truncate(self, text: str) -> bool:
+        window = self.info.max_seq_length
+        return window <= 0 or len(text.encode("utf-8", "surrogatepass")) + _SPECIAL_TOKENS > window
+
+
+class Engine:
+    def __init__(self, settings: FrontendSettings, stats: Stats, compute: Compute,
+                 l2: L2Client | None = None) -> None:
+        self.settings = settings
+        self.stats = stats
+        self.l1 = LRUCache(settings.l1_entries) if settings.l1_enabled else None
+        self.l2 = l2 if settings.l2_enabled else None
+        self.writeback = (WriteBack(l2, stats, capacity=settings.writeback_queue, batch=settings.writeback_batch)
+                          if self.l2 is not None else None)
+        self.flights = SingleFlight()
+        self._compute = compute
+        self.batcher: Batcher | None = None
+        self.model: ModelConfig | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+    def configure(self, info: ReplicaInfo) -> ModelConfig:
+        """Adopt the replica's model; starts the batcher and the write-back worker."""
+        self.model = ModelConfig.build(info, self.settings)
+        self.batcher = Batcher(
+            self.flights, self._compute, self._on_computed, max_batch=self.model.max_batch,
+            window_s=self.settings.batch_window_ms / 1000.0, concurrency=self.settings.mlbase_concurrency,
+            default_timeout_s=self.settings.mlbase_timeout_s,
+        )
+        self.batcher.start()
+        if self.writeback is not None:
+            self.writeback.start()
+        log.info("model %s fingerprint %s native width %d default %d widths %s layer_norm=%s",
+                 info.model_id, info.fingerprint, info.native_width, self.model.policy.default_width,
+                 self.model.policy.describe(), info.layer_norm)
+        return self.model
+
+    async def close(self, flush_s: float) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.writeback is not None:
+            await self.writeback.close(flush_s)
+
+    @property
+    def pending(self) -> int:
+        return len(self.flights)
+
+    # -- the call path ----------------------------------------------------------------------
+    def _validate(self, m: ModelConfig, texts: list[str]) -> None:
+        if not texts:
+            raise InvalidInput("`inputs` cannot be empty")
+        if len(texts) > m.max_inputs:
+            raise InvalidInput(f"`inputs` has {len(texts)} entries; the limit is {m.max_inputs}")
+        for i, text in enumerate(texts):
+            if len(text) > m.max_chars:
+                raise InvalidInput(f"`inputs[{i}]` has {len(text)} characters; the limit is {m.max_chars}")
+
+    async def embed(self, texts: list[str], dimensions: int = 0, *, reject_truncation: bool = False,
+                    deadline: float | None = None) -> EmbedResult:
+        """Vectors for `texts` at `dimensions` (0 = default); `deadline` is absolute time.monotonic()."""
+        m = self.model
+        if m is None or self.batcher is None:
+            raise Unavailable("the frontend is starting: ML-base has not described its model yet")
+        texts = list(texts)
+        self._validate(m, texts)
+        width = m.policy.resolve(dimensions)
+        fp = m.info.fingerprint
+
+        index_of: dict[str, int] = {}
+        uniq: list[str] = []
+        positions = np.empty(len(texts), dtype=np.intp)
+        for i, text in enumerate(texts):
+            j = index_of.get(text)
+            if j is None:
+                j = index_of[text] = len(uniq)
+                uniq.append(text)
+            positions[i] = j
+        keys = [cache_key(fp, t) for t in uniq]
+        full = np.empty((len(uniq), m.info.native_width), dtype=np.float32)
+        truncated = np.zeros(len(uniq), dtype=bool)
+        usage = Usage(duplicates=len(texts) - len(uniq))
+
+        missing = self._from_l1(keys, full, truncated, usage, range(len(uniq)))
+        joined: list[tuple[int, Flight]] = []
+        try:
+            to_l2: list[int] = []
+            for j in missing:  # a computation already in flight answers without asking L2
+                flight = self.flights.get(keys[j])
+                if flight is not None:
+                    self.flights.join(flight, deadline)
+                    joined.append((j, flight))
+                    self.stats.coalesced += 1
+                else:
+                    to_l2.append(j)
+            to_compute = await self._from_l2(m, uniq, keys, full, truncated, usage, to_l2)
+            if to_compute:
+                # Another request may have filled L1 while we waited on L2.
+                to_compute = self._from_l1(keys, full, truncated, usage, to_compute, recheck=True)
+            self._start_flights(uniq, keys, to_compute, joined, deadline)
+            usage.computed = len(joined)
+            await self._wait(joined, deadline)
+        finally:
+            for _, flight in joined:
+                self.flights.leave(flight)
+        for j, flight in joined:
+            vec, was_truncated = flight.future.result()
+            full[j] = vec
+            truncated[j] = was_truncated
+
+        trunc_rows = truncated[positions]
+        truncated_indices = np.flatnonzero(trunc_rows).tolist()
+        if reject_truncation and truncated_indices:
+            raise InvalidInput(
+                f"`inputs[{truncated_indices[0]}]` is longer than the model window ({m.info.max_seq_length} "
+                f"tokens) and `truncation` is TRUNCATION_REJECT ({len(truncated_indices)} input(s) too long)")
+        reduced = reduce(full, width, m.info.layer_norm)
+        vectors = reduced if usage.duplicates == 0 else reduced[positions]
+        usage.truncated = len(truncated_indices)
+        self.stats.requests += 1
+        self.stats.inputs += len(texts)
+        self.stats.duplicates += usage.duplicates
+        self.stats.truncated += usage.truncated
+        return EmbedResult(vectors, width, m.info.model_id, usage, truncated_indices)
+
+    def _from_l1(self, keys, full, truncated, usage: Usage, which, recheck: bool = False) -> list[int]:
+        if self.l1 is None:
+            return list(which)
+        started = time.perf_counter()
+        missing = []
+        hits = 0
+        for j in which:
+            item = self.l1.get(keys[j])
+            if item is None:
+                missing.append(j)
+            else:
+                full[j] = item.vector
+                truncated[j] = item.truncated
+                hits += 1
+        usage.l1_hits += hits
+        self.stats.l1.hits += hits
+        if not recheck:
+            self.stats.l1.misses += len(missing)
+            self.stats.l1.latency.record(time.perf_counter() - started)
+        return missing
+
+    async def _from_l2(self, m: ModelConfig, uniq, keys, full, truncated, usage: Usage, which: list[int]) -> list[int]:
+        if self.l2 is None or not which:
+            return which
+        groups = [[keys[j], marker_key(keys[j])] if m.might_truncate(uniq[j]) else [keys[j]] for j in which]
+        results = await self.l2.lookup(groups)
+        missing = []
+        for j, values in zip(which, results):
+            if values is None or values[0] is None:
+                missing.append(j)
+                continue
+            try:
+                vec = codec.decode(values[0], width=m.info.native_width)
+            except codec.CorruptValue as exc:
+                self.stats.l2.errors += 1
+                log.warning("unreadable L2 value (treated as a miss): %s", exc)
+                missing.append(j)
+                continue
+            full[j] = vec
+            truncated[j] = len(values) > 1 and values[1] is not None
+            if self.l1 is not None:
+                self.l1.put(keys[j], vec, bool(truncated[j]))
+        hits = len(which) - len(missing)
+        usage.l2_hits += hits
+        self.stats.l2.hits += hits
+        self.stats.l2.misses += len(missing)
+        return missing
+
+    def _start_flights(self, uniq, keys, which: list[int], joined: list, deadline: float | None) -> None:
+        new = [j for j in which if self.flights.get(keys[j]) is None]
+        if new and len(self.flights) + len(new) > self.settings.max_pending:
+            self.stats.rejected_overloaded += 1
+            raise Overloaded(f"too much pending work ({len(self.flights)} texts waiting for the model, "
+                             f"limit {self.settings.max_pending}); retry with backoff")
+        for j in which:
+            flight = self.flights.get(keys[j])
+            if flight is None:
+                flight = self.flights.start(keys[j], uniq[j])
+                self.batcher.submit(flight)
+            else:
+                self.stats.coalesced += 1
+            self.flights.join(flight, deadline)
+            joined.append((j, flight))
+
+    async def _wait(self, joined: list[tuple[int, Flight]], deadline: float | None) -> None:
+        if not joined:
+            return
+        futures = {flight.future for _, flight in joined}
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = await asyncio.wait(futures, timeout=timeout)
+        if pending:
+            raise DeadlineExceeded(f"deadline exceeded with {len(pending)} text(s) still being computed")
+        for fut in done:
+            if fut.cancelled():
+                raise Unavailable("the computation was cancelled (frontend shutting down); retry")
+            exc = fut.exception()
+            if exc is not None:
+                raise exc
+
+    def _on_computed(self, flights: list[Flight], full: np.ndarray, truncated: set[int]) -> None:
+        """Batch finished: fill L1 and queue the write-back to L2 (never blocks)."""
+        if self.l1 is not None:
+            for i, flight in enumerate(flights):
+                self.l1.put(flight.key, full[i], i in truncated)
+        if self.writeback is not None:
+            values = codec.encode_many(full, self.settings.cache_dtype)
+            for i, flight in enumerate(flights):
+                shard = self.l2.shard_for(flight.key)
+                self.writeback.offer(shard, flight.key, values[i])
+                if i in truncated:
+                    self.writeback.offer(shard, marker_key(flight.key), _MARKER_VALUE)
+
+    # -- stats ------------------------------------------------------------------------------
+    async def cache_stats(self) -> dict:
+        """GetCacheStats content, as a dict with the proto's field names."""
+        s = self.stats
+        l2_entries = l2_evictions = 0
+        if self.l2 is not None:
+            l2_entries, l2_evictions = await self.l2.entries_and_evictions()
+
+        def level(c, entries: int, evictions: int) -> dict:
+            return {"hits": c.hits, "misses": c.misses, "hit_rate": c.hit_rate, "entries": entries,
+                    "evictions": evictions, "errors": c.errors,
+                    "lookup_p50_ms": c.latency.percentile_ms(50), "lookup_p99_ms": c.latency.percentile_ms(99)}
+
+        return {
+            "l1": level(s.l1, len(self.l1) if self.l1 is not None else 0,
+                        self.l1.evictions if self.l1 is not None else 0),
+            "l2": level(s.l2, l2_entries, l2_evictions),
+            "computed": s.computed,
+            "coalesced": s.coalesced,
+            "mlbase_p50_ms": s.mlbase_latency.percentile_ms(50),
+            "mlbase_p99_ms": s.mlbase_latency.percentile_ms(99),
+            "l2_writes_dropped": s.l2_writes_dropped,
+            "mlbase_retries": s.mlbase_retries,
+        }

@@ -1,0 +1,126 @@
+"""The gRPC transport for EmbeddingService: convert the request, call the
+engine, convert the answer. Nothing here knows about caches or replicas.
+
+EmbedStream answers in order but works ahead: up to `stream_window`
+requests of one stream are processed at once, so a bulk client keeps the
+replicas busy while it reads answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import numpy as np
+
+from common.errors import SutraError, Unavailable, grpc_errors
+from embedding.engine import EmbedResult, Engine
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+
+def deadline_of(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def to_response(result: EmbedResult, encoding: int) -> pb.EmbedResponse:
+    u = result.usage
+    response = pb.EmbedResponse(
+        model=result.model, dimensions=result.width, truncated_indices=result.truncated_indices,
+        usage=pb.EmbedUsage(l1_hits=u.l1_hits, l2_hits=u.l2_hits, computed=u.computed,
+                            truncated=u.truncated, duplicates=u.duplicates),
+    )
+    if encoding == pb.ENCODING_PACKED:
+        response.packed = np.ascontiguousarray(result.vectors, dtype="<f4").tobytes()
+    else:
+        response.embeddings.extend([pb.Embedding(values=row) for row in result.vectors.tolist()])
+    return response
+
+
+def cache_stats_proto(stats: dict) -> pb.GetCacheStatsResponse:
+    return pb.GetCacheStatsResponse(
+        l1=pb.CacheLevelStats(**stats["l1"]), l2=pb.CacheLevelStats(**stats["l2"]),
+        **{k: v for k, v in stats.items() if k not in ("l1", "l2")},
+    )
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    def __init__(self, engine: Engine, stream_window: int) -> None:
+        self._engine = engine
+        self._window = stream_window
+
+    async def _embed(self, request, deadline: float | None) -> pb.EmbedResponse:
+        result = await self._engine.embed(
+            request.inputs, request.dimensions,
+            reject_truncation=request.truncation == pb.TRUNCATION_REJECT, deadline=deadline)
+        return to_response(result, request.encoding)
+
+    @grpc_errors
+    async def Embed(self, request, context):
+        return await self._embed(request, deadline_of(context))
+
+    async def EmbedStream(self, request_iterator, context):
+        deadline = deadline_of(context)
+        ahead: asyncio.Queue = asyncio.Queue(maxsize=self._window)
+        done = object()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await ahead.put(asyncio.ensure_future(self._embed(request, deadline)))
+            finally:
+                await ahead.put(done)
+
+        reader = asyncio.create_task(read(), name="embed-stream-reader")
+        try:
+            while True:
+                item = await ahead.get()
+                if item is done:
+                    break
+                yield pb.EmbedStreamResponse(result=await item)
+            await reader  # surfaces a failed read
+        except SutraError as exc:
+            await context.abort(exc.code, str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("unexpected error in EmbedStream")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        finally:
+            reader.cancel()
+            leftovers = [reader]
+            while not ahead.empty():
+                item = ahead.get_nowait()
+                if isinstance(item, asyncio.Future):
+                    item.cancel()
+                    leftovers.append(item)
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+    @grpc_errors
+    async def GetInfo(self, request, context):
+        m = self._engine.model
+        if m is None:
+            raise Unavailable("the frontend is starting: ML-base has not described its model yet")
+        info, policy, settings = m.info, m.policy, self._engine.settings
+        return pb.GetInfoResponse(
+            model_id=info.model_id, fingerprint=info.fingerprint, native_width=info.native_width,
+            allowed_widths=list(policy.allowed), min_width=policy.min_width,
+            default_width=policy.default_width, max_inputs=m.max_inputs, max_chars=m.max_chars,
+            max_seq_length=info.max_seq_length, backend=info.backend,
+            cache_enabled=settings.cache_enabled, layer_norm=info.layer_norm,
+        )
+
+    @grpc_errors
+    async def GetCacheStats(self, request, context):
+        return cache_stats_proto(await self._engine.cache_stats())
+
+
+def add_to_server(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
+    pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, server)

@@ -1,0 +1,111 @@
+"""Counters and latency windows for the frontend, and their Prometheus view.
+
+One `Stats` object is shared by the engine, the L2 client and the ML-base
+pool; GetCacheStats, the admin `/cache/stats` JSON and `/metrics` all read
+it, so the three can never disagree. Prometheus metrics are produced by a
+custom collector at scrape time rather than kept twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from common.latency import LatencyWindow
+
+
+@dataclass
+class LevelCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    errors: int = 0
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class Stats:
+    """Mutable counters; only touched from the event loop thread."""
+
+    l1: LevelCounters = field(default_factory=LevelCounters)
+    l2: LevelCounters = field(default_factory=LevelCounters)
+    computed: int = 0
+    coalesced: int = 0
+    mlbase_batches: int = 0
+    mlbase_retries: int = 0
+    mlbase_errors: int = 0
+    fingerprint_mismatches: int = 0
+    l2_writes: int = 0
+    l2_writes_dropped: int = 0
+    requests: int = 0
+    inputs: int = 0
+    duplicates: int = 0
+    truncated: int = 0
+    rejected_overloaded: int = 0
+    mlbase_latency: LatencyWindow = field(default_factory=LatencyWindow)
+
+
+class StatsCollector(Collector):
+    """Renders a Stats snapshot as Prometheus metric families on each scrape."""
+
+    def __init__(self, stats: Stats, gauges) -> None:
+        self._stats = stats
+        # Callable returning {"l1_entries": n, "l2_entries": n, "pending": n, ...}.
+        self._gauges = gauges
+
+    def collect(self):
+        s = self._stats
+        lookups = CounterMetricFamily("sutra_embedding_cache_lookups", "Cache lookups by level and result",
+                                      labels=["level", "result"])
+        for name, level in (("l1", s.l1), ("l2", s.l2)):
+            lookups.add_metric([name, "hit"], level.hits)
+            lookups.add_metric([name, "miss"], level.misses)
+        yield lookups
+        errors = CounterMetricFamily("sutra_embedding_cache_errors", "Failed cache operations by level",
+                                     labels=["level"])
+        evictions = CounterMetricFamily("sutra_embedding_cache_evictions", "Cache evictions by level",
+                                        labels=["level"])
+        for name, level in (("l1", s.l1), ("l2", s.l2)):
+            errors.add_metric([name], level.errors)
+            evictions.add_metric([name], level.evictions)
+        yield errors
+        yield evictions
+        for name, value, doc in (
+            ("computed", s.computed, "Texts sent to model replicas"),
+            ("coalesced", s.coalesced, "Lookups that joined a computation already in flight"),
+            ("mlbase_batches", s.mlbase_batches, "Batches sent to model replicas"),
+            ("mlbase_retries", s.mlbase_retries, "Batches retried on another connection"),
+            ("mlbase_errors", s.mlbase_errors, "Batches that failed after every retry"),
+            ("fingerprint_mismatches", s.fingerprint_mismatches,
+             "Replica answers with an unexpected model fingerprint"),
+            ("l2_writes", s.l2_writes, "Entries stored to L2"),
+            ("l2_writes_dropped", s.l2_writes_dropped, "L2 write-backs dropped because the queue was full"),
+            ("requests", s.requests, "Embed requests answered (stream messages included)"),
+            ("inputs", s.inputs, "Inputs in answered requests"),
+            ("duplicates", s.duplicates, "Inputs repeating an earlier input of the same request"),
+            ("truncated", s.truncated, "Inputs cut to the model window"),
+            ("rejected_overloaded", s.rejected_overloaded, "Requests refused by the pending-work bound"),
+        ):
+            yield CounterMetricFamily(f"sutra_embedding_{name}", doc, value=value)
+        quantiles = GaugeMetricFamily("sutra_embedding_latency_ms", "Recent latency percentiles in milliseconds",
+                                      labels=["stage", "quantile"])
+        for stage, window in (("l1_lookup", s.l1.latency), ("l2_lookup", s.l2.latency),
+                              ("mlbase_batch", s.mlbase_latency)):
+            for q in (50, 99):
+                quantiles.add_metric([stage, f"0.{q}"], window.percentile_ms(q))
+        yield quantiles
+        for name, value in self._gauges().items():
+            yield GaugeMetricFamily(f"sutra_embedding_{name}", name.replace("_", " "), value=value)
+
+
+def make_registry(stats: Stats, gauges) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(stats, gauges))
+    return registry

@@ -1,0 +1,116 @@
+"""Write-back of computed vectors to L2, off the reply path and bounded.
+
+`offer` never waits: entries go into a bounded queue, and when it is full
+they are dropped and counted (a slow or dead shard must not grow the
+frontend's memory). One worker drains the queue in batches of up to
+`batch` entries, grouped per shard, one Store call each. On shutdown
+`close(flush_s)` stores what is queued, for at most `flush_s` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from embedding.l2_client import L2Client
+from embedding.stats import Stats
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class WriteBack:
+    def __init__(self, l2: L2Client, stats: Stats, *, capacity: int, batch: int, timeout_s: float = 5.0) -> None:
+        self._l2 = l2
+        self._stats = stats
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, capacity))
+        self._capacity = capacity
+        self._batch = batch
+        self._timeout_s = timeout_s
+        self._worker: asyncio.Task | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="l2-writeback")
+
+    def offer(self, shard: int, key: bytes, value: bytes) -> bool:
+        """Queue one entry; False (and counted) if the queue is full."""
+        if self._capacity <= 0:
+            self._stats.l2_writes_dropped += 1
+            return False
+        try:
+            self._queue.put_nowait((shard, key, value))
+        except asyncio.QueueFull:
+            self._stats.l2_writes_dropped += 1
+            return False
+        self._idle.clear()
+        return True
+
+    async def drained(self) -> None:
+        """Wait until everything offered so far has been stored (or failed)."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is _STOP:
+                self._idle.set()
+                return
+            items = [item]
+            stop = False
+            while len(items) < self._batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is _STOP:
+                    stop = True
+                    break
+                items.append(nxt)
+            await self._store(items)
+            if stop:
+                self._idle.set()
+                return
+            if self._queue.empty():
+                self._idle.set()
+
+    async def _store(self, items: list[tuple[int, bytes, bytes]]) -> None:
+        by_shard: dict[int, list[tuple[bytes, bytes]]] = {}
+        for shard, key, value in items:
+            by_shard.setdefault(shard, []).append((key, value))
+
+        async def one(shard: int, entries: list[tuple[bytes, bytes]]) -> None:
+            try:
+                await self._l2.shards[shard].store(entries, self._timeout_s)
+                self._stats.l2_writes += len(entries)
+            except grpc.aio.AioRpcError as exc:
+                self._stats.l2.errors += 1
+                log.debug("L2 store of %d entries to %s failed: %s", len(entries),
+                          self._l2.shards[shard].address, exc.code().name)
+
+        await asyncio.gather(*(one(s, e) for s, e in by_shard.items()))
+
+    async def close(self, flush_s: float) -> None:
+        """Store what is queued within `flush_s` seconds, then stop the worker."""
+        if self._worker is None:
+            return
+        deadline = time.monotonic() + flush_s
+        try:
+            await asyncio.wait_for(self._queue.put(_STOP), max(0.01, flush_s))
+        except asyncio.TimeoutError:
+            pass
+        try:
+            await asyncio.wait_for(asyncio.shield(self._worker), max(0.0, deadline - time.monotonic()))
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            left = self._queue.qsize()
+            log.warning("write-back flush ran out of time; %d entries not stored", left)
+        finally:
+            if not self._worker.done():
+                self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
