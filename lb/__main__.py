@@ -18,7 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("render", help="print the HAProxy configuration for a replica list")
     r.add_argument("--replica", action="append", default=[], metavar="HOST:PORT",
-                   help="an ML-base replica; repeat for each (required)")
+                   help="an ML-base replica; repeat for each (this or --dns-name is required)")
+    r.add_argument("--dns-name", default=env("SUTRA_LB_DNS_NAME", ""), metavar="HOST:PORT",
+                   help="discover replicas from the A records of HOST (a Kubernetes headless Service or a "
+                        "scaled compose service) instead of --replica (env SUTRA_LB_DNS_NAME; default none)")
+    r.add_argument("--dns-slots", type=int, default=int(env("SUTRA_LB_DNS_SLOTS", 10)),
+                   help="most replicas DNS discovery can fill (env SUTRA_LB_DNS_SLOTS; default %(default)s)")
     r.add_argument("--host", default=env("SUTRA_LB_HOST", "127.0.0.1"),
                    help="address the balancer binds (env SUTRA_LB_HOST; default %(default)s)")
     r.add_argument("--port", type=int, default=int(env("SUTRA_LB_PORT", render.DEFAULT_PORT)),
@@ -55,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "render":
         try:
             settings = render.LbSettings(
-                replicas=tuple(args.replica), socket=args.socket, host=args.host, port=args.port,
+                replicas=tuple(args.replica), dns_name=args.dns_name, dns_slots=args.dns_slots,
+                socket=args.socket, host=args.host, port=args.port,
                 stats_host=args.stats_host, stats_port=args.stats_port,
                 health_service=args.health_service, inter_ms=args.inter_ms,
                 fastinter_ms=args.fastinter_ms, fall=args.fall, rise=args.rise,

@@ -27,6 +27,11 @@ class LbSettings:
 
     replicas: tuple[str, ...]
     socket: str
+    # DNS discovery instead of a fixed list (Kubernetes headless Service,
+    # compose service with several replicas): `server-template` fills up to
+    # `dns_slots` servers from the A records of `dns_name` (HOST:PORT).
+    dns_name: str = ""
+    dns_slots: int = 10
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     stats_host: str = "127.0.0.1"
@@ -50,8 +55,10 @@ class LbSettings:
     server_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not self.replicas:
-            raise ValueError("at least one --replica is needed")
+        if bool(self.replicas) == bool(self.dns_name):
+            raise ValueError("give either replica addresses or a DNS name, not both or neither")
+        if self.dns_name and (":" not in self.dns_name or self.dns_slots < 1):
+            raise ValueError("the DNS name must be HOST:PORT and dns_slots at least 1")
         for address in self.replicas:
             host, sep, port = address.rpartition(":")
             if not sep or not host or not port.isdigit():
@@ -67,9 +74,25 @@ class LbSettings:
 
 
 def server_lines(settings: LbSettings) -> str:
+    if settings.dns_name:
+        # Unresolved slots stay in MAINT until DNS returns an address for them.
+        return (f"    server-template replica {settings.dns_slots} {settings.dns_name} "
+                "resolvers dns init-addr none resolve-prefer ipv4")
     return "\n".join(
         f"    server {name} {address}" for name, address in zip(settings.names(), settings.replicas)
     )
+
+
+# Re-read DNS every few seconds so new pods join and removed ones leave.
+RESOLVERS = """
+resolvers dns
+    parse-resolv-conf
+    resolve_retries 3
+    timeout resolve 1s
+    timeout retry 1s
+    hold valid 5s
+    hold obsolete 10s
+"""
 
 
 def render(settings: LbSettings) -> str:
@@ -94,6 +117,7 @@ def render(settings: LbSettings) -> str:
         "fall": settings.fall,
         "rise": settings.rise,
         "servers": server_lines(settings),
+        "resolvers": RESOLVERS if settings.dns_name else "",
     }
     return string.Template(TEMPLATE.read_text()).substitute(values)
 

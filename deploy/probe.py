@@ -1,0 +1,31 @@
+"""Readiness probes the stack commands use: gRPC health and free ports."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STATUS_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
+
+
+def grpc_health(address: str, timeout: float = 1.0) -> str:
+    """SERVING, NOT_SERVING, ... or DOWN when nothing answers."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return "DOWN"
+    return STATUS_NAMES.get(reply.status, str(reply.status))
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when nothing listens on host:port (so `up` can bind it)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

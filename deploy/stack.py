@@ -1,0 +1,286 @@
+"""`sutra up`, `sutra down`, `sutra status`: the local stack's life cycle.
+
+`up` writes HAProxy's and supervisord's configurations into the run
+directory, starts supervisord, then starts the processes in dependency order
+(cache shard and replicas, HAProxy, frontend) and waits for each to be
+healthy by gRPC health or, for HAProxy, by every replica being UP on its
+runtime API. `down` asks supervisord to stop everything and then checks, by
+PID, that nothing it started is left. PID files live in `<run dir>/pids`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from deploy import probe
+from deploy.settings import StackSettings
+from deploy.supervisor import HAPROXY_BIN, Program, Supervisor, programs, render_config
+from lb import render as lb_render
+from lb import runtime
+
+Printer = Callable[[str], None]
+
+# Environment every supervised process gets (offline model loading, logs unbuffered).
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+             "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+class StackError(RuntimeError):
+    """`up` could not bring the stack to a healthy state; the message says why."""
+
+
+def haproxy_binary(out: Printer) -> str:
+    """Path of haproxy, installing Debian's package when it is missing."""
+    found = shutil.which("haproxy") or (HAPROXY_BIN if Path(HAPROXY_BIN).exists() else None)
+    if found:
+        return found
+    out("haproxy not found: installing Debian's package (apt-get install haproxy)")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "haproxy"], check=True, env=env)
+    found = shutil.which("haproxy") or HAPROXY_BIN
+    if not Path(found).exists():
+        raise StackError("apt-get install haproxy finished but no haproxy binary was found")
+    return found
+
+
+def lb_settings(settings: StackSettings) -> lb_render.LbSettings:
+    return lb_render.LbSettings(
+        replicas=tuple(settings.replica_addresses()), server_names=tuple(settings.replica_names()),
+        socket=str(settings.haproxy_socket), host=settings.host, port=settings.lb_port,
+        stats_host=settings.host, stats_port=settings.stats_port,
+    )
+
+
+def write_haproxy_config(settings: StackSettings, haproxy: str) -> Path:
+    path = lb_render.write(lb_settings(settings), settings.haproxy_config)
+    result = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise StackError(f"generated HAProxy config is invalid:\n{result.stdout}{result.stderr}")
+    return path
+
+
+def start_supervisord(settings: StackSettings, timeout: float = 30.0) -> Supervisor:
+    """Launch supervisord (it daemonizes) and wait for its socket to answer."""
+    subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", str(settings.supervisor_config)],
+                   check=True, cwd=settings.run_dir)
+    sup = Supervisor(settings.supervisor_socket)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sup.reachable():
+            return sup
+        time.sleep(0.1)
+    raise StackError(f"supervisord did not come up; see {settings.log_dir / 'supervisord.log'}")
+
+
+def check_alive(sup: Supervisor, prog: Program) -> None:
+    """Fail fast when a program died for good instead of waiting out the timeout."""
+    info = sup.info(prog.full_name)
+    # EXITED and BACKOFF are transient (autorestart); FATAL means supervisord gave up.
+    if info["statename"] in ("FATAL", "STOPPED", "UNKNOWN"):
+        raise StackError(f"{prog.name} is {info['statename']} ({info['description']}); "
+                         f"last log lines:\n{sup.tail(prog.full_name)}")
+
+
+def wait_serving(sup: Supervisor, progs: list[Program], settings: StackSettings, out: Printer) -> None:
+    deadline = time.monotonic() + settings.wait_seconds
+    pending = list(progs)
+    while pending:
+        if time.monotonic() > deadline:
+            names = ", ".join(p.name for p in pending)
+            raise StackError(f"not SERVING after {settings.wait_seconds:.0f}s: {names} "
+                             f"(logs in {settings.log_dir})")
+        for prog in list(pending):
+            check_alive(sup, prog)
+            if probe.grpc_health(settings.address(prog.port), timeout=0.5) == "SERVING":
+                out(f"  {prog.name:12} SERVING on {settings.address(prog.port)}")
+                pending.remove(prog)
+        time.sleep(0.2)
+
+
+def wait_lb(sup: Supervisor, prog: Program, settings: StackSettings, out: Printer) -> None:
+    deadline = time.monotonic() + settings.wait_seconds
+    while True:
+        check_alive(sup, prog)
+        try:
+            views = runtime.servers(settings.haproxy_socket)
+        except OSError:
+            views = []
+        if len(views) == settings.replicas and all(v.up for v in views):
+            out(f"  {'haproxy':12} all {len(views)} replicas UP behind {settings.lb_address}")
+            return
+        if time.monotonic() > deadline:
+            raise StackError(f"HAProxy replicas not all UP: {[(v.name, v.status) for v in views]}")
+        time.sleep(0.2)
+
+
+def write_pid_files(settings: StackSettings, sup: Supervisor) -> dict[str, dict]:
+    """`<run>/pids/<name>.pid` for supervisord and each process; pids.json adds
+    start times so a later `down` never signals a recycled PID."""
+    settings.pid_dir.mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict] = {}
+    entries = [("supervisord", sup.pid())] + [(p["name"], p["pid"]) for p in sup.processes() if p["pid"]]
+    for name, pid in entries:
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess:
+            continue
+        records[name] = {"pid": pid, "create_time": created}
+        (settings.pid_dir / f"{name}.pid").write_text(f"{pid}\n")
+    (settings.run_dir / "pids.json").write_text(json.dumps(records, indent=2) + "\n")
+    return records
+
+
+def recorded_pids(settings: StackSettings) -> dict[str, dict]:
+    path = settings.run_dir / "pids.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def same_process(record: dict) -> bool:
+    try:
+        return abs(psutil.Process(record["pid"]).create_time() - record["create_time"]) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+
+
+def up(settings: StackSettings, out: Printer = print) -> int:
+    sup = Supervisor(settings.supervisor_socket)
+    if sup.reachable():
+        out(f"stack already running (supervisord pid {sup.pid()}, run dir {settings.run_dir})")
+        return status(StackSettings.load(settings.run_dir) or settings, out)
+    haproxy = haproxy_binary(out)
+    taken = [f"{name} {port}" for name, port in settings.ports().items() if not probe.port_free(settings.host, port)]
+    if taken:
+        raise StackError(f"ports already in use on {settings.host}: {', '.join(taken)} "
+                         "(another stack? `sutra down`, or choose ports with flags)")
+    for path in (settings.run_dir, settings.log_dir, settings.pid_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    progs = programs(settings, haproxy=haproxy)
+    write_haproxy_config(settings, haproxy)
+    settings.supervisor_config.write_text(render_config(settings, progs, CHILD_ENV))
+    settings.save()
+    out(f"starting the stack in {settings.run_dir} ({settings.replicas} replicas, "
+        f"{settings.torch_threads} torch thread(s) each)")
+    sup = start_supervisord(settings)
+    try:
+        by_kind = {p.name: p for p in progs}
+        first = [p for p in progs if p.name == "cacheshard" or p.group]
+        for prog in first:
+            sup.start(prog.full_name)
+        wait_serving(sup, first, settings, out)
+        sup.start("haproxy")
+        wait_lb(sup, by_kind["haproxy"], settings, out)
+        sup.start("embedding")
+        wait_serving(sup, [by_kind["embedding"]], settings, out)
+        write_pid_files(settings, sup)
+    except BaseException:
+        out("start failed: stopping what was started")
+        down(settings, out=lambda line: None)
+        raise
+    print_endpoints(settings, out)
+    return 0
+
+
+def print_endpoints(settings: StackSettings, out: Printer) -> None:
+    s = settings
+    out("")
+    out("stack is up:")
+    out(f"  embedding frontend  {s.frontend_address}   sutra.embedding.v1.EmbeddingService")
+    out(f"  cache shard         {s.shard_address}   sutra.cache.v1.CacheShardService ({s.shard_path})")
+    out(f"  HAProxy             {s.lb_address}   -> {', '.join(s.replica_addresses())}")
+    out(f"  stats page          http://{s.address(s.stats_port)}/stats   (Prometheus: /metrics)")
+    if s.admin_port:
+        out(f"  frontend admin      http://{s.address(s.admin_port)}/cache/stats")
+    out(f"  logs                {s.log_dir}")
+    out("")
+    out("try:")
+    out(f"  grpcurl -plaintext -d '{{\"inputs\": [\"hello world\"], \"dimensions\": 64}}' "
+        f"{s.frontend_address} sutra.embedding.v1.EmbeddingService/Embed")
+    out("  sutra status    sutra validate    sutra down")
+
+
+def down(settings: StackSettings, out: Printer = print, timeout: float | None = None) -> int:
+    """Stop everything `up` started and make sure, by PID, that it is gone."""
+    sup = Supervisor(settings.supervisor_socket)
+    records = recorded_pids(settings)
+    live: dict[str, dict] = {}
+    if sup.reachable():
+        # Current PIDs (a restarted process has a new one), then shut down.
+        live = {name: rec for name, rec in write_pid_files(settings, sup).items()}
+        out(f"stopping supervisord (pid {sup.pid()}) and its {len(live) - 1} processes")
+        sup.shutdown()
+    targets = {name: rec for name, rec in {**records, **live}.items() if same_process(rec)}
+    if not targets and not live:
+        out(f"nothing running for {settings.run_dir}")
+    wait_for = timeout if timeout is not None else settings.drain_seconds + 60
+    deadline = time.monotonic() + wait_for
+    while time.monotonic() < deadline and any(same_process(r) for r in targets.values()):
+        time.sleep(0.1)
+    leftovers = {name: rec for name, rec in targets.items() if same_process(rec)}
+    for name, rec in leftovers.items():
+        # supervisord is gone or stuck: stop what it left behind ourselves.
+        out(f"  {name} (pid {rec['pid']}) still running: SIGKILL")
+        try:
+            os.kill(rec["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for path in [settings.supervisor_socket, settings.haproxy_socket, settings.run_dir / "pids.json",
+                 *settings.pid_dir.glob("*.pid")]:
+        path.unlink(missing_ok=True)
+    if targets:
+        out(f"stopped {len(targets)} processes; none left running (logs kept in {settings.log_dir})")
+    return 0
+
+
+def status(settings: StackSettings, out: Printer = print) -> int:
+    """Each process's supervisor state and health, and HAProxy's view of each replica.
+    Exit code 0 when everything is healthy, 1 when something is not, 3 when not running."""
+    sup = Supervisor(settings.supervisor_socket)
+    if not sup.reachable():
+        out(f"stack not running (no supervisord at {settings.supervisor_socket})")
+        return 3
+    healthy = True
+    progs = {p.name: p for p in programs(settings)}
+    out(f"supervisord pid {sup.pid()}, run dir {settings.run_dir}")
+    out(f"{'process':12} {'state':9} {'pid':>7}  {'health':12} {'address':22} uptime")
+    for info in sup.processes():
+        prog = progs.get(info["name"])
+        if prog is None:
+            continue
+        address = settings.address(prog.port)
+        if info["statename"] != "RUNNING":
+            health = "-"
+        elif prog.kind == "grpc":
+            health = probe.grpc_health(address)
+        else:
+            health = "RUNNING" if settings.haproxy_socket.exists() else "NO SOCKET"
+        ok = info["statename"] == "RUNNING" and health in ("SERVING", "RUNNING")
+        healthy &= ok
+        uptime = info["description"].split("uptime ")[-1] if "uptime" in info["description"] else ""
+        out(f"{info['name']:12} {info['statename']:9} {info['pid'] or '-':>7}  {health:12} {address:22} {uptime}")
+    out("")
+    out(f"HAProxy {settings.lb_address} (stats http://{settings.address(settings.stats_port)}/stats):")
+    try:
+        views = runtime.servers(settings.haproxy_socket)
+    except OSError as exc:
+        out(f"  runtime API not answering: {exc}")
+        return 1
+    out(f"  {'server':10} {'address':22} {'status':9} {'check':7} {'conns':>5} {'total':>6} {'bytes in':>10}")
+    for v in views:
+        healthy &= v.up
+        out(f"  {v.name:10} {v.address:22} {v.status:9} {v.check_status:7} {v.sessions_current:>5} "
+            f"{v.sessions_total:>6} {v.bytes_in:>10}")
+    if len(views) != settings.replicas:
+        healthy = False
+    return 0 if healthy else 1

@@ -1,0 +1,125 @@
+"""deploy/: settings, the generated supervisord configuration (parsed by
+supervisor itself), and the CLI's help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy import stack
+from deploy.settings import ROOT, StackSettings
+from deploy.supervisor import programs, render_config
+
+
+def test_defaults_are_the_architecture_ports():
+    s = StackSettings()
+    assert (s.frontend_port, s.shard_port, s.lb_port, s.stats_port) == (50051, 50052, 50060, 9999)
+    assert s.replica_addresses() == ["127.0.0.1:50061", "127.0.0.1:50062", "127.0.0.1:50063"]
+    assert s.replicas == 3 and s.run_dir == ROOT / ".run"
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 8])
+def test_torch_threads_split_the_cores(replicas, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    s = StackSettings(replicas=replicas)
+    assert s.torch_threads == max(1, 4 // replicas)
+    assert StackSettings(replicas=replicas, threads=3).torch_threads == 3
+
+
+def test_overlapping_ports_are_refused():
+    with pytest.raises(ValueError):
+        StackSettings(replicas=3, lb_port=50062)
+    with pytest.raises(ValueError):
+        StackSettings(replicas=0)
+
+
+def test_settings_round_trip_through_the_run_dir(tmp_path):
+    s = StackSettings(run_dir=tmp_path, replicas=2, frontend_port=41000, drain_seconds=3.5)
+    s.save()
+    assert StackSettings.load(tmp_path) == s
+    assert StackSettings.load(tmp_path / "nothing") is None
+
+
+def test_programs_cover_the_stack(tmp_path):
+    s = StackSettings(run_dir=tmp_path, replicas=2, threads=1)
+    progs = {p.name: p for p in programs(s)}
+    assert list(progs) == ["cacheshard", "mlbase1", "mlbase2", "haproxy", "embedding"]
+    m2 = progs["mlbase2"].command
+    assert m2[m2.index("--port") + 1] == "50062" and m2[m2.index("--threads") + 1] == "1"
+    assert m2[m2.index("--max-connection-age-ms") + 1] == str(s.max_connection_age_ms)
+    emb = progs["embedding"].command
+    assert emb[emb.index("--mlbase") + 1] == s.lb_address
+    assert emb[emb.index("--cache-shard") + 1] == s.shard_address
+    assert progs["mlbase1"].full_name == "mlbase:mlbase1"
+    # Stop waits outlast the drain, so supervisord never SIGKILLs a draining replica.
+    assert progs["mlbase1"].stop_wait > s.drain_seconds
+
+
+def test_supervisord_accepts_the_generated_config(tmp_path):
+    from supervisor.options import ServerOptions
+
+    with pytest.raises(ValueError):
+        StackSettings(run_dir=tmp_path / "run 100%")
+    s = StackSettings(run_dir=tmp_path / "run dir", replicas=2)
+    s.log_dir.mkdir(parents=True)
+    progs = programs(s)
+    path = s.run_dir / "supervisord.conf"
+    path.write_text(render_config(s, progs, stack.CHILD_ENV))
+    options = ServerOptions()
+    options.realize(["-c", str(path)])
+    groups = {g.name: g for g in options.process_group_configs}
+    assert set(groups) == {"cacheshard", "mlbase", "haproxy", "embedding"}
+    replicas = {p.name: p for p in groups["mlbase"].process_configs}
+    assert set(replicas) == {"mlbase1", "mlbase2"}
+    r1 = replicas["mlbase1"]
+    from supervisor.datatypes import RestartUnconditionally
+    assert r1.autostart is False and r1.autorestart is RestartUnconditionally
+    assert r1.environment["HF_HUB_OFFLINE"] == "1"
+    assert "--port 50061" in r1.command
+    # A path with a space survives supervisord's parsing.
+    assert str(s.run_dir) in r1.stdout_logfile
+    assert options.pidfile == str(s.supervisor_pidfile)
+    assert groups["cacheshard"].priority < groups["mlbase"].priority < groups["haproxy"].priority \
+        < groups["embedding"].priority
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_help_explains_every_up_flag():
+    result = run_cli("up", "--help")
+    assert result.returncode == 0
+    for flag in ("--replicas", "--run-dir", "--frontend-port", "--shard-port", "--lb-port", "--stats-port",
+                 "--replica-base-port", "--threads", "--drain-seconds", "--max-connection-age-ms"):
+        assert flag in result.stdout
+    assert "default" in result.stdout
+
+
+def test_status_and_down_without_a_stack(tmp_path):
+    status = run_cli("status", "--run-dir", str(tmp_path))
+    assert status.returncode == 3 and "not running" in status.stdout
+    down = run_cli("down", "--run-dir", str(tmp_path))
+    assert down.returncode == 0 and "nothing running" in down.stdout
+
+
+def test_up_refuses_ports_in_use(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("up", "--run-dir", str(tmp_path), "--frontend-port", str(port),
+                         "--replica-base-port", "0", "--replicas", "1")
+        assert result.returncode != 0
+        result = run_cli("up", "--run-dir", str(tmp_path), "--frontend-port", str(port), "--replicas", "1")
+        assert result.returncode == 1 and "already in use" in result.stderr
+    assert not (tmp_path / "supervisor.sock").exists()
+
+
+def test_validate_rejects_unknown_phases(tmp_path):
+    result = run_cli("validate", "--run-dir", str(tmp_path), "--phases", "3")
+    assert result.returncode == 2

@@ -1,0 +1,180 @@
+"""deploy/compose.yaml and deploy/k8s/: parse, carry the required pieces, and
+agree with the local stack's ports and the generated HAProxy configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy import manifests
+from deploy.settings import ROOT, StackSettings
+
+K8S = ROOT / "deploy" / "k8s"
+D = StackSettings()
+HAPROXY = "/usr/sbin/haproxy"
+
+
+def load_k8s() -> list[dict]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def find(docs, kind, name):
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def container(doc) -> dict:
+    [c] = doc["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return load_k8s()
+
+
+def test_every_document_has_the_basic_fields(docs):
+    assert docs
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys(), doc
+        assert doc["metadata"]["name"]
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == manifests.K8S_NAMESPACE
+
+
+def test_kustomization_lists_every_manifest():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kust["resources"]) == files
+
+
+def test_workloads_and_services_fit_together(docs):
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            selector = doc["spec"]["selector"]["matchLabels"]
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            assert selector.items() <= labels.items(), doc["metadata"]["name"]
+    pods = [d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        selected = [p for p in pods if svc["spec"]["selector"].items() <= p["metadata"]["labels"].items()]
+        assert selected, f"Service {svc['metadata']['name']} selects no pod"
+        port_names = {p["name"] for pod in selected for c in pod["spec"]["containers"] for p in c["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names, (svc["metadata"]["name"], port)
+
+
+def test_ports_match_the_local_defaults(docs):
+    def svc_ports(name):
+        return {p["name"]: p["port"] for p in find(docs, "Service", name)["spec"]["ports"]}
+    assert svc_ports("embedding") == {"grpc": D.frontend_port, "admin": D.admin_port}
+    assert svc_ports("cacheshard") == {"grpc": D.shard_port}
+    assert svc_ports("haproxy") == {"grpc": D.lb_port, "stats": D.stats_port}
+    assert svc_ports("mlbase-headless") == {"grpc": D.replica_base_port}
+
+    emb = container(find(docs, "Deployment", "embedding"))["args"]
+    assert flag(emb, "--port") == str(D.frontend_port)
+    assert flag(emb, "--mlbase") == f"haproxy:{D.lb_port}"
+    assert flag(emb, "--cache-shard") == f"cacheshard-0.cacheshard:{D.shard_port}"
+    ml = container(find(docs, "Deployment", "mlbase"))["args"]
+    assert flag(ml, "--port") == str(D.replica_base_port)
+    assert int(flag(ml, "--max-connection-age-ms")) > 0
+    shard = container(find(docs, "StatefulSet", "cacheshard"))["args"]
+    assert flag(shard, "--port") == str(D.shard_port)
+
+
+def test_grpc_services_have_native_grpc_probes(docs):
+    for kind, name, port in [("Deployment", "mlbase", D.replica_base_port),
+                             ("Deployment", "embedding", D.frontend_port),
+                             ("StatefulSet", "cacheshard", D.shard_port)]:
+        c = container(find(docs, kind, name))
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == port, (name, probe)
+
+
+def test_mlbase_drains_within_its_grace_period(docs):
+    dep = find(docs, "Deployment", "mlbase")
+    args = container(dep)["args"]
+    drain = float(flag(args, "--drain-seconds"))
+    # Drain must outlast HAProxy's detection (1.5 s) and fit the grace period.
+    assert 1.5 < drain < dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_hpa_targets_mlbase_within_haproxy_slots(docs):
+    hpa = find(docs, "HorizontalPodAutoscaler", "mlbase")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", "mlbase")
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= manifests.DNS_SLOTS
+    assert hpa["spec"]["metrics"]
+    # Utilization targets need CPU requests on the pods.
+    assert container(find(docs, "Deployment", "mlbase"))["resources"]["requests"]["cpu"]
+
+
+def test_cacheshard_statefulset_keeps_its_data_on_a_claim(docs):
+    sts = find(docs, "StatefulSet", "cacheshard")
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    c = container(sts)
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert flag(c["args"], "--path").startswith(mount["mountPath"] + "/")
+    headless = find(docs, "Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+
+
+def test_haproxy_deployment_mounts_the_generated_configmap(docs, tmp_path):
+    dep = find(docs, "Deployment", "haproxy")
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    config_volume = next(v for v in volumes.values() if "configMap" in v)
+    assert config_volume["configMap"]["name"] == "haproxy-config"
+    cm = find(docs, "ConfigMap", "haproxy-config")
+    text = cm["data"]["haproxy.cfg"]
+    assert text == manifests.k8s_config()
+    assert "server-template replica" in text and "mlbase-headless.sutra.svc.cluster.local:50061" in text
+    (tmp_path / "haproxy.cfg").write_text(text)
+    result = subprocess.run([HAPROXY, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_files_are_up_to_date():
+    result = subprocess.run([sys.executable, "-m", "deploy", "manifests", "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_file(tmp_path):
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"cacheshard", "mlbase", "haproxy", "embedding"}
+    emb = services["embedding"]["command"]
+    assert flag(emb, "--port") == str(D.frontend_port)
+    assert flag(emb, "--mlbase") == f"haproxy:{D.lb_port}"
+    assert flag(emb, "--cache-shard") == f"cacheshard:{D.shard_port}"
+    assert flag(services["mlbase"]["command"], "--port") == str(D.replica_base_port)
+    assert services["mlbase"]["deploy"]["replicas"] == D.replicas
+    assert flag(services["cacheshard"]["command"], "--port") == str(D.shard_port)
+    assert any(v.startswith("cache-data:") for v in services["cacheshard"]["volumes"])
+    [mount] = services["haproxy"]["volumes"]
+    source = (ROOT / "deploy" / mount.split(":")[0]).resolve()
+    assert source == manifests.COMPOSE_CFG
+    assert source.read_text() == manifests.compose_config()
+    assert "mlbase:50061" in source.read_text()
+    result = subprocess.run([HAPROXY, "-c", "-f", str(source)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name, svc in services.items():
+        if name != "haproxy":
+            assert svc["image"] == "sutra-embed:latest" and svc["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (ROOT / "deploy" / "Dockerfile").exists()
