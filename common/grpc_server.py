@@ -123,24 +123,28 @@ async def run_until_signalled(
     log.info("stopped cleanly")
 
 
-def add_server_flags(parser, *, default_port: int, port_env: str) -> None:
-    """Flags every service has; environment variables mirror them."""
+def add_server_flags(parser, *, default_port: int, port_env: str, env=None) -> None:
+    """Flags every service has; environment variables mirror them. `env` (a
+    mapping, default os.environ) lets settings be built from an explicit
+    environment, as the services' `build_parser(env)` do."""
     import os
 
-    parser.add_argument("--host", default=os.environ.get("SUTRA_HOST", "127.0.0.1"),
+    env = os.environ if env is None else env
+
+    parser.add_argument("--host", default=env.get("SUTRA_HOST", "127.0.0.1"),
                         help="address to bind (env SUTRA_HOST; default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get(port_env, default_port)),
+    parser.add_argument("--port", type=int, default=int(env.get(port_env, default_port)),
                         help=f"port to bind, 0 = any free port (env {port_env}; default %(default)s)")
     parser.add_argument("--max-message-bytes", type=int,
-                        default=int(os.environ.get("SUTRA_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+                        default=int(env.get("SUTRA_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
                         help="largest gRPC message accepted or sent (env SUTRA_MAX_MESSAGE_BYTES; default %(default)s)")
-    parser.add_argument("--drain-seconds", type=float, default=float(os.environ.get("SUTRA_DRAIN_SECONDS", 0.0)),
+    parser.add_argument("--drain-seconds", type=float, default=float(env.get("SUTRA_DRAIN_SECONDS", 0.0)),
                         help="on SIGTERM, seconds to report NOT_SERVING before closing the port, so a balancer "
                              "can notice (env SUTRA_DRAIN_SECONDS; default %(default)s)")
-    parser.add_argument("--grace-seconds", type=float, default=float(os.environ.get("SUTRA_GRACE_SECONDS", 30.0)),
+    parser.add_argument("--grace-seconds", type=float, default=float(env.get("SUTRA_GRACE_SECONDS", 30.0)),
                         help="seconds in-flight RPCs get to finish after the port closes "
                              "(env SUTRA_GRACE_SECONDS; default %(default)s)")
-    parser.add_argument("--log-level", default=os.environ.get("SUTRA_LOG_LEVEL", "INFO"),
+    parser.add_argument("--log-level", default=env.get("SUTRA_LOG_LEVEL", "INFO"),
                         help="logging level (env SUTRA_LOG_LEVEL; default %(default)s)")
 
 
