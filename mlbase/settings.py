@@ -100,7 +100,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                     "sentence-transformers model, merging concurrent requests into length-sorted micro-batches.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_server_flags(p, default_port=DEFAULT_PORT, port_env="SUTRA_MLBASE_PORT")
+    add_server_flags(p, default_port=DEFAULT_PORT, port_env="SUTRA_MLBASE_PORT", env=env)
     if "SUTRA_DRAIN_SECONDS" not in env:
         p.set_defaults(drain_seconds=DEFAULT_DRAIN_SECONDS)
     p.add_argument("--max-connection-age-ms", type=int,

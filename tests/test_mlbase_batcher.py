@@ -1,0 +1,185 @@
+"""Unit tests of the replica's batching engine (no model, no server).
+
+The embed function here stands in for a backend's forward pass: it encodes
+each text's identity into its output row and records every batch it sees,
+so the tests can check batch bounds, length ordering and that each request
+gets its own rows back in its own order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from common.errors import Overloaded, Unavailable
+from mlbase.backends.tokens import Encoded
+from mlbase.batcher import Batcher, BatchLimits, _Item, plan_batches
+
+WIDTH = 4
+
+
+def enc(tag: int, length: int) -> Encoded:
+    return Encoded({"input_ids": [tag] * length}, length, False)
+
+
+def tag_of(e: Encoded) -> int:
+    return e.features["input_ids"][0]
+
+
+class RecordingEmbed:
+    """Row = (tag, length, batch number, 1); remembers each batch's (tag, length) list."""
+
+    def __init__(self, fail_tags: set[int] = frozenset(), gate: threading.Event | None = None) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+        self.fail_tags = set(fail_tags)
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def __call__(self, batch):
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.batches.append([(tag_of(e), e.length) for e in batch])
+        if any(tag_of(e) in self.fail_tags for e in batch):
+            raise RuntimeError("backend failed")
+        return np.array([[tag_of(e), e.length, len(self.batches), 1] for e in batch], dtype=np.float32)
+
+
+def items(lengths):
+    return [_Item(enc(i, n), None, i) for i, n in enumerate(lengths)]
+
+
+def test_plan_respects_size_and_token_bounds_and_sorts_longest_first():
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, 300, size=500).tolist()
+    limits = BatchLimits(max_batch_size=16, max_batch_tokens=1024)
+    batches = plan_batches(items(lengths), limits)
+    flat = [it.encoded.length for b in batches for it in b]
+    assert sorted(flat, reverse=True) == flat  # globally longest first
+    assert sorted(it.row for b in batches for it in b) == list(range(500))  # every text exactly once
+    for b in batches:
+        assert 1 <= len(b) <= 16
+        padded = len(b) * max(it.encoded.length for it in b)
+        assert padded <= 1024 or len(b) == 1
+    # Greedy: a batch only closes when the next text would break a bound.
+    for b, nxt in zip(batches, batches[1:]):
+        longest = max(it.encoded.length for it in b)
+        assert len(b) == 16 or (len(b) + 1) * max(longest, nxt[0].encoded.length) > 1024
+
+
+def test_plan_keeps_arrival_order_among_equal_lengths_and_isolates_oversize_texts():
+    limits = BatchLimits(max_batch_size=8, max_batch_tokens=100)
+    batches = plan_batches(items([5, 5, 500, 5, 5]), limits)
+    assert [[it.row for it in b] for b in batches] == [[2], [0, 1, 3, 4]]
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError):
+        BatchLimits(max_batch_size=0)
+    with pytest.raises(ValueError):
+        BatchLimits(wait_ms=-1)
+
+
+async def _with_batcher(embed, limits, body):
+    batcher = Batcher(embed, WIDTH, limits)
+    batcher.start()
+    try:
+        return await body(batcher)
+    finally:
+        await batcher.close()
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows():
+    embed = RecordingEmbed()
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=300)
+    requests = [[enc(100 * r + i, (7 * r + 3 * i) % 20 + 1) for i in range(5)] for r in range(6)]
+
+    async def body(batcher):
+        results = await asyncio.gather(*(batcher.submit(req) for req in requests))
+        return results, batcher.stats
+
+    results, stats = asyncio.run(_with_batcher(embed, limits, body))
+    # All 30 texts arrived inside the wait window: one generation, one batch.
+    assert stats.generations == 1 and len(embed.batches) == 1
+    lengths = [n for _, n in embed.batches[0]]
+    assert lengths == sorted(lengths, reverse=True)
+    for req, out in zip(requests, results):
+        assert out.shape == (5, WIDTH) and out.dtype == np.float32
+        assert out[:, 0].tolist() == [tag_of(e) for e in req]
+        assert out[:, 1].tolist() == [e.length for e in req]
+
+
+def test_token_budget_splits_one_request_and_rows_come_back_in_request_order():
+    embed = RecordingEmbed()
+    limits = BatchLimits(max_batch_size=4, max_batch_tokens=40, wait_ms=0)
+    req = [enc(i, n) for i, n in enumerate([3, 30, 9, 12, 1, 30, 2, 8, 8, 20])]
+
+    async def body(batcher):
+        return await batcher.submit(req)
+
+    out = asyncio.run(_with_batcher(embed, limits, body))
+    assert out[:, 0].tolist() == list(range(10))
+    for batch in embed.batches:
+        assert len(batch) <= 4 and (len(batch) * max(n for _, n in batch) <= 40 or len(batch) == 1)
+    seen = [n for batch in embed.batches for _, n in batch]
+    assert seen == sorted(seen, reverse=True)
+
+
+def test_reserve_refuses_at_once_when_the_queue_is_full():
+    batcher = Batcher(RecordingEmbed(), WIDTH, BatchLimits(max_queue=10))
+    with batcher.reserve(6):
+        assert batcher.admitted == 6
+        with pytest.raises(Overloaded, match="--max-queue 10"):
+            with batcher.reserve(5):
+                pass
+        with batcher.reserve(4):
+            assert batcher.admitted == 10
+    assert batcher.admitted == 0
+    with pytest.raises(Overloaded):
+        with batcher.reserve(11):
+            pass
+
+
+def test_a_failed_batch_fails_only_its_requests_and_the_worker_goes_on():
+    embed = RecordingEmbed(fail_tags={666})
+    limits = BatchLimits(max_batch_size=2, max_batch_tokens=1000, wait_ms=0)
+
+    async def body(batcher):
+        with pytest.raises(RuntimeError, match="backend failed"):
+            await batcher.submit([enc(666, 5), enc(1, 5), enc(2, 5)])
+        return await batcher.submit([enc(3, 4), enc(4, 6)])
+
+    out = asyncio.run(_with_batcher(embed, limits, body))
+    assert out[:, 0].tolist() == [3, 4]
+
+
+def test_cancelled_request_is_skipped_and_close_finishes_queued_work():
+    gate = threading.Event()
+    embed = RecordingEmbed(gate=gate)
+    limits = BatchLimits(max_batch_size=1, max_batch_tokens=1000, wait_ms=0)
+
+    async def body(batcher):
+        first = asyncio.ensure_future(batcher.submit([enc(1, 3)]))
+        await asyncio.to_thread(embed.entered.wait, 10)  # the worker is now blocked on `first`
+        doomed = asyncio.ensure_future(batcher.submit([enc(2, 3), enc(3, 3)]))
+        kept = asyncio.ensure_future(batcher.submit([enc(4, 3)]))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable):
+            await batcher.submit([enc(5, 3)])
+        gate.set()
+        results = await asyncio.gather(first, kept)
+        await closing
+        return results
+
+    batcher = Batcher(embed, WIDTH, limits)
+    batcher.start()
+    first, kept = asyncio.run(body(batcher))
+    assert first[0, 0] == 1 and kept[0, 0] == 4
+    tags = [t for batch in embed.batches for t, _ in batch]
+    assert 2 not in tags and 3 not in tags and 5 not in tags
