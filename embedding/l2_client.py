@@ -29,6 +29,10 @@ from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
+# Keys per Lookup message; shards refuse batches over their --max-batch (4096 by default).
+MAX_LOOKUP_KEYS = 1024
+
+
 class L2Error(Exception):
     """A shard could not answer; callers treat the keys as misses."""
 
@@ -68,6 +72,7 @@ class ShardConnection:
         self._backoff = 0.1
         self._reconnect_max_s = reconnect_max_s
         self.stream_opens = 0
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -118,7 +123,9 @@ class ShardConnection:
                 self._outbox.put_nowait(None)
             self._outbox = None
             self._retry_at = time.monotonic() + self._backoff
-            log.warning("L2 stream to %s broken (%s); retry in %.2fs", self.address, error, self._backoff)
+            if not self._closing:
+                log.warning("L2 stream to %s broken (%s); retry in %.2fs", self.address, error,
+                            self._backoff)
             self._backoff = min(self._backoff * 2, self._reconnect_max_s)
         pending, self._pending = self._pending, {}
         for fut in pending.values():
@@ -153,6 +160,7 @@ class ShardConnection:
         return await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)
 
     async def close(self) -> None:
+        self._closing = True
         if self._call is not None:
             self._call.cancel()
         if self._reader is not None:
@@ -188,9 +196,16 @@ class L2Client:
 
         async def one(shard_index: int, group_ids: list[int]) -> None:
             keys = [k for gi in group_ids for k in groups[gi]]
+            shard = self.shards[shard_index]
             started = time.monotonic()
             try:
-                values = await self.shards[shard_index].lookup(keys, self._timeout_s)
+                if len(keys) <= MAX_LOOKUP_KEYS:
+                    values = await shard.lookup(keys, self._timeout_s)
+                else:
+                    parts = await asyncio.gather(*(
+                        shard.lookup(keys[i:i + MAX_LOOKUP_KEYS], self._timeout_s)
+                        for i in range(0, len(keys), MAX_LOOKUP_KEYS)))
+                    values = [v for part in parts for v in part]
             except L2Error as exc:
                 self._stats.l2.errors += 1
                 log.debug("L2 lookup failed: %s", exc)

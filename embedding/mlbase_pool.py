@@ -127,7 +127,7 @@ class MLBasePool:
                     raise Unavailable(f"ML-base at {self.address} did not answer GetInfo in {max_wait_s}s") from exc
                 log.info("waiting for ML-base at %s (%s); retrying in %.1fs", self.address, detail, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
 
     async def embed_full(self, texts: list[str], timeout: float) -> tuple[np.ndarray, set[int]]:
         """Full-width vectors (n, D) float32 and the truncated positions; retried across connections."""
