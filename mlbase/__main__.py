@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 from common.grpc_server import configure_logging
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     from mlbase.server import serve  # after parsing, so --help does not import grpc/torch
 
     asyncio.run(serve(settings))
+    # Drained and stopped: a repeated SIGTERM during interpreter teardown must not turn exit 0 into -15.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 
