@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("args", nargs=argparse.REMAINDER, help="supervisorctl arguments, e.g. `restart cacheshard`")
     m = sub.add_parser("manifests", help="regenerate HAProxy's config for compose and Kubernetes")
     m.add_argument("--check", action="store_true", help="only report whether the committed files are current")
-    for name in CLIENT_COMMANDS:
-        sub.add_parser(name, help=f"the frontend client's `{name}` (see `sutra {name} --help`)", add_help=False)
+    client = client_module()
+    if client is not None:
+        client.add_subcommands(sub)
     return parser
 
 
@@ -126,21 +127,24 @@ def recorded(run_dir: Path) -> StackSettings:
     return StackSettings.load(run_dir) or StackSettings(run_dir=run_dir)
 
 
-def client_command(argv: list[str]) -> int:
+def client_module():
+    """embedding/cli.py, which contributes `embed` and `embed-file`; None if absent."""
     try:
         from embedding import cli as client
-    except ImportError as exc:
-        print(f"sutra {argv[0]}: the frontend client (embedding/cli.py) is not available: {exc}", file=sys.stderr)
-        return 2
-    result = client.main(argv)
-    return int(result or 0)
+    except ImportError:
+        return None
+    return client if hasattr(client, "add_subcommands") else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in CLIENT_COMMANDS:
-        return client_command(argv)
     args = build_parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        import grpc
+        try:
+            return int(args.func(args) or 0)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
     if args.command == "manifests":
         from deploy import manifests
         return manifests.main(["--check"] if args.check else [])

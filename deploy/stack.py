@@ -103,7 +103,9 @@ def wait_serving(sup: Supervisor, progs: list[Program], settings: StackSettings,
                              f"(logs in {settings.log_dir})")
         for prog in list(pending):
             check_alive(sup, prog)
-            if probe.grpc_health(settings.address(prog.port), timeout=0.5) == "SERVING":
+            # RUNNING: supervisord counts it as started (up for startsecs).
+            if sup.info(prog.full_name)["statename"] == "RUNNING" and \
+                    probe.grpc_health(settings.address(prog.port), timeout=0.5) == "SERVING":
                 out(f"  {prog.name:12} SERVING on {settings.address(prog.port)}")
                 pending.remove(prog)
         time.sleep(0.2)
@@ -117,7 +119,8 @@ def wait_lb(sup: Supervisor, prog: Program, settings: StackSettings, out: Printe
             views = runtime.servers(settings.haproxy_socket)
         except OSError:
             views = []
-        if len(views) == settings.replicas and all(v.up for v in views):
+        running = sup.info(prog.full_name)["statename"] == "RUNNING"
+        if running and len(views) == settings.replicas and all(v.up for v in views):
             out(f"  {'haproxy':12} all {len(views)} replicas UP behind {settings.lb_address}")
             return
         if time.monotonic() > deadline:
@@ -259,7 +262,7 @@ def status(settings: StackSettings, out: Printer = print) -> int:
         if prog is None:
             continue
         address = settings.address(prog.port)
-        if info["statename"] != "RUNNING":
+        if info["statename"] not in ("RUNNING", "STARTING"):
             health = "-"
         elif prog.kind == "grpc":
             health = probe.grpc_health(address)
