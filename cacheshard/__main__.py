@@ -24,6 +24,9 @@ EXIT_STARTUP = 2
 
 
 def serve(argv: list[str]) -> int:
+    from common.malloc_tuning import tune_malloc
+
+    tune_malloc()  # before gRPC allocates anything; see the module for the numbers
     parser = build_parser()
     args = parser.parse_args(argv)
     from common.grpc_server import configure_logging

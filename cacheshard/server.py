@@ -54,7 +54,7 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
                     waiting.discard(task)
                 if request is grpc.aio.EOF:
                     return
-                found, values = await lookup(list(request.keys))
+                found, values = await lookup(request.keys)
                 await context.write(Response(batch_id=request.batch_id, found=found, values=values))
         except asyncio.CancelledError:
             if not self._closing:
@@ -81,6 +81,7 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
             entries=s.entries, bytes_on_disk=s.bytes_on_disk, hits=s.hits, misses=s.misses,
             stores=s.stores, evictions=s.evictions, errors=s.errors, uptime_seconds=s.uptime_seconds,
             max_entries=s.max_entries, sync=s.sync, corrupt=s.corrupt,
+            memory_entries=s.memory_entries, memory_hits=s.memory_hits, memory_capacity=s.memory_capacity,
         )
 
     @grpc_errors

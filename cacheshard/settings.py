@@ -15,16 +15,22 @@ DEFAULT_PORT = 50052
 DEFAULT_MAX_ENTRIES = 100_000
 # One entry on disk with the default model: 16-byte key + RocksDB's 8-byte
 # internal suffix + a 774-byte float16 value (6-byte header + 384 * 2), plus
-# block and index overhead; measured at about 800 bytes per entry.
-DEFAULT_ENTRY_BYTES = 800
-# FIFO evicts only SST files, so entries still in memtables come on top of
-# the SST budget. Memtables are sized at budget / MEMTABLE_FRACTION and at
-# most two exist at once, which bounds the overshoot at 2 / 8 = 25%.
+# block and index overhead; measured at about 817 bytes per entry in SSTs.
+DEFAULT_ENTRY_BYTES = 820
+# FIFO compaction evicts only SST files, and entries in memtables come on top
+# of them. So the byte budget is split: memtables get budget / 8 each (at
+# most two exist: the active one and the one being flushed) and the SST
+# limit is what is left. Once FIFO has dropped the oldest files after a
+# flush, SSTs + memtables are within the budget. FIFO runs in the background
+# right after each flush; until it has (milliseconds, but writes keep
+# coming meanwhile) the flushed files can push the total over the budget by
+# up to two memtables: TRANSIENT_MARGIN. An entry takes more memtable bytes
+# than SST bytes, so the split is conservative.
 MEMTABLE_FRACTION = 8
 MAX_MEMTABLES = 2
 MIN_MEMTABLE_BYTES = 64 * 1024
 MAX_MEMTABLE_BYTES = 64 * 1024 * 1024
-BOUND_MARGIN = MAX_MEMTABLES / MEMTABLE_FRACTION
+TRANSIENT_MARGIN = MAX_MEMTABLES / MEMTABLE_FRACTION
 
 
 @dataclass(frozen=True)
@@ -35,26 +41,35 @@ class ShardSettings:
     max_entries: int = DEFAULT_MAX_ENTRIES
     entry_bytes: int = DEFAULT_ENTRY_BYTES
     max_batch: int = 4096
+    memory_entries: int = DEFAULT_MAX_ENTRIES
     block_cache_mb: int = 64
-    row_cache_mb: int = 128
+    row_cache_mb: int = 0
     io_threads: int = 2
 
     def __post_init__(self) -> None:
         for name in ("max_entries", "entry_bytes", "max_batch", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("block_cache_mb", "row_cache_mb"):
+        for name in ("memory_entries", "block_cache_mb", "row_cache_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} cannot be negative")
+        if self.sst_limit_bytes < MIN_MEMTABLE_BYTES:
+            raise ValueError(f"--max-entries x --entry-bytes must be at least "
+                             f"{(MAX_MEMTABLES + 1) * MIN_MEMTABLE_BYTES // 1024} KiB")
 
     @property
     def budget_bytes(self) -> int:
-        """Size limit of the SST files (FIFO's max_table_files_size)."""
+        """Bytes that SST files and memtables together stay under."""
         return self.max_entries * self.entry_bytes
 
     @property
     def memtable_bytes(self) -> int:
         return max(MIN_MEMTABLE_BYTES, min(MAX_MEMTABLE_BYTES, self.budget_bytes // MEMTABLE_FRACTION))
+
+    @property
+    def sst_limit_bytes(self) -> int:
+        """FIFO's max_table_files_size: the budget less the memtables' share."""
+        return self.budget_bytes - MAX_MEMTABLES * self.memtable_bytes
 
 
 def _env_bool(name: str) -> bool:
@@ -76,9 +91,11 @@ def add_shard_flags(parser: argparse.ArgumentParser) -> None:
              "machine itself loses power (env SUTRA_CACHE_SHARD_SYNC=1)")
     parser.add_argument(
         "--max-entries", type=int, default=int(env("SUTRA_CACHE_SHARD_MAX_ENTRIES", DEFAULT_MAX_ENTRIES)),
-        help="size budget in entries. The shard keeps SST files under max-entries * entry-bytes with "
-             "RocksDB FIFO compaction (the oldest file, i.e. roughly the oldest writes, is dropped first) "
-             f"and holds at most {int(BOUND_MARGIN * 100)}%% more in memtables not yet flushed "
+        help="size budget in entries: SST files plus memtables stay under max-entries * entry-bytes bytes, "
+             "so the entry count stays under max-entries as long as entries take at least entry-bytes on "
+             f"disk; while a flush waits for its FIFO compaction the total may briefly be up to "
+             f"{int(TRANSIENT_MARGIN * 100)}%% over. Eviction is RocksDB FIFO compaction: the oldest SST file "
+             "(roughly the oldest writes) is dropped first, a file at a time "
              "(env SUTRA_CACHE_SHARD_MAX_ENTRIES; default %(default)s)")
     parser.add_argument(
         "--entry-bytes", type=int, default=int(env("SUTRA_CACHE_SHARD_ENTRY_BYTES", DEFAULT_ENTRY_BYTES)),
@@ -90,12 +107,20 @@ def add_shard_flags(parser: argparse.ArgumentParser) -> None:
         help="most keys in one Lookup batch or entries in one Store; more is INVALID_ARGUMENT "
              "(env SUTRA_CACHE_SHARD_MAX_BATCH; default %(default)s)")
     parser.add_argument(
+        "--memory-entries", type=int,
+        default=int(env("SUTRA_CACHE_SHARD_MEMORY_ENTRIES", DEFAULT_MAX_ENTRIES)),
+        help="capacity of the in-memory tier in entries (about 0.9 KB each with the default model), 0 = off. "
+             "Stored values and values read from RocksDB are kept here, oldest dropped first; a lookup "
+             "reads RocksDB only for keys this tier does not hold "
+             "(env SUTRA_CACHE_SHARD_MEMORY_ENTRIES; default %(default)s)")
+    parser.add_argument(
         "--block-cache-mb", type=int, default=int(env("SUTRA_CACHE_SHARD_BLOCK_CACHE_MB", 64)),
         help="RocksDB block cache in MiB (env SUTRA_CACHE_SHARD_BLOCK_CACHE_MB; default %(default)s)")
     parser.add_argument(
-        "--row-cache-mb", type=int, default=int(env("SUTRA_CACHE_SHARD_ROW_CACHE_MB", 128)),
-        help="RocksDB row cache in MiB, 0 = off; caches whole values so a repeated lookup skips the "
-             "block search (env SUTRA_CACHE_SHARD_ROW_CACHE_MB; default %(default)s)")
+        "--row-cache-mb", type=int, default=int(env("SUTRA_CACHE_SHARD_ROW_CACHE_MB", 0)),
+        help="RocksDB row cache in MiB, 0 = off; caches whole values so a repeated RocksDB read skips the "
+             "block search. Mostly useful with --memory-entries 0 "
+             "(env SUTRA_CACHE_SHARD_ROW_CACHE_MB; default %(default)s)")
     parser.add_argument(
         "--io-threads", type=int, default=int(env("SUTRA_CACHE_SHARD_IO_THREADS", 2)),
         help="threads that run RocksDB calls off the event loop "
@@ -110,6 +135,7 @@ def settings_from(args: argparse.Namespace) -> ShardSettings:
         max_entries=args.max_entries,
         entry_bytes=args.entry_bytes,
         max_batch=args.max_batch,
+        memory_entries=args.memory_entries,
         block_cache_mb=args.block_cache_mb,
         row_cache_mb=args.row_cache_mb,
         io_threads=args.io_threads,

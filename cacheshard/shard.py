@@ -2,10 +2,11 @@
 event loop to the RocksDB worker threads. Transport-free; `server.py`
 converts protobuf messages to and from these calls.
 
-rocksdict holds the GIL while RocksDB runs a multi-get (measured: two
-threads doing multi-gets get no speed-up over one), so the worker pool does
-not add read parallelism; it keeps the disk off the event loop for writes
-(which do release the GIL around fsync) and for reads that miss the caches.
+Reads go to the in-memory tier first (`memory.py`), then to RocksDB for
+what it lacks. rocksdict holds the GIL while RocksDB runs a multi-get
+(measured: two threads doing multi-gets get no speed-up over one), so the
+worker pool adds no read parallelism; it keeps disk waits off the event loop
+for writes (fsync in --sync mode) and for reads that go to RocksDB.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from cacheshard.memory import MemoryTier
 from cacheshard.settings import ShardSettings
 from cacheshard.store import ShardStore, StoreError
 from cacheshard.values import ValueChecker
@@ -34,6 +37,7 @@ class Counters:
     stores: int = 0
     errors: int = 0
     corrupt: int = 0
+    memory_hits: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class ShardStats:
     uptime_seconds: float
     max_entries: int
     sync: bool
+    memory_entries: int
+    memory_hits: int
+    memory_capacity: int
 
 
 class Shard:
@@ -57,34 +64,75 @@ class Shard:
         self.settings = settings
         self.counters = Counters()
         self._checker = ValueChecker()
+        self.memory = MemoryTier(settings.memory_entries)
         self._pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="rocksdb")
         self._started = time.monotonic()
 
     async def _blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def _lookup_blocking(self, keys: list[bytes]) -> tuple[list[bool], list[bytes], int, int]:
+    def _read_blocking(self, keys: list[bytes]) -> tuple[list[bool], list[bytes], int, int]:
         return self._checker.screen(self.store.multi_get(keys))
 
-    async def lookup(self, keys: list[bytes]) -> tuple[list[bool], list[bytes]]:
+    async def lookup(self, keys: Sequence[bytes]) -> tuple[list[bool], list[bytes]]:
         """found flags and values (b"" for a miss), in key order.
 
-        A value the codec rejects is a miss (counted as corrupt). A failed
-        read is logged, counted, and answered as all misses: the caller
-        computes instead, which is what a cache should make it do."""
+        Keys the memory tier holds are answered on the event loop (a dict
+        lookup, nothing blocks); the rest go to RocksDB in one multi-get on a
+        worker thread. A value the codec rejects is a miss (counted as
+        corrupt). A failed read is logged, counted, and answered as misses:
+        the caller computes instead, which is what a cache should make it do."""
         n = len(keys)
         if n > self.settings.max_batch:
             raise InvalidInput(f"`keys` has {n} keys; the limit is {self.settings.max_batch}")
         if n == 0:
             return [], []
+        c = self.counters
+        if self.memory.capacity == 0:
+            return await self._read_only(keys)
+        values = self.memory.get_many(keys)
+        if None not in values:
+            c.hits += n
+            c.memory_hits += n
+            return [True] * n, values
+        missing = [i for i, v in enumerate(values) if v is None]
+        c.memory_hits += n - len(missing)
+        missing_keys = [keys[i] for i in missing]
         try:
-            found, values, hits, corrupt = await self._blocking(self._lookup_blocking, keys)
+            found, read, _, corrupt = await self._blocking(self._read_blocking, missing_keys)
+        except StoreError as exc:
+            log.error("lookup of %d keys failed: %s", len(missing), exc)
+            c.errors += 1
+            found, read, corrupt = [False] * len(missing), [], 0
+        if corrupt:
+            c.corrupt += corrupt
+            c.errors += corrupt
+            log.warning("%d stored values failed to decode; answered as misses", corrupt)
+        fill_keys, fill_values = [], []
+        for i, ok, key, value in zip(missing, found, missing_keys, read):
+            if ok:
+                values[i] = value
+                fill_keys.append(key)
+                fill_values.append(value)
+        self.memory.put_many(fill_keys, fill_values)
+        hits = n - len(missing) + len(fill_keys)
+        c.hits += hits
+        c.misses += n - hits
+        if hits == n:
+            return [True] * n, values
+        return [v is not None for v in values], [v or b"" for v in values]
+
+    async def _read_only(self, keys: Sequence[bytes]) -> tuple[list[bool], list[bytes]]:
+        """The path without a memory tier: one multi-get, screened."""
+        n = len(keys)
+        c = self.counters
+        try:
+            found, values, hits, corrupt = await self._blocking(self._read_blocking, list(keys))
         except StoreError as exc:
             log.error("lookup of %d keys failed: %s", n, exc)
-            self.counters.errors += 1
-            self.counters.misses += n
+            c.errors += 1
+            c.misses += n
             return [False] * n, [b""] * n
-        c = self.counters
         c.hits += hits
         c.misses += n - hits
         if corrupt:
@@ -112,6 +160,7 @@ class Shard:
             log.error("store of %d entries failed: %s", n, exc)
             self.counters.errors += 1
             raise Unavailable("the shard could not write to disk; retry later") from exc
+        self.memory.put_many(keys, values)
         self.counters.stores += n
         return n
 
@@ -127,6 +176,8 @@ class Shard:
             evictions=evictions, errors=c.errors, corrupt=c.corrupt,
             uptime_seconds=time.monotonic() - self._started,
             max_entries=self.settings.max_entries, sync=self.settings.sync,
+            memory_entries=len(self.memory), memory_hits=c.memory_hits,
+            memory_capacity=self.memory.capacity,
         )
 
     async def checkpoint(self, path: str) -> str:
