@@ -26,7 +26,7 @@ log = logging.getLogger("embedding")
 async def serve(settings: FrontendSettings) -> None:
     stats = Stats()
     pool = MLBasePool(settings.mlbase_address, settings.mlbase_connections, stats,
-                      max_message_bytes=settings.server.max_message_bytes)
+                      max_message_bytes=settings.server.max_message_bytes, max_attempts=settings.mlbase_attempts)
     l2 = None
     if settings.l2_enabled:
         l2 = L2Client(settings.cache_shards, stats, timeout_s=settings.l2_timeout_ms / 1000.0,

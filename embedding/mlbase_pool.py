@@ -8,8 +8,11 @@ Each batch goes on the connection with the fewest RPCs in flight.
 
 A batch that meets UNAVAILABLE or RESOURCE_EXHAUSTED (a replica died, is
 draining or is full) is retried on another connection within the caller's
-deadline. Every answer's model fingerprint is checked against the one read
-at startup: a replica running another model must never fill our caches.
+deadline, with a short doubling backoff (50 ms, 100 ms, ... capped at 1 s)
+that spans the second or so a balancer needs to mark a dead replica down,
+at most `max_attempts` times. Every answer's model fingerprint is checked
+against the one read at startup: a replica running another model must never
+fill our caches.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class _Connection:
 
 class MLBasePool:
     def __init__(self, address: str, connections: int, stats: Stats, *, max_message_bytes: int,
-                 max_attempts: int | None = None) -> None:
+                 max_attempts: int = 6) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -91,7 +94,7 @@ class MLBasePool:
         self.address = address
         self._conns = [_Connection(i, address, options) for i in range(connections)]
         self._stats = stats
-        self._max_attempts = max_attempts or max(3, connections + 1)
+        self._max_attempts = max(1, max_attempts)
         self.fingerprint: str | None = None
 
     @property
@@ -153,7 +156,8 @@ class MLBasePool:
                     self._stats.mlbase_retries += 1
                     log.warning("ML-base batch of %d on connection %d failed (%s); retrying",
                                 len(texts), conn.index, last)
-                    await asyncio.sleep(min(0.05 * (2 ** attempt), max(0.0, deadline - time.monotonic())))
+                    if attempt + 1 < self._max_attempts:
+                        await asyncio.sleep(min(0.05 * (2 ** attempt), 1.0, max(0.0, deadline - time.monotonic())))
                     continue
                 self._stats.mlbase_errors += 1
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:

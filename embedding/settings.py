@@ -43,6 +43,8 @@ class FrontendSettings:
     batch_window_ms: float = 2.0
     # Batches in flight to ML-base at once (across all connections).
     mlbase_concurrency: int = 8
+    # Tries per batch (first call included) on UNAVAILABLE / RESOURCE_EXHAUSTED.
+    mlbase_attempts: int = 6
     # Timeout for a batch whose callers set no deadline.
     mlbase_timeout_s: float = 60.0
     # Seconds to wait at startup for ML-base's GetInfo; 0 = forever.
@@ -73,7 +75,7 @@ class FrontendSettings:
         if self.cache_dtype not in codec.DTYPES:
             problems.append(f"--cache-dtype must be one of {', '.join(codec.DTYPES)}")
         for name in ("mlbase_connections", "max_batch", "mlbase_concurrency", "max_inputs", "max_chars",
-                     "max_pending", "writeback_batch", "stream_window"):
+                     "max_pending", "writeback_batch", "stream_window", "mlbase_attempts"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("l1_entries", "writeback_queue", "default_width", "admin_port", "batch_window_ms",
@@ -121,7 +123,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                     "LRU (L1), then the cache shards (L2), then model replicas (ML-base, usually via HAProxy).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_server_flags(p, default_port=DEFAULT_PORT, port_env="SUTRA_EMBEDDING_PORT")
+    add_server_flags(p, default_port=DEFAULT_PORT, port_env="SUTRA_EMBEDDING_PORT", env=env)
     p.add_argument("--mlbase", default=e("SUTRA_MLBASE_ADDRESS", DEFAULT_MLBASE),
                    help="ML-base address HOST:PORT, normally HAProxy's; a single replica works too "
                         "(env SUTRA_MLBASE_ADDRESS)")
@@ -152,6 +154,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--mlbase-concurrency", type=int,
                    default=int(e("SUTRA_MLBASE_CONCURRENCY", d.mlbase_concurrency)),
                    help="ML-base batches in flight at once, over all connections (env SUTRA_MLBASE_CONCURRENCY)")
+    p.add_argument("--mlbase-attempts", type=int, default=int(e("SUTRA_MLBASE_ATTEMPTS", d.mlbase_attempts)),
+                   help="tries per batch when ML-base answers UNAVAILABLE or RESOURCE_EXHAUSTED, each on another "
+                        "connection after a doubling backoff from 50 ms, within the caller's deadline "
+                        "(env SUTRA_MLBASE_ATTEMPTS)")
     p.add_argument("--mlbase-timeout", type=float, default=float(e("SUTRA_MLBASE_TIMEOUT", d.mlbase_timeout_s)),
                    help="seconds a batch may take when its callers set no deadline (env SUTRA_MLBASE_TIMEOUT)")
     p.add_argument("--mlbase-wait", type=float, default=float(e("SUTRA_MLBASE_WAIT", d.mlbase_wait_s)),
@@ -205,6 +211,7 @@ def settings_from_args(args: argparse.Namespace) -> FrontendSettings:
         max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms,
         mlbase_concurrency=args.mlbase_concurrency,
+        mlbase_attempts=args.mlbase_attempts,
         mlbase_timeout_s=args.mlbase_timeout,
         mlbase_wait_s=args.mlbase_wait,
         max_inputs=args.max_inputs,

@@ -22,10 +22,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 
+from common.cache_key import cache_key
 from common.matryoshka import reduce
 from embedding.client import AsyncClient, Client
+from sutra.cache.v1 import cache_shard_service_pb2 as cpb
+from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
@@ -89,6 +93,14 @@ class Stack:
     replica: Proc
     shard: Proc
     frontend: Frontend
+
+    def shard_has(self, fingerprint: str, items: list[str]) -> bool:
+        """Whether the shard holds every item's entry under `fingerprint` (a direct Lookup)."""
+        keys = [cache_key(fingerprint, t) for t in items]
+        with grpc.insecure_channel(self.shard.address) as ch:
+            replies = list(cpb_grpc.CacheShardServiceStub(ch).Lookup(
+                iter([cpb.LookupRequest(batch_id=1, keys=keys)]), timeout=10))
+        return all(replies[0].found)
 
 
 @pytest.fixture(scope="module")
@@ -287,23 +299,58 @@ def test_shard_killed_fails_open_and_recovers_without_a_frontend_restart(stack):
         shard.stop()
 
 
-def test_another_fingerprint_never_reads_these_entries(stack):
-    items = texts(3, "fingerprint")
-    assert stack.frontend.embed(items).usage.computed == 3
+@pytest.fixture(scope="module")
+def second_model(stack):
+    """A replica with a 128-token window (so another fingerprint) and its own frontend on the same shard."""
     other = start_replica(stack.workdir, "mlbase-128", "--max-seq-length", "128")
     fe = None
     try:
         other.wait_serving(240)
-        fe = start_frontend(stack.workdir, "frontend-128", other.address, stack.shard.address)
-        assert fe.info().fingerprint != stack.frontend.info().fingerprint
-        # Same texts, same shard: a fresh frontend for the other model must compute them all.
-        reply = fe.embed(items)
-        assert (reply.usage.l2_hits, reply.usage.computed) == (0, 3)
-        assert fe.stats().l2.hits == 0 and fe.stats().l2.misses == 3
+        fe = start_frontend(stack.workdir, "frontend-128", other.address, stack.shard.address,
+                            "--mlbase-attempts", "3")
+        yield other, fe
     finally:
         if fe is not None:
             assert fe.proc.stop() == 0
         other.stop()
+
+
+def test_another_fingerprint_never_reads_these_entries(stack, second_model):
+    items = texts(3, "fingerprint")
+    assert stack.frontend.embed(items).usage.computed == 3
+    _, fe = second_model
+    assert fe.info().fingerprint != stack.frontend.info().fingerprint
+    assert fe.info().max_seq_length == 128
+    # Same texts, same shard, written back by the first frontend: the other model must compute them all.
+    fingerprint = stack.frontend.info().fingerprint
+    assert eventually(lambda: stack.shard_has(fingerprint, items))
+    reply = fe.embed(items)
+    assert (reply.usage.l2_hits, reply.usage.computed) == (0, 3)
+    assert fe.stats().l2.hits == 0 and fe.stats().l2.misses >= 3
+
+
+def test_pool_keeps_separate_tcp_connections(stack):
+    for text in texts(4, "connections"):
+        stack.frontend.embed([text])
+    proc = psutil.Process(stack.frontend.proc.pid)
+    conns = getattr(proc, "net_connections", proc.connections)(kind="tcp")
+    to_replica = {c.laddr.port for c in conns if c.raddr and c.raddr.port == stack.replica.port
+                  and c.status == psutil.CONN_ESTABLISHED}
+    assert len(to_replica) == 2  # --mlbase-connections 2: two client ports, not one multiplexed connection
+
+
+def test_replica_down_gives_unavailable_after_retries_and_cache_still_answers(stack, second_model):
+    replica, fe = second_model
+    cached, fresh = texts(2, "replica-down")
+    fe.embed([cached])
+    retries_before = fe.stats().mlbase_retries
+    replica.kill()
+    with pytest.raises(grpc.RpcError) as err:
+        fe.embed([fresh])
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "replica" in err.value.details()
+    assert fe.stats().mlbase_retries - retries_before >= 2  # --mlbase-attempts 3: two retries
+    assert fe.embed([cached]).usage.l1_hits == 1
+    assert health_status(fe.address) == SERVING
 
 
 # -- bad input ------------------------------------------------------------------------------------

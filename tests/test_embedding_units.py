@@ -126,15 +126,13 @@ def test_rendezvous_spreads_and_only_moves_keys_to_a_new_shard():
 
 # -- settings ---------------------------------------------------------------------------------
 
-def test_settings_from_env_and_flags(monkeypatch):
+def test_settings_from_env_and_flags():
     env = {"SUTRA_CACHE_ENABLED": "false", "MATRYOSHKA_DIM": "128", "SUTRA_CACHE_SHARDS": "h1:1, h2:2",
            "SUTRA_EMBEDDING_PORT": "6000"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    s = load_settings([])
+    s = load_settings([], env)
     assert not s.cache_enabled and not s.l1_enabled and not s.l2_enabled
     assert s.default_width == 128 and s.cache_shards == ("h1:1", "h2:2") and s.server.port == 6000
-    s = load_settings(["--cache-enabled", "true", "--l1-entries", "5", "--port", "7"])
+    s = load_settings(["--cache-enabled", "true", "--l1-entries", "5", "--port", "7"], env)
     assert s.cache_enabled and s.l1_entries == 5 and s.server.port == 7
     with pytest.raises(SystemExit):
         load_settings(["--mlbase-connections", "0"], {})

