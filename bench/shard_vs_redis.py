@@ -5,16 +5,21 @@ Starts a real cache shard (`python -m cacheshard`) and a real
 from `common.cache_key`) and values (codec-encoded 384-wide float16
 vectors, 774 bytes) into both, then measures on the same random batches:
 
-  shard pipelined    one Lookup stream, --depth batches in flight
-  shard sequential   one Lookup stream, one batch at a time (latency)
-  redis MGET         redis-py + hiredis, one MGET at a time (latency)
-  redis pipelined    --depth MGETs per pipeline round trip
+  shard pipelined     one Lookup stream, --depth batches in flight
+  shard sequential    one Lookup stream, one batch at a time (latency)
+  rocksdb ...         the same against a second shard with its memory tier
+                      off, so every key is a RocksDB multi-get
+  redis MGET          redis-py + hiredis, one MGET at a time (latency)
+  redis pipelined     --depth MGETs per pipeline round trip
 
-Rounds alternate shard and Redis so machine noise hits both alike; each
-figure is the median over rounds. Prints a table and writes
-bench/results/shard_vs_redis.json. Both servers are stopped by PID.
+Each round runs every measurement once, in rotating order, so machine
+noise hits all alike; keys/s figures are medians over rounds, latencies are
+percentiles over every batch. CPU time per batch is also recorded for the
+server process and the client (this) process: unlike wall time it is not
+inflated by other work on a shared machine. Prints a table and writes
+bench/results/shard_vs_redis.json. All servers are stopped by PID.
 
-    .venv/bin/python -m bench.shard_vs_redis [--keys 20000] [--batches 1000] [--rounds 3]
+    .venv/bin/python -m bench.shard_vs_redis [--keys 20000] [--batches 300] [--rounds 10] [--quick]
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import redis
 
 from common import codec
 from common.cache_key import cache_key
+from common.malloc_tuning import tune_malloc
 from sutra.cache.v1 import cache_shard_service_pb2 as pb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
 from tests.support import Proc, free_port
@@ -194,18 +201,32 @@ def redis_pipelined(client: redis.Redis, batches, depth: int) -> float:
     return time.perf_counter() - start
 
 
+KINDS = ("shard_pipelined", "shard_sequential", "rocksdb_pipelined", "rocksdb_sequential",
+         "redis_mget", "redis_pipelined")
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keys", type=int, default=20_000, help="keys preloaded into both (default %(default)s)")
-    parser.add_argument("--batches", type=int, default=1000, help="256-key batches per measurement (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported (default %(default)s)")
+    parser.add_argument("--keys", type=int, default=20_000, help="keys preloaded into each store (default %(default)s)")
+    parser.add_argument("--batches", type=int, default=300, help="256-key batches per measurement (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="rounds; each runs every measurement once, in rotating order (default %(default)s)")
     parser.add_argument("--depth", type=int, default=8, help="batches in flight when pipelining (default %(default)s)")
-    parser.add_argument("--shard-arg", action="append", default=[], help="extra flag for the shard (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="small run: 5,000 keys, 200 batches, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="small run: 5,000 keys, 100 batches, 4 rounds")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output (default %(default)s)")
     args = parser.parse_args(argv)
+    # Both clients live in this process; the shard's gRPC client parses
+    # ~200 KB messages, which without this pays page faults per message
+    # (see common.malloc_tuning). Redis's client allocates per value and is
+    # unaffected either way.
+    tune_malloc()
     if args.quick:
-        args.keys, args.batches, args.rounds = 5000, 200, 2
+        args.keys, args.batches, args.rounds = 5000, 100, 4
     if not Path(REDIS_SERVER).exists():
         raise SystemExit(f"{REDIS_SERVER} not found: `apt-get install redis-server` (make setup does it)")
 
@@ -213,79 +234,126 @@ def main(argv: list[str] | None = None) -> int:
     batches = make_batches(keys, args.batches)
     requests = [pb.LookupRequest(batch_id=i, keys=b) for i, b in enumerate(batches)]
     work = Path(tempfile.mkdtemp(prefix="shard-vs-redis-"))
-    shard = Proc("cacheshard", ["--port", str(port := free_port()), "--path", str(work / "db"),
-                                "--log-level", "WARNING", *args.shard_arg], work / "shard.log", port)
+    shards = {
+        # The default shard: memory tier in front of RocksDB.
+        "shard": [],
+        # Every lookup is a RocksDB multi-get (memory tier off, RocksDB row cache on).
+        "rocksdb": ["--memory-entries", "0", "--row-cache-mb", "128"],
+    }
+    procs = {}
+    for name, extra in shards.items():
+        port = free_port()
+        procs[name] = Proc("cacheshard", ["--port", str(port), "--path", str(work / name), "--log-level", "WARNING",
+                                          *extra], work / f"{name}.log", port)
     server = RedisServer(work / "redis.log")
+    me = os.getpid()
+    runs: dict[str, list[float]] = {k: [] for k in KINDS}
+    cpu = {k: {"server_s": 0.0, "client_s": 0.0, "batches": 0} for k in KINDS}
+    latencies: dict[str, list[float]] = {"shard": [], "rocksdb": [], "redis_mget": []}
+    n_keys = len(batches) * BATCH
     try:
-        shard.start().wait_serving(60)
+        for proc in procs.values():
+            proc.start()
+        for proc in procs.values():
+            proc.wait_serving(60)
         client = server.client()
-        asyncio.run(shard_preload(shard.address, keys, values))
+        for proc in procs.values():
+            asyncio.run(shard_preload(proc.address, keys, values))
+            asyncio.run(shard_check(proc.address, keys, values))
         redis_preload(client, keys, values)
-        asyncio.run(shard_check(shard.address, keys, values))
         if client.mget(keys[:BATCH]) != values[:BATCH]:
             raise AssertionError("redis returned wrong values")
-        # Warm both: caches, connections, code paths.
-        asyncio.run(shard_pipelined(shard.address, requests[: min(200, len(requests))], args.depth))
-        redis_sequential(client, batches[:200])
 
-        runs: dict[str, list[float]] = {k: [] for k in ("shard_pipelined", "shard_sequential", "redis_mget", "redis_pipelined")}
-        shard_lat: list[float] = []
-        redis_lat: list[float] = []
-        n_keys = len(batches) * BATCH
-        for _ in range(args.rounds):
-            runs["shard_pipelined"].append(n_keys / asyncio.run(shard_pipelined(shard.address, requests, args.depth)))
-            runs["redis_pipelined"].append(n_keys / redis_pipelined(client, batches, args.depth))
-            elapsed, lat = asyncio.run(shard_sequential(shard.address, requests))
-            runs["shard_sequential"].append(n_keys / elapsed)
-            shard_lat += lat
-            elapsed, lat = redis_sequential(client, batches)
-            runs["redis_mget"].append(n_keys / elapsed)
-            redis_lat += lat
+        def measure(kind: str) -> float:
+            """Run one measurement; returns elapsed seconds and records CPU and latencies."""
+            store = kind.split("_")[0]
+            pid = server.popen.pid if store == "redis" else procs[store].pid
+            s0, c0 = cpu_seconds(pid), cpu_seconds(me)
+            if kind.endswith("_pipelined") and store != "redis":
+                elapsed = asyncio.run(shard_pipelined(procs[store].address, requests, args.depth))
+            elif kind.endswith("_sequential"):
+                elapsed, lat = asyncio.run(shard_sequential(procs[store].address, requests))
+                latencies[store] += lat
+            elif kind == "redis_mget":
+                elapsed, lat = redis_sequential(client, batches)
+                latencies["redis_mget"] += lat
+            else:
+                elapsed = redis_pipelined(client, batches, args.depth)
+            cpu[kind]["server_s"] += cpu_seconds(pid) - s0
+            cpu[kind]["client_s"] += cpu_seconds(me) - c0
+            cpu[kind]["batches"] += len(batches)
+            return elapsed
+
+        for kind in KINDS:  # warm-up: caches, connections, code paths
+            measure(kind)
+        for kind in KINDS:
+            runs[kind].clear()
+            latencies = {k: [] for k in latencies}
+            cpu[kind] = {"server_s": 0.0, "client_s": 0.0, "batches": 0}
+        for r in range(args.rounds):
+            order = KINDS[r % len(KINDS):] + KINDS[: r % len(KINDS)]
+            for kind in order:
+                runs[kind].append(n_keys / measure(kind))
         client.close()
     finally:
-        code = shard.stop()
+        codes = {name: proc.stop() for name, proc in procs.items()}
         server.stop()
-    if code != 0:
-        raise SystemExit(f"shard exited with {code}; log in {work / 'shard.log'}")
+    if any(codes.values()):
+        raise SystemExit(f"shard exit codes {codes}; logs in {work}")
     shutil.rmtree(work, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in runs.items()}
+    cpu_us = {k: {"server_us_per_batch": 1e6 * v["server_s"] / v["batches"],
+                  "client_us_per_batch": 1e6 * v["client_s"] / v["batches"]} for k, v in cpu.items()}
     result = {
         "batch_keys": BATCH,
         "value_bytes": len(values[0]),
         "preloaded_keys": args.keys,
-        "batches_per_run": args.batches,
+        "batches_per_measurement": args.batches,
         "rounds": args.rounds,
         "pipeline_depth": args.depth,
-        "keys_per_s": med,
+        "keys_per_s_median": med,
         "keys_per_s_all_rounds": runs,
-        "ratio_shard_pipelined_vs_redis_mget": med["shard_pipelined"] / med["redis_mget"],
+        "ratio_vs_redis_mget": {k: med[k] / med["redis_mget"] for k in KINDS},
         "ratio_shard_pipelined_vs_redis_pipelined": med["shard_pipelined"] / med["redis_pipelined"],
-        "ratio_shard_sequential_vs_redis_mget": med["shard_sequential"] / med["redis_mget"],
-        "latency_one_batch": {"shard": percentiles_ms(shard_lat), "redis_mget": percentiles_ms(redis_lat)},
-        "shard_args": args.shard_arg,
+        "latency_one_batch_ms": {k: percentiles_ms(v) for k, v in latencies.items()},
+        "cpu_per_batch": cpu_us,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_1m": os.getloadavg()[0]},
+                    "load_avg_1m_after": os.getloadavg()[0]},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-
-    lat = result["latency_one_batch"]
-    print(f"\n256-key batch lookups, {len(values[0])}-byte values, {args.keys} keys preloaded, "
-          f"{args.batches} batches x {args.rounds} rounds (medians)\n")
-    print(f"{'path':<34}{'keys/s':>12}{'p50 ms':>9}{'p99 ms':>9}")
-    print(f"{'shard Lookup, pipelined (depth ' + str(args.depth) + ')':<34}{med['shard_pipelined']:>12,.0f}{'':>9}{'':>9}")
-    print(f"{'shard Lookup, one at a time':<34}{med['shard_sequential']:>12,.0f}"
-          f"{lat['shard']['p50_ms']:>9.3f}{lat['shard']['p99_ms']:>9.3f}")
-    print(f"{'redis MGET, one at a time':<34}{med['redis_mget']:>12,.0f}"
-          f"{lat['redis_mget']['p50_ms']:>9.3f}{lat['redis_mget']['p99_ms']:>9.3f}")
-    print(f"{'redis MGET, pipelined (depth ' + str(args.depth) + ')':<34}{med['redis_pipelined']:>12,.0f}{'':>9}{'':>9}")
-    print(f"\nratio shard pipelined / redis MGET:       {result['ratio_shard_pipelined_vs_redis_mget']:.2f}")
-    print(f"ratio shard pipelined / redis pipelined:  {result['ratio_shard_pipelined_vs_redis_pipelined']:.2f}")
-    print(f"ratio shard one-at-a-time / redis MGET:   {result['ratio_shard_sequential_vs_redis_mget']:.2f}")
+    print_table(result)
     print(f"wrote {args.out}")
     return 0
+
+
+LABELS = {
+    "shard_pipelined": "shard Lookup, pipelined",
+    "shard_sequential": "shard Lookup, one at a time",
+    "rocksdb_pipelined": "shard, RocksDB reads, pipelined",
+    "rocksdb_sequential": "shard, RocksDB reads, one at a time",
+    "redis_mget": "redis MGET, one at a time",
+    "redis_pipelined": "redis MGET, pipelined",
+}
+LATENCY_OF = {"shard_sequential": "shard", "rocksdb_sequential": "rocksdb", "redis_mget": "redis_mget"}
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['batch_keys']}-key batch lookups, {r['value_bytes']}-byte values, {r['preloaded_keys']} keys "
+          f"preloaded; {r['batches_per_measurement']} batches x {r['rounds']} rounds, medians; "
+          f"pipelined = {r['pipeline_depth']} batches in flight")
+    print(f"\n{'path':<38}{'keys/s':>11}{'vs MGET':>9}{'p50 ms':>8}{'p99 ms':>8}{'srv us':>8}{'cli us':>8}")
+    for kind, label in LABELS.items():
+        lat = r["latency_one_batch_ms"].get(LATENCY_OF.get(kind, ""), {})
+        c = r["cpu_per_batch"][kind]
+        p50 = f"{lat['p50_ms']:.3f}" if lat else ""
+        p99 = f"{lat['p99_ms']:.3f}" if lat else ""
+        print(f"{label:<38}{r['keys_per_s_median'][kind]:>11,.0f}{r['ratio_vs_redis_mget'][kind]:>9.2f}"
+              f"{p50:>8}{p99:>8}{c['server_us_per_batch']:>8.0f}{c['client_us_per_batch']:>8.0f}")
+    print("\nsrv us / cli us: CPU microseconds per batch in the server process / the client (this) process")
+    print(f"shard pipelined / redis pipelined: {r['ratio_shard_pipelined_vs_redis_pipelined']:.2f}")
 
 
 if __name__ == "__main__":

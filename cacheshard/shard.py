@@ -74,40 +74,51 @@ class Shard:
     def _read_blocking(self, keys: list[bytes]) -> tuple[list[bool], list[bytes], int, int]:
         return self._checker.screen(self.store.multi_get(keys))
 
+    async def _read(self, keys: list[bytes]) -> tuple[list[bool], list[bytes]]:
+        """One multi-get on a worker thread, screened by the codec.
+
+        A value the codec rejects is a miss (counted as corrupt). A failed
+        read is logged, counted, and answered as misses: the caller computes
+        instead, which is what a cache should make it do."""
+        c = self.counters
+        try:
+            found, values, _, corrupt = await self._blocking(self._read_blocking, keys)
+        except StoreError as exc:
+            log.error("lookup of %d keys failed: %s", len(keys), exc)
+            c.errors += 1
+            return [False] * len(keys), [b""] * len(keys)
+        if corrupt:
+            c.corrupt += corrupt
+            c.errors += corrupt
+            log.warning("%d stored values failed to decode; answered as misses", corrupt)
+        return found, values
+
     async def lookup(self, keys: Sequence[bytes]) -> tuple[list[bool], list[bytes]]:
         """found flags and values (b"" for a miss), in key order.
 
         Keys the memory tier holds are answered on the event loop (a dict
-        lookup, nothing blocks); the rest go to RocksDB in one multi-get on a
-        worker thread. A value the codec rejects is a miss (counted as
-        corrupt). A failed read is logged, counted, and answered as misses:
-        the caller computes instead, which is what a cache should make it do."""
+        lookup, nothing blocks); the rest go to RocksDB in one multi-get."""
         n = len(keys)
         if n > self.settings.max_batch:
             raise InvalidInput(f"`keys` has {n} keys; the limit is {self.settings.max_batch}")
+        c = self.counters
         if n == 0:
             return [], []
-        c = self.counters
         if self.memory.capacity == 0:
-            return await self._read_only(keys)
+            found, values = await self._read(list(keys))
+            hits = found.count(True)
+            c.hits += hits
+            c.misses += n - hits
+            return found, values
         values = self.memory.get_many(keys)
-        if None not in values:
+        if None not in values:  # the common case, without per-key work
             c.hits += n
             c.memory_hits += n
             return [True] * n, values
         missing = [i for i, v in enumerate(values) if v is None]
         c.memory_hits += n - len(missing)
         missing_keys = [keys[i] for i in missing]
-        try:
-            found, read, _, corrupt = await self._blocking(self._read_blocking, missing_keys)
-        except StoreError as exc:
-            log.error("lookup of %d keys failed: %s", len(missing), exc)
-            c.errors += 1
-            found, read, corrupt = [False] * len(missing), [], 0
-        if corrupt:
-            c.corrupt += corrupt
-            c.errors += corrupt
-            log.warning("%d stored values failed to decode; answered as misses", corrupt)
+        found, read = await self._read(missing_keys)
         fill_keys, fill_values = [], []
         for i, ok, key, value in zip(missing, found, missing_keys, read):
             if ok:
@@ -121,25 +132,6 @@ class Shard:
         if hits == n:
             return [True] * n, values
         return [v is not None for v in values], [v or b"" for v in values]
-
-    async def _read_only(self, keys: Sequence[bytes]) -> tuple[list[bool], list[bytes]]:
-        """The path without a memory tier: one multi-get, screened."""
-        n = len(keys)
-        c = self.counters
-        try:
-            found, values, hits, corrupt = await self._blocking(self._read_blocking, list(keys))
-        except StoreError as exc:
-            log.error("lookup of %d keys failed: %s", n, exc)
-            c.errors += 1
-            c.misses += n
-            return [False] * n, [b""] * n
-        c.hits += hits
-        c.misses += n - hits
-        if corrupt:
-            c.corrupt += corrupt
-            c.errors += corrupt
-            log.warning("%d stored values failed to decode; answered as misses", corrupt)
-        return found, values
 
     async def put(self, keys: list[bytes], values: list[bytes]) -> int:
         """Write all entries in one WriteBatch; returns how many were written."""

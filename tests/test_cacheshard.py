@@ -182,6 +182,27 @@ def test_interleaved_batches_answered_in_order_on_concurrent_streams(shard):
     assert stats.hits > 0 and stats.misses > 0 and stats.errors == 0
 
 
+def test_memory_tier_and_rocksdb_answer_one_batch_together(tmp_path):
+    proc = start_shard(tmp_path, tmp_path / "db", "--memory-entries", "100").wait_serving(60)
+    client = Client(proc.address)
+    try:
+        keys, values = make_entries(300, seed=8)
+        client.store(keys[:150], values[:150])
+        client.store(keys[150:], values[150:])  # the memory tier now holds keys[200:]
+        absent = [b"absent-key-%06d" % i for i in range(20)]
+        mixed = keys[:50] + absent[:10] + keys[250:] + keys[50:250] + absent[10:]
+        found, got = client.lookup(mixed, batch=400)
+        expected = dict(zip(keys, values))
+        assert found == [k in expected for k in mixed]
+        assert got == [expected.get(k, b"") for k in mixed]
+        stats = client.stats()
+        assert (stats.hits, stats.misses, stats.memory_hits) == (300, 20, 100)
+        assert stats.memory_entries == stats.memory_capacity == 100
+    finally:
+        client.close()
+        assert proc.stop() == 0
+
+
 # --- size bound -------------------------------------------------------------
 
 def test_size_bound_holds_after_storing_five_times_the_budget(tmp_path):
