@@ -51,8 +51,9 @@ async def _serve(settings) -> int:
         print(f"cacheshard: {exc}", file=sys.stderr, flush=True)
         return EXIT_STARTUP
     shard = Shard(store, settings)
-    log.info("opened %s: ~%d entries, budget %d entries (%d bytes of SST), %s mode",
-             settings.path, store.entries_at_open, settings.max_entries, settings.budget_bytes,
+    log.info("opened %s: ~%d entries; budget %d entries = %d bytes (SST limit %d + 2 memtables of %d); "
+             "memory tier %d entries; %s mode", settings.path, store.entries_at_open, settings.max_entries,
+             settings.budget_bytes, settings.sst_limit_bytes, settings.memtable_bytes, settings.memory_entries,
              "sync (fsync before ack)" if settings.sync else "WAL")
     try:
         server = ShardServer(settings.server, shard)
