@@ -7,6 +7,10 @@ frontend on free loopback ports, then measures in one run:
             requests, a few in flight, packed encoding) vs in-process
             sentence-transformers `encode` of the same lines with the same
             torch thread count; rounds alternate the two, ratio = sum/sum.
+            The same requests sent straight to the replica are timed too,
+            which separates the frontend's cost from the replica's; CPU
+            seconds per text of each process are recorded as well, because
+            on a shared machine they are steadier than wall-clock rates.
   l1        every text already in the frontend's LRU.
   l2        the frontend restarted with --l1-entries 0 after a SIGTERM (which
             flushes write-backs), so every text comes from the shard.
@@ -34,9 +38,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
+from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
 from tests.support import Proc, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "frontend.json"
@@ -74,10 +81,11 @@ class InProcess:
         self.model = SentenceTransformer(bundled_model(), device="cpu")
         self.model.encode(["warm up"] * 8)
 
-    def texts_per_s(self, texts: list[str]) -> float:
-        started = time.perf_counter()
+    def texts_per_s(self, texts: list[str]) -> tuple[float, float]:
+        """(texts/s, CPU ms per text) of `encode` over `texts`."""
+        started, cpu = time.perf_counter(), time.process_time()
         self.model.encode(texts, batch_size=REQUEST, convert_to_numpy=True)
-        return len(texts) / (time.perf_counter() - started)
+        return len(texts) / (time.perf_counter() - started), 1000 * (time.process_time() - cpu) / len(texts)
 
 
 async def cold_texts_per_s(address: str, texts: list[str]) -> float:
@@ -100,6 +108,21 @@ async def cold_texts_per_s(address: str, texts: list[str]) -> float:
     if computed != len(texts):
         raise RuntimeError(f"cold run was not all misses: computed {computed} of {len(texts)}")
     return len(texts) / elapsed
+
+
+async def direct_texts_per_s(address: str, texts: list[str]) -> float:
+    """The same traffic straight to the replica (full-width, what the frontend asks for): the hop's cost."""
+    chunks = [texts[i:i + REQUEST] for i in range(0, len(texts), REQUEST)]
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = mpb_grpc.MLBaseServiceStub(ch)
+        queue = list(reversed(chunks))
+
+        async def worker():
+            while queue:
+                await stub.Embed(mpb.EmbedRequest(texts=queue.pop(), full_width=True), timeout=300)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(COLD_INFLIGHT)))
+        return len(texts) / (time.perf_counter() - started)
 
 
 async def hits_run(address: str, texts: list[str], size: int, encoding: int, requests: int,
@@ -145,6 +168,11 @@ async def level_table(address: str, texts: list[str], quick: bool) -> dict:
     return out
 
 
+def cpu_seconds(proc: Proc) -> float:
+    t = psutil.Process(proc.pid).cpu_times()
+    return t.user + t.system
+
+
 def start_frontend(workdir: Path, replica: str, shard: str, name: str, *extra: str) -> Proc:
     port = free_port()
     return Proc("embedding", ["--port", str(port), "--mlbase", replica, "--cache-shard", shard,
@@ -156,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cold", type=int, default=768, help="never-seen texts per cold round (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="cold rounds, alternating with the baseline")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
-                    help="torch threads for the replica and the in-process baseline (default: all cores)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the replica and the in-process baseline (default %(default)s: on a "
+                         "2-core machine the frontend and the client need the other core, and torch's OpenMP "
+                         "threads degrade badly when their cores are shared)")
     ap.add_argument("--quick", action="store_true", help="fewer texts and requests")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -188,15 +218,29 @@ def main(argv: list[str] | None = None) -> int:
         cold_rounds = []
         for r in range(args.rounds):
             texts = lines[r * args.cold:(r + 1) * args.cold]
-            base = baseline.texts_per_s(texts)
+            base, base_cpu = baseline.texts_per_s(texts)
+            cpu_before = (cpu_seconds(frontend), cpu_seconds(replica))
             front = asyncio.run(cold_texts_per_s(frontend.address, texts))
-            cold_rounds.append({"in_process_texts_per_s": base, "frontend_texts_per_s": front})
-            print(f"cold round {r + 1}: in-process {base:.0f} texts/s, frontend {front:.0f} texts/s")
+            fe_cpu, rep_cpu = (cpu_seconds(frontend) - cpu_before[0], cpu_seconds(replica) - cpu_before[1])
+            direct = asyncio.run(direct_texts_per_s(replica.address, texts))
+            cold_rounds.append({"in_process_texts_per_s": base, "frontend_texts_per_s": front,
+                                "in_process_cpu_ms_per_text": base_cpu, "direct_replica_texts_per_s": direct,
+                                "frontend_cpu_ms_per_text": 1000 * fe_cpu / len(texts),
+                                "replica_cpu_ms_per_text": 1000 * rep_cpu / len(texts)})
+            print(f"cold round {r + 1}: in-process {base:.0f} texts/s ({base_cpu:.2f} CPU ms/text), "
+                  f"frontend {front:.0f} texts/s, replica direct {direct:.0f} texts/s "
+                  f"(frontend CPU {1000 * fe_cpu / len(texts):.2f} ms/text, replica {1000 * rep_cpu / len(texts):.2f})")
         del baseline
         base_total = sum(args.cold / c["in_process_texts_per_s"] for c in cold_rounds)
         front_total = sum(args.cold / c["frontend_texts_per_s"] for c in cold_rounds)
+        direct_total = sum(args.cold / c["direct_replica_texts_per_s"] for c in cold_rounds)
         cold = {"in_process_texts_per_s": need / base_total, "frontend_texts_per_s": need / front_total,
-                "ratio": base_total / front_total, "rounds": cold_rounds}
+                "ratio": base_total / front_total, "direct_replica_texts_per_s": need / direct_total,
+                "frontend_vs_direct_replica": direct_total / front_total,
+                "frontend_cpu_ms_per_text": float(np.mean([c["frontend_cpu_ms_per_text"] for c in cold_rounds])),
+                "replica_cpu_ms_per_text": float(np.mean([c["replica_cpu_ms_per_text"] for c in cold_rounds])),
+                "in_process_cpu_ms_per_text": float(np.mean([c["in_process_cpu_ms_per_text"] for c in cold_rounds])),
+                "rounds": cold_rounds}
 
         warm_texts = lines[:need]
         l1 = asyncio.run(level_table(frontend.address, warm_texts, args.quick))
@@ -225,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\ncold (all misses, {args.threads} torch threads): frontend {cold['frontend_texts_per_s']:.0f} texts/s, "
-          f"in-process encode {cold['in_process_texts_per_s']:.0f} texts/s, ratio {cold['ratio']:.2f} (goal >= 0.9)")
+          f"in-process encode {cold['in_process_texts_per_s']:.0f} texts/s, ratio {cold['ratio']:.2f} (goal >= 0.9); "
+          f"replica called directly {cold['direct_replica_texts_per_s']:.0f} texts/s "
+          f"(frontend/direct {cold['frontend_vs_direct_replica']:.2f}); "
+          f"frontend CPU {cold['frontend_cpu_ms_per_text']:.2f} ms/text, "
+          f"replica CPU {cold['replica_cpu_ms_per_text']:.2f} ms/text")
     print(f"\n{'level':<6}{'request':<18}{'embeddings/s':>14}{'p50 ms':>9}{'p99 ms':>9}")
     for level, table in (("L1", l1), ("L2", l2)):
         for name, row in table.items():

@@ -69,23 +69,26 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedStream(self, request_iterator, context):
         deadline = deadline_of(context)
         ahead: asyncio.Queue = asyncio.Queue(maxsize=self._window)
+        running: set[asyncio.Future] = set()
         done = object()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await ahead.put(asyncio.ensure_future(self._embed(request, deadline)))
-            finally:
+                    task = asyncio.ensure_future(self._embed(request, deadline))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    await ahead.put(task)  # blocks while `stream_window` answers are outstanding
                 await ahead.put(done)
+            except Exception as exc:  # noqa: BLE001 - handed to the writer, which ends the stream
+                await ahead.put(exc)
 
         reader = asyncio.create_task(read(), name="embed-stream-reader")
         try:
-            while True:
-                item = await ahead.get()
-                if item is done:
-                    break
+            while (item := await ahead.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
                 yield pb.EmbedStreamResponse(result=await item)
-            await reader  # surfaces a failed read
         except SutraError as exc:
             await context.abort(exc.code, str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -95,13 +98,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
             reader.cancel()
-            leftovers = [reader]
-            while not ahead.empty():
-                item = ahead.get_nowait()
-                if isinstance(item, asyncio.Future):
-                    item.cancel()
-                    leftovers.append(item)
-            await asyncio.gather(*leftovers, return_exceptions=True)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(reader, *running, return_exceptions=True)
 
     @grpc_errors
     async def GetInfo(self, request, context):

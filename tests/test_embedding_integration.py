@@ -419,6 +419,17 @@ def test_embed_stream_answers_in_order(stack):
     for batch, reply in zip(batches, replies):
         np.testing.assert_allclose(vectors(reply.result), direct(stack.replica, batch, 32), atol=2e-6)
 
+    # A bad message ends the stream with its status, after the answers before it.
+    requests = [pb.EmbedStreamRequest(inputs=batches[0]), pb.EmbedStreamRequest(inputs=[]),
+                pb.EmbedStreamRequest(inputs=batches[1])]
+    got = []
+    with grpc.insecure_channel(stack.frontend.address) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            for reply in pb_grpc.EmbeddingServiceStub(ch).EmbedStream(iter(requests), timeout=60):
+                got.append(reply)
+    assert len(got) == 1 and err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert health_status(stack.frontend.address) == SERVING
+
 
 def test_cli_embed_and_embed_file(stack, tmp_path):
     lines = texts(50, "cli")
