@@ -7,6 +7,7 @@ exercised in tests/test_embedding_integration.py."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import urllib.request
@@ -28,12 +29,12 @@ from embedding.stats import Stats, make_registry
 NATIVE = 16
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-pytestmark = pytest.mark.anyio
+def aio(test):
+    """Run an async test function on a fresh event loop (no async pytest plugin needed)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
 
 
 def fake_vector(text: str) -> np.ndarray:
@@ -140,6 +141,7 @@ def test_settings_from_env_and_flags():
 
 # -- engine -----------------------------------------------------------------------------------
 
+@aio
 async def test_vectors_are_the_shared_transform_and_duplicates_computed_once():
     backend = Backend()
     engine = make_engine(backend)
@@ -155,6 +157,7 @@ async def test_vectors_are_the_shared_transform_and_duplicates_computed_once():
         await engine.close(0)
 
 
+@aio
 async def test_concurrent_identical_requests_compute_once():
     backend = Backend()
     backend.gate = asyncio.Event()
@@ -173,6 +176,7 @@ async def test_concurrent_identical_requests_compute_once():
         await engine.close(0)
 
 
+@aio
 async def test_misses_from_concurrent_requests_share_a_batch():
     backend = Backend()
     engine = make_engine(backend, batch_window_ms=20.0)
@@ -183,6 +187,7 @@ async def test_misses_from_concurrent_requests_share_a_batch():
         await engine.close(0)
 
 
+@aio
 async def test_cancelled_caller_leaves_shared_work_running_for_others():
     backend = Backend()
     backend.gate = asyncio.Event()
@@ -201,6 +206,7 @@ async def test_cancelled_caller_leaves_shared_work_running_for_others():
         await engine.close(0)
 
 
+@aio
 async def test_work_is_cancelled_when_every_caller_leaves():
     backend = Backend()
     backend.gate = asyncio.Event()
@@ -219,6 +225,7 @@ async def test_work_is_cancelled_when_every_caller_leaves():
         await engine.close(0)
 
 
+@aio
 async def test_deadline_exceeded_and_error_propagation():
     backend = Backend(delay=0.5)
     engine = make_engine(backend)
@@ -238,6 +245,7 @@ async def test_deadline_exceeded_and_error_propagation():
         await engine.close(0)
 
 
+@aio
 async def test_validation_errors_name_the_limit():
     engine = make_engine(Backend(), max_inputs=3)
     try:
@@ -255,6 +263,7 @@ async def test_validation_errors_name_the_limit():
         await engine.close(0)
 
 
+@aio
 async def test_pending_bound_refuses_with_overloaded():
     backend = Backend()
     backend.gate = asyncio.Event()
@@ -272,6 +281,7 @@ async def test_pending_bound_refuses_with_overloaded():
         await engine.close(0)
 
 
+@aio
 async def test_truncation_is_reported_cached_and_rejected_on_request():
     backend = Backend()
     engine = make_engine(backend)
@@ -289,6 +299,7 @@ async def test_truncation_is_reported_cached_and_rejected_on_request():
         await engine.close(0)
 
 
+@aio
 async def test_cache_disabled_computes_every_time():
     backend = Backend()
     engine = make_engine(backend, cache_enabled=False)
@@ -302,6 +313,7 @@ async def test_cache_disabled_computes_every_time():
         await engine.close(0)
 
 
+@aio
 async def test_admin_http_serves_stats_json_and_metrics():
     engine = make_engine(Backend())
     admin = AdminServer("127.0.0.1", 0, engine.cache_stats, make_registry(engine.stats, lambda: {"l1_entries": 1}),
