@@ -21,8 +21,9 @@ _MAX_HEADERS = 1024
 
 
 class ValueChecker:
-    """Remembers the codec's verdict per header; not thread-safe for writes,
-    but a lost update only means one more codec call."""
+    """Remembers the codec's verdict per header. Used from the event loop and
+    the RocksDB worker threads; the only shared state is a dict that is
+    only ever added to, so a race costs at most one more codec call."""
 
     def __init__(self) -> None:
         self._length_for_header: dict[bytes, int] = {}
@@ -47,7 +48,7 @@ class ValueChecker:
             codec.decode(value)
         except codec.CorruptValue as exc:
             return str(exc)
-        return None
+        return None  # unreachable: is_valid and decode agree
 
     def screen(self, values: Sequence[bytes | None]) -> tuple[list[bool], list[bytes], int, int]:
         """Multi-get results -> (found, values with b"" for misses, hits, corrupt).
