@@ -104,7 +104,9 @@ class ShardConnection:
                 fut = self._pending.pop(reply.batch_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
-                self._backoff = 0.1
+                if self._backoff > 0.1:
+                    log.info("L2 shard %s answering again", self.address)
+                    self._backoff = 0.1
             error = L2Error(f"shard {self.address} closed the Lookup stream")
         except asyncio.CancelledError:
             error = L2Error("L2 client closing")
