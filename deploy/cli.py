@@ -78,6 +78,9 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
                         default=int(_env("SUTRA_MLBASE_CONNECTIONS", d.mlbase_connections)),
                         help="frontend connections to HAProxy; 0 = max(4, 2 x replicas) "
                              "(env SUTRA_MLBASE_CONNECTIONS; default %(default)s)")
+    parser.add_argument("--l1-entries", type=int, default=int(_env("SUTRA_L1_ENTRIES", d.l1_entries)),
+                        help="frontend's in-process LRU (L1) size in entries; 0 disables L1 "
+                             "(env SUTRA_L1_ENTRIES; default %(default)s)")
     parser.add_argument("--shard-sync", action="store_true",
                         default=_env("SUTRA_CACHE_SYNC", "").lower() in ("1", "true", "yes", "on"),
                         help="cache shard fsyncs before acknowledging writes (env SUTRA_CACHE_SYNC; default off)")
@@ -117,7 +120,7 @@ def settings_from(args: argparse.Namespace) -> StackSettings:
         threads=args.threads, drain_seconds=args.drain_seconds,
         max_connection_age_ms=args.max_connection_age_ms,
         max_connection_age_grace_ms=args.max_connection_age_grace_ms,
-        mlbase_connections=args.mlbase_connections, wait_seconds=args.wait_seconds, shard_sync=args.shard_sync,
+        mlbase_connections=args.mlbase_connections, l1_entries=args.l1_entries, wait_seconds=args.wait_seconds, shard_sync=args.shard_sync,
     )
 
 

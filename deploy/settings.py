@@ -42,6 +42,8 @@ class StackSettings:
     max_connection_age_grace_ms: int = 10_000
     # Frontend connections to HAProxy (each is pinned to one replica).
     mlbase_connections: int = 0
+    # Frontend's in-process LRU (L1) size in entries.
+    l1_entries: int = 10_000
     # Seconds `up` waits for every process to be SERVING (model loading).
     wait_seconds: float = 300.0
     shard_sync: bool = False

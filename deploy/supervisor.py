@@ -66,6 +66,7 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
         python, "-m", "embedding", "--host", settings.host, "--port", str(settings.frontend_port),
         "--mlbase", settings.lb_address, "--cache-shard", settings.shard_address,
         "--admin-port", str(settings.admin_port), "--mlbase-connections", str(settings.frontend_connections),
+        "--l1-entries", str(settings.l1_entries),
     ], 40, 30, "grpc", settings.frontend_port))
     return found
 

