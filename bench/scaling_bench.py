@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cold", type=int, default=512, help="cold texts per configuration (default %(default)s)")
     parser.add_argument("--mixed", type=int, default=3000, help="texts in the mixed workload (default %(default)s)")
-    parser.add_argument("--mixed-l1-fraction", type=float, default=0.5,
+    parser.add_argument("--mixed-l1-fraction", type=float, default=0.1,
                         help="frontend L1 size for the mixed run as a fraction of its distinct texts, so that "
                              "L2 takes part (default %(default)s)")
     parser.add_argument("--replicas", default="1,2,3", help="replica counts to run (default %(default)s)")

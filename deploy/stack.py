@@ -89,8 +89,13 @@ def check_alive(sup: Supervisor, prog: Program) -> None:
     info = sup.info(prog.full_name)
     # EXITED and BACKOFF are transient (autorestart); FATAL means supervisord gave up.
     if info["statename"] in ("FATAL", "STOPPED", "UNKNOWN"):
+        last = "\n".join(sup.tail(prog.full_name).splitlines()[-8:])
         raise StackError(f"{prog.name} is {info['statename']} ({info['description']}); "
-                         f"last log lines:\n{sup.tail(prog.full_name)}")
+                         f"last log lines ({settings_log_hint(sup, prog)}):\n{last}")
+
+
+def settings_log_hint(sup: Supervisor, prog: Program) -> str:
+    return sup.info(prog.full_name).get("stdout_logfile", "") or "see the run directory's logs/"
 
 
 def wait_serving(sup: Supervisor, progs: list[Program], settings: StackSettings, out: Printer) -> None:

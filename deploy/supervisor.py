@@ -114,9 +114,9 @@ def render_config(settings: StackSettings, progs: list[Program], environment: di
             f"priority={prog.priority}",
             "autostart=false",
             "autorestart=true",
-            # Up for 2 s counts as started; a crash loop gives up after 5 tries (FATAL).
+            # Up for 2 s counts as started; a crash loop gives up after 3 tries (FATAL).
             "startsecs=2",
-            "startretries=5",
+            "startretries=3",
             "stopsignal=TERM",
             f"stopwaitsecs={prog.stop_wait}",
             "stopasgroup=true",
