@@ -14,6 +14,7 @@ from mlbase.backends.base import Backend, BackendOptions
 
 BACKENDS: dict[str, str] = {
     "torch": "mlbase.backends.torch_backend:TorchBackend",
+    "onnx": "mlbase.backends.onnx_backend:OnnxBackend",
 }
 
 
