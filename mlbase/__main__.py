@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 
@@ -15,7 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     from mlbase.server import serve  # after parsing, so --help does not import grpc/torch
 
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except Exception:
+        logging.getLogger("mlbase").exception("replica failed")
+        return 1
     # Drained and stopped: a repeated SIGTERM during interpreter teardown must not turn exit 0 into -15.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0

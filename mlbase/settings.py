@@ -150,6 +150,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    default=int(e("SUTRA_MLBASE_MAX_BATCH_TOKENS", b.max_batch_tokens)),
                    help="most padded tokens (texts x longest text) per forward pass "
                         "(env SUTRA_MLBASE_MAX_BATCH_TOKENS)")
+    p.add_argument("--batch-overhead-tokens", type=int,
+                   default=int(e("SUTRA_MLBASE_BATCH_OVERHEAD_TOKENS", b.overhead_tokens)),
+                   help="fixed cost of one forward pass in padded tokens, used to cut length-sorted texts "
+                        "into batches: higher = fewer, larger batches; 0 = pad as little as possible "
+                        "(env SUTRA_MLBASE_BATCH_OVERHEAD_TOKENS)")
     p.add_argument("--batch-wait-ms", type=float, default=float(e("SUTRA_MLBASE_BATCH_WAIT_MS", b.wait_ms)),
                    help="how long an idle replica waits for more requests to batch together "
                         "(env SUTRA_MLBASE_BATCH_WAIT_MS)")
@@ -185,7 +190,8 @@ def settings_from_args(args: argparse.Namespace) -> MLBaseSettings:
                                precision=args.precision, cache_dir=args.onnx_cache_dir,
                                keep_fp32=tuple(p.strip() for p in args.int8_keep_fp32.split(",") if p.strip())),
         batch=BatchLimits(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                          wait_ms=args.batch_wait_ms, max_queue=args.max_queue),
+                          wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                          overhead_tokens=args.batch_overhead_tokens),
         max_inputs=args.max_inputs,
         max_chars=args.max_chars,
         min_width=args.min_width,

@@ -52,25 +52,54 @@ def items(lengths):
     return [_Item(enc(i, n), None, i) for i, n in enumerate(lengths)]
 
 
-def test_plan_respects_size_and_token_bounds_and_sorts_longest_first():
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(1, 300, size=500).tolist()
-    limits = BatchLimits(max_batch_size=16, max_batch_tokens=1024)
+def plan_cost(batches, overhead):
+    return sum(overhead + len(b) * max(it.encoded.length for it in b) for b in batches)
+
+
+def greedy(items_, limits):
+    """Cut the sorted run every max_batch_size texts (or at the token bound)."""
+    ordered = sorted(items_, key=lambda it: -it.encoded.length)
+    out, i = [], 0
+    while i < len(ordered):
+        j = i + 1
+        while (j < len(ordered) and j - i < limits.max_batch_size
+               and (j - i + 1) * ordered[i].encoded.length <= limits.max_batch_tokens):
+            j += 1
+        out.append(ordered[i:j])
+        i = j
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_plan_respects_bounds_sorts_longest_first_and_beats_fixed_size_cuts(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 300, size=400).tolist()
+    limits = BatchLimits(max_batch_size=16, max_batch_tokens=1024, overhead_tokens=32)
     batches = plan_batches(items(lengths), limits)
     flat = [it.encoded.length for b in batches for it in b]
     assert sorted(flat, reverse=True) == flat  # globally longest first
-    assert sorted(it.row for b in batches for it in b) == list(range(500))  # every text exactly once
+    assert sorted(it.row for b in batches for it in b) == list(range(400))  # every text exactly once
     for b in batches:
         assert 1 <= len(b) <= 16
-        padded = len(b) * max(it.encoded.length for it in b)
-        assert padded <= 1024 or len(b) == 1
-    # Greedy: a batch only closes when the next text would break a bound.
-    for b, nxt in zip(batches, batches[1:]):
-        longest = max(it.encoded.length for it in b)
-        assert len(b) == 16 or (len(b) + 1) * max(longest, nxt[0].encoded.length) > 1024
+        assert len(b) * max(it.encoded.length for it in b) <= 1024 or len(b) == 1
+    assert plan_cost(batches, 32) <= plan_cost(greedy(items(lengths), limits), 32)
 
 
-def test_plan_keeps_arrival_order_among_equal_lengths_and_isolates_oversize_texts():
+def test_plan_splits_off_long_texts_and_keeps_equal_lengths_together():
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=100_000, overhead_tokens=32)
+    # One 100-token text padding twenty 10-token ones would cost 32 + 21 * 100.
+    batches = plan_batches(items([10] * 10 + [100] + [10] * 10), limits)
+    assert [[it.encoded.length for it in b] for b in batches] == [[100], [10] * 20]
+    assert [it.row for it in batches[1]] == list(range(10)) + list(range(11, 21))  # arrival order kept
+    # Equal lengths: one batch up to the size bound.
+    assert sorted(len(b) for b in plan_batches(items([7] * 150), limits)) == [22, 64, 64]
+    # No overhead: every distinct length gets its own batch (zero padding).
+    flat_limits = BatchLimits(max_batch_size=64, max_batch_tokens=100_000, overhead_tokens=0)
+    assert [[it.encoded.length for it in b] for b in plan_batches(items([3, 9, 3, 9, 5]), flat_limits)] == [
+        [9, 9], [5], [3, 3]]
+
+
+def test_plan_isolates_a_text_over_the_token_budget():
     limits = BatchLimits(max_batch_size=8, max_batch_tokens=100)
     batches = plan_batches(items([5, 5, 500, 5, 5]), limits)
     assert [[it.row for it in b] for b in batches] == [[2], [0, 1, 3, 4]]
@@ -81,6 +110,8 @@ def test_limits_are_validated():
         BatchLimits(max_batch_size=0)
     with pytest.raises(ValueError):
         BatchLimits(wait_ms=-1)
+    with pytest.raises(ValueError):
+        BatchLimits(overhead_tokens=-1)
 
 
 async def _with_batcher(embed, limits, body):
@@ -102,10 +133,11 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
         return results, batcher.stats
 
     results, stats = asyncio.run(_with_batcher(embed, limits, body))
-    # All 30 texts arrived inside the wait window: one generation, one batch.
-    assert stats.generations == 1 and len(embed.batches) == 1
-    lengths = [n for _, n in embed.batches[0]]
+    # All 30 texts arrived inside the wait window: one generation, sorted across requests.
+    assert stats.generations == 1 and stats.texts == 30
+    lengths = [n for batch in embed.batches for _, n in batch]
     assert lengths == sorted(lengths, reverse=True)
+    assert max(len({tag // 100 for tag, _ in batch}) for batch in embed.batches) > 1  # requests share batches
     for req, out in zip(requests, results):
         assert out.shape == (5, WIDTH) and out.dtype == np.float32
         assert out[:, 0].tolist() == [tag_of(e) for e in req]
