@@ -4,7 +4,7 @@ Starts one ML-base replica, one cache shard (fresh directory) and the
 frontend on free loopback ports, then measures in one run:
 
   cold      texts/s of never-seen corpus lines through the frontend (64-text
-            requests, a few in flight, packed encoding) vs in-process
+            requests, 8 in flight like a bulk loader, packed encoding) vs in-process
             sentence-transformers `encode` of the same lines with the same
             torch thread count; rounds alternate the two, ratio = sum/sum.
             The same requests sent straight to the replica are timed too,
@@ -49,7 +49,7 @@ from tests.support import Proc, free_port
 RESULTS = Path(__file__).resolve().parent / "results" / "frontend.json"
 CORPUS = Path(os.environ.get("SUTRA_BENCH_CORPUS", "/work/shared/data/corpus.txt"))
 REQUEST = 64
-COLD_INFLIGHT = 4
+COLD_INFLIGHT = 8
 CONCURRENCY = 8
 
 
