@@ -100,6 +100,24 @@ def test_a_full_queue_answers_resource_exhausted_at_once(stub, replica):
     assert stub.Embed(pb.EmbedRequest(texts=["y"] * MAX_QUEUE, dimensions=32)).count == MAX_QUEUE
 
 
+def test_a_deadline_stops_the_call_and_frees_its_queue_room(stub, replica):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(pb.EmbedRequest(texts=[f"{i} {BUSY_TEXT}" for i in range(MAX_QUEUE)]), timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The abandoned texts stop counting against the queue: a full-size request gets in once the
+    # replica has seen the deadline too (it may see it a moment after this client does).
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            reply = stub.Embed(pb.EmbedRequest(texts=["z"] * MAX_QUEUE, dimensions=32), timeout=120)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, exc
+            time.sleep(0.05)
+    assert reply.count == MAX_QUEUE
+    assert health_status(replica.address) == SERVING
+
+
 def test_sigterm_goes_not_serving_finishes_in_flight_work_and_exits_0(stub, replica):
     busy = [f"{i} {BUSY_TEXT}" for i in range(32)]
     in_flight = stub.Embed.future(pb.EmbedRequest(texts=busy, full_width=True))
