@@ -1,0 +1,195 @@
+"""In-process encode speed of each inference backend, on the same texts, in one run.
+
+Rows (with --threads threads unless marked "1 thread"):
+
+  torch (sentence-transformers)   SentenceTransformer.encode, the reference
+  onnx fp32 plain / fused         the exported graph without / with onnxruntime's
+                                  transformer fusions (Attention, LayerNorm, GELU)
+  onnx int8 plain / fused         dynamic per-channel int8 weights
+  onnx int8 keep ...              int8 with some layers kept in fp32 (--keep-fp32)
+  ..., 1 thread                   torch and onnx fp32 with one thread: on a machine whose
+                                  cores are busy with other work, torch's OpenMP threads
+                                  degrade far more than onnxruntime's, so both are shown
+
+Every row encodes all texts in batches of --batch-size, tokenizing included.
+Rounds are interleaved (A, B, C, A, B, C, ...) so that the noise of a shared
+machine hits every row alike; texts/s is reported as the median and the best
+round, with ratios to torch. Prints a table and writes
+bench/results/backend_speed.json; `bench.quality` runs this too, so that
+speed and quality come from one run.
+
+    .venv/bin/python -m bench.backend_speed [--texts 1000] [--rounds 5] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mlbase.backends import registry
+from mlbase.backends.base import BackendOptions
+from mlbase.settings import DEFAULT_ONNX_CACHE, bundled_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_KEEP_FP32 = ("attention.output.dense",)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    backend: str
+    precision: str
+    fused: bool | None = None
+    keep_fp32: tuple[str, ...] = ()
+    # 0 = --threads; rows with 1 show how each engine copes with a core shared with other work.
+    threads: int = 0
+
+
+def rows_for(keep_fp32: Sequence[str], single_thread_rows: bool = True) -> list[Row]:
+    rows = [
+        Row("torch (sentence-transformers)", "torch", "fp32"),
+        Row("onnx fp32 plain", "onnx", "fp32", fused=False),
+        Row("onnx fp32 fused", "onnx", "fp32", fused=True),
+        Row("onnx int8 plain", "onnx", "int8", fused=False),
+        Row("onnx int8 fused", "onnx", "int8", fused=True),
+    ]
+    if keep_fp32:
+        rows.append(Row(f"onnx int8 fused, fp32 {','.join(keep_fp32)}", "onnx", "int8", True, tuple(keep_fp32)))
+    if single_thread_rows:
+        rows += [Row("torch (sentence-transformers), 1 thread", "torch", "fp32", threads=1),
+                 Row("onnx fp32 fused, 1 thread", "onnx", "fp32", fused=True, threads=1)]
+    return rows
+
+
+def load_texts(n: int) -> list[str]:
+    lines = (DATA / "corpus.txt").read_text().splitlines()
+    return [line for line in lines if line.strip()][:n]
+
+
+def build(row: Row, options: BackendOptions):
+    """A loaded backend, and the function that encodes a list of texts with it."""
+    options = replace(options, precision=row.precision, keep_fp32=row.keep_fp32,
+                      threads=row.threads or options.threads)
+    if row.backend == "onnx":
+        from mlbase.backends.onnx_backend import OnnxBackend
+
+        backend = OnnxBackend(options, fused=row.fused)
+    else:
+        backend = registry.create(row.backend, options)
+    backend.load()
+    if row.backend == "torch":
+        import torch
+
+        model = backend.model  # the SentenceTransformer itself: measure its own encode
+        threads = options.threads
+
+        def encode(texts: Sequence[str], batch_size: int):
+            torch.set_num_threads(threads)  # process-wide: torch rows with different counts take turns
+            return model.encode(list(texts), batch_size=batch_size, show_progress_bar=False)
+    else:
+        def encode(texts: Sequence[str], batch_size: int):
+            return backend.encode(texts, batch_size=batch_size)[0]
+    return backend, encode
+
+
+def measure(rows: Sequence[Row], options: BackendOptions, texts: Sequence[str], rounds: int,
+            batch_size: int, log: Callable[[str], None] = print) -> list[dict]:
+    """Interleaved rounds over all rows; returns one result dict per row."""
+    encoders = []
+    for row in rows:
+        started = time.monotonic()
+        _, encode = build(row, options)
+        encode(texts[:64], batch_size)  # warm up: first-call allocations, thread pools
+        encoders.append(encode)
+        log(f"  loaded {row.name} in {time.monotonic() - started:.1f}s")
+    seconds: list[list[float]] = [[] for _ in rows]
+    for r in range(rounds):
+        for i, encode in enumerate(encoders):
+            started = time.perf_counter()
+            encode(texts, batch_size)
+            seconds[i].append(time.perf_counter() - started)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{len(texts) / s[-1]:.0f}" for s in seconds) + " texts/s")
+    results = []
+    for row, times in zip(rows, seconds):
+        results.append({
+            "name": row.name, "backend": row.backend, "precision": row.precision, "fused": row.fused,
+            "keep_fp32": list(row.keep_fp32), "threads": row.threads or options.threads,
+            "seconds": [round(t, 4) for t in times],
+            "median_texts_per_s": len(texts) / statistics.median(times),
+            "best_texts_per_s": len(texts) / min(times),
+        })
+    base = results[0]
+    for res in results:
+        res["median_vs_torch"] = res["median_texts_per_s"] / base["median_texts_per_s"]
+        res["best_vs_torch"] = res["best_texts_per_s"] / base["best_texts_per_s"]
+    return results
+
+
+def table(results: Sequence[dict]) -> str:
+    lines = [f"{'backend':44s} {'median texts/s':>14s} {'best texts/s':>12s} {'x torch (median)':>16s} "
+             f"{'x torch (best)':>14s}"]
+    for r in results:
+        lines.append(f"{r['name']:44s} {r['median_texts_per_s']:14.1f} {r['best_texts_per_s']:12.1f} "
+                     f"{r['median_vs_torch']:16.2f} {r['best_vs_torch']:14.2f}")
+    return "\n".join(lines)
+
+
+def environment(threads: int) -> dict:
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": threads,
+            "load_average": os.getloadavg(), "python": platform.python_version()}
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=bundled_model_path(), help="sentence-transformers model folder (default: bundled)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every backend")
+    p.add_argument("--onnx-cache-dir", default=os.environ.get("SUTRA_ONNX_CACHE", DEFAULT_ONNX_CACHE),
+                   help="exported-graph cache, as for the replica (env SUTRA_ONNX_CACHE)")
+    p.add_argument("--keep-fp32", default=",".join(DEFAULT_KEEP_FP32),
+                   help="module-name patterns for the extra 'int8 with layers kept in fp32' row; empty = no such row")
+    p.add_argument("--single-thread-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch and onnx fp32 with 1 thread")
+
+
+def options_from(args: argparse.Namespace) -> BackendOptions:
+    return BackendOptions(model_path=args.model, threads=args.threads, cache_dir=args.onnx_cache_dir)
+
+
+def keep_from(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(p.strip() for p in args.keep_fp32.split(",") if p.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.backend_speed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(p)
+    p.add_argument("--texts", type=int, default=1000, help="texts from shared/data/corpus.txt")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--quick", action="store_true", help="300 texts, 2 rounds")
+    p.add_argument("--out", default=str(RESULTS / "backend_speed.json"), help="where to write the JSON results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.texts, args.rounds = 300, 2
+    texts = load_texts(args.texts)
+    print(f"encoding {len(texts)} texts, {args.rounds} interleaved rounds, {args.threads} threads")
+    results = measure(rows_for(keep_from(args), args.single_thread_rows), options_from(args), texts, args.rounds, args.batch_size)
+    print(table(results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"environment": environment(args.threads), "texts": len(texts),
+                                          "rounds": args.rounds, "batch_size": args.batch_size,
+                                          "results": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""STS-B quality of each backend, Matryoshka width, layer-norm mode and storage
+precision, plus backend speed, in one run; and the defaults those numbers pick.
+
+Quality: Spearman correlation between the gold similarity scores of the
+STS-B test pairs (shared/data/sts-test.tsv) and the cosine of the two
+sentences' vectors, for
+
+  backends   torch fp32, onnx fp32, onnx int8, onnx int8 with --keep-fp32 layers in fp32
+  storage    float32 and float16, through the cache codec (common.codec encode/decode)
+  widths     384, 256, 128, 64 through common.matryoshka.reduce, layer norm off and on
+
+Retention is Spearman relative to the same backend and storage at full width
+without layer norm (the model's own vectors). Also reported: min/mean cosine of
+float16 storage vs float32, and of each backend vs torch, over all STS-B
+sentences at full width.
+
+Speed: bench.backend_speed on --speed-texts texts of shared/data/corpus.txt.
+
+Decisions, by the rule in issue 7:
+  layer norm  on if it scores higher at most of the widths 256, 128, 64 (torch, float32)
+  backend     the fastest (median texts/s) whose Spearman at every width, with float16
+              storage and the chosen layer-norm mode, is within 0.5% of torch's
+
+Prints the tables and writes bench/results/quality.json. Backends run in-process
+(mlbase.backends.registry), no server needed.
+
+    .venv/bin/python -m bench.quality [--quick] [--no-speed] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from bench import backend_speed
+from common import codec, matryoshka
+from mlbase.backends import registry
+from mlbase.backends.base import BackendOptions
+
+STS_TEST = backend_speed.DATA / "sts-test.tsv"
+WIDTHS = (384, 256, 128, 64)
+STORAGE = ("float32", "float16")
+TOLERANCE = 0.005  # "within 0.5% of torch"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    backend: str
+    precision: str = "fp32"
+    keep_fp32: tuple[str, ...] = ()
+
+
+def configs(keep_fp32: Sequence[str]) -> list[Config]:
+    out = [Config("torch fp32", "torch"), Config("onnx fp32", "onnx"), Config("onnx int8", "onnx", "int8")]
+    if keep_fp32:
+        out.append(Config(f"onnx int8+fp32 {','.join(keep_fp32)}", "onnx", "int8", tuple(keep_fp32)))
+    return out
+
+
+# ---- data and statistics ---------------------------------------------------------------
+
+def load_sts(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
+    """STS-B tsv: a header row naming the columns; fields split on tabs only (sentences
+    contain quotes, so no CSV quoting rules). Returns (gold scores, sentence1s, sentence2s)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    i_score, i_s1, i_s2 = (header.index(name) for name in ("score", "sentence1", "sentence2"))
+    gold, first, second = [], [], []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < len(header):
+            raise ValueError(f"{path}:{number}: {len(fields)} fields, expected {len(header)}")
+        gold.append(float(fields[i_score]))
+        first.append(fields[i_s1])
+        second.append(fields[i_s2])
+    return np.array(gold, dtype=np.float64), first, second
+
+
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """1-based ranks; tied values share the average of their ranks."""
+    _, inverse, counts = np.unique(np.asarray(values), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average = (ends - counts + 1 + ends) / 2.0
+    return average[inverse]
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rho: Pearson correlation of the (tie-averaged) ranks."""
+    ra, rb = rankdata(np.asarray(a, dtype=np.float64)), rankdata(np.asarray(b, dtype=np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return (a * b).sum(axis=1) / norms
+
+
+def stored(full: np.ndarray, dtype: str) -> np.ndarray:
+    """What a cache hands back: encode with the cache codec, decode again."""
+    return np.stack([codec.decode(value) for value in codec.encode_many(full, dtype)])
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+def encode_all(config: Config, options: BackendOptions, texts: Sequence[str]) -> np.ndarray:
+    backend = registry.create(config.backend, replace(options, precision=config.precision,
+                                                      keep_fp32=config.keep_fp32))
+    backend.load()
+    return backend.encode(texts, batch_size=64)[0]
+
+
+def evaluate(full: np.ndarray, gold: np.ndarray, i1: np.ndarray, i2: np.ndarray) -> dict:
+    """Spearman per (layer_norm, width) for one set of full-width vectors."""
+    out = {}
+    for layer_norm in (False, True):
+        for width in WIDTHS:
+            reduced = matryoshka.reduce(full, width, layer_norm)
+            out[(layer_norm, width)] = spearman((reduced[i1] * reduced[i2]).sum(axis=1), gold)
+    return out
+
+
+def quality_rows(vectors: dict[str, np.ndarray], gold, i1, i2) -> list[dict]:
+    rows = []
+    for name, full in vectors.items():
+        for storage in STORAGE:
+            scores = evaluate(stored(full, storage), gold, i1, i2)
+            base = scores[(False, 384)]
+            for (layer_norm, width), rho in scores.items():
+                rows.append({"backend": name, "storage": storage, "layer_norm": layer_norm, "width": width,
+                             "spearman": rho, "retention_pct": 100.0 * rho / base})
+    return rows
+
+
+def cosine_stats(vectors: dict[str, np.ndarray], reference: str) -> dict:
+    out: dict[str, dict] = {"float16_vs_float32": {}, "vs_" + reference.replace(" ", "_"): {}}
+    ref = vectors[reference]
+    for name, full in vectors.items():
+        f16 = cosines(full, stored(full, "float16"))
+        worst_reduced = min(float(cosines(matryoshka.reduce(full, w, ln), matryoshka.reduce(stored(full, "float16"), w, ln)).min())
+                            for w in WIDTHS for ln in (False, True))
+        out["float16_vs_float32"][name] = {"min": float(f16.min()), "mean": float(f16.mean()),
+                                           "min_after_reduce_any_width": worst_reduced}
+        c = cosines(full, ref)
+        out["vs_" + reference.replace(" ", "_")][name] = {"min": float(c.min()), "mean": float(c.mean())}
+    return out
+
+
+# ---- decisions -----------------------------------------------------------------------------
+
+def lookup(rows: Sequence[dict], backend: str, storage: str, layer_norm: bool, width: int) -> float:
+    for r in rows:
+        if (r["backend"], r["storage"], r["layer_norm"], r["width"]) == (backend, storage, layer_norm, width):
+            return r["spearman"]
+    raise KeyError((backend, storage, layer_norm, width))
+
+
+def choose_layer_norm(rows: Sequence[dict], reference: str) -> dict:
+    wins = {w: lookup(rows, reference, "float32", True, w) > lookup(rows, reference, "float32", False, w)
+            for w in (256, 128, 64)}
+    return {"layer_norm": sum(wins.values()) >= 2, "layer_norm_wins_at": [w for w, won in wins.items() if won]}
+
+
+def speed_row_for(config: Config, speed: Sequence[dict], threads: int) -> dict | None:
+    from mlbase.backends.onnx_backend import DEFAULT_FUSED
+
+    for r in speed:
+        if (r["backend"], r["precision"], tuple(r["keep_fp32"]), r["threads"]) != (
+                config.backend, config.precision, config.keep_fp32, threads):
+            continue
+        if config.backend == "onnx" and r["fused"] != DEFAULT_FUSED[config.precision]:
+            continue
+        return r
+    return None
+
+
+def choose_backend(rows: Sequence[dict], cfgs: Sequence[Config], speed: Sequence[dict], layer_norm: bool,
+                   threads: int) -> dict:
+    reference = cfgs[0].name
+    candidates = []
+    for config in cfgs:
+        drops = {w: 1.0 - lookup(rows, config.name, "float16", layer_norm, w)
+                 / lookup(rows, reference, "float16", layer_norm, w) for w in WIDTHS}
+        row = speed_row_for(config, speed, threads)
+        candidates.append({"config": config.name, "worst_drop_pct": 100.0 * max(drops.values()),
+                           "within_tolerance": max(drops.values()) <= TOLERANCE,
+                           "median_texts_per_s": row["median_texts_per_s"] if row else None})
+    eligible = [c for c in candidates if c["within_tolerance"] and c["median_texts_per_s"] is not None]
+    best = max(eligible, key=lambda c: c["median_texts_per_s"]) if eligible else None
+    return {"backend": best["config"] if best else reference, "candidates": candidates,
+            "rule": f"fastest whose Spearman at every width is within {100 * TOLERANCE:.1f}% of {reference}"}
+
+
+def choose_graphs(speed: Sequence[dict], threads: int) -> dict:
+    """Fused vs plain per precision, by median texts/s."""
+    out = {}
+    for precision in ("fp32", "int8"):
+        by_graph = {r["fused"]: r["median_texts_per_s"] for r in speed
+                    if r["backend"] == "onnx" and r["precision"] == precision and not r["keep_fp32"]
+                    and r["threads"] == threads}
+        if True in by_graph and False in by_graph:
+            out[precision] = {"fused_texts_per_s": by_graph[True], "plain_texts_per_s": by_graph[False],
+                              "fused_vs_plain": by_graph[True] / by_graph[False],
+                              "faster": "fused" if by_graph[True] >= by_graph[False] else "plain"}
+    return out
+
+
+# ---- output --------------------------------------------------------------------------------
+
+def quality_table(rows: Sequence[dict], names: Sequence[str]) -> str:
+    head = f"{'backend':38s} {'storage':8s} {'LN':3s} " + " ".join(f"{w:>15d}" for w in WIDTHS)
+    lines = [head, "-" * len(head)]
+    for name in names:
+        for storage in STORAGE:
+            for layer_norm in (False, True):
+                cells = []
+                for w in WIDTHS:
+                    r = next(r for r in rows if (r["backend"], r["storage"], r["layer_norm"], r["width"])
+                             == (name, storage, layer_norm, w))
+                    cells.append(f"{r['spearman']:.4f} ({r['retention_pct']:5.1f}%)")
+                lines.append(f"{name:38s} {storage:8s} {'on' if layer_norm else 'off':3s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def cosine_table(stats: dict) -> str:
+    lines = []
+    for section, per_backend in stats.items():
+        for name, s in per_backend.items():
+            extra = (f", after reduce (any width) min {s['min_after_reduce_any_width']:.7f}"
+                     if "min_after_reduce_any_width" in s else "")
+            lines.append(f"{section:20s} {name:38s} min {s['min']:.7f} mean {s['mean']:.7f}{extra}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    backend_speed.add_flags(p)
+    p.add_argument("--sts", default=str(STS_TEST), help="STS-B test file (tab-separated, with a header)")
+    p.add_argument("--pairs", type=int, default=0, help="use only the first N pairs; 0 = all")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="also run bench.backend_speed")
+    p.add_argument("--speed-texts", type=int, default=1000, help="texts for the speed section")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
+    p.add_argument("--quick", action="store_true", help="500 pairs; speed on 300 texts, 2 rounds")
+    p.add_argument("--out", default=str(backend_speed.RESULTS / "quality.json"), help="where to write the JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.pairs, args.speed_texts, args.rounds = args.pairs or 500, 300, 2
+    started = time.monotonic()
+    gold, first, second = load_sts(Path(args.sts))
+    if args.pairs:
+        gold, first, second = gold[:args.pairs], first[:args.pairs], second[:args.pairs]
+    texts = sorted(set(first) | set(second))
+    position = {t: i for i, t in enumerate(texts)}
+    i1 = np.array([position[t] for t in first])
+    i2 = np.array([position[t] for t in second])
+    options = backend_speed.options_from(args)
+    cfgs = configs(backend_speed.keep_from(args))
+    print(f"STS-B: {len(gold)} pairs, {len(texts)} distinct sentences")
+    vectors = {}
+    for config in cfgs:
+        t0 = time.monotonic()
+        vectors[config.name] = encode_all(config, options, texts)
+        print(f"  encoded with {config.name} in {time.monotonic() - t0:.1f}s")
+    rows = quality_rows(vectors, gold, i1, i2)
+    stats = cosine_stats(vectors, cfgs[0].name)
+    print("\nSTS-B Spearman (retention vs the same backend and storage at 384 without layer norm)")
+    print(quality_table(rows, [c.name for c in cfgs]))
+    print("\nCosine agreement over all STS-B sentences, full width")
+    print(cosine_table(stats))
+
+    speed: list[dict] = []
+    if args.speed:
+        speed_texts = backend_speed.load_texts(args.speed_texts)
+        print(f"\nspeed: {len(speed_texts)} texts, {args.rounds} interleaved rounds, {args.threads} threads")
+        speed = backend_speed.measure(backend_speed.rows_for(backend_speed.keep_from(args)), options,
+                                      speed_texts, args.rounds, batch_size=32)
+        print(backend_speed.table(speed))
+
+    decision = choose_layer_norm(rows, cfgs[0].name)
+    if speed:
+        decision["graphs"] = choose_graphs(speed, args.threads)
+        decision.update(choose_backend(rows, cfgs, speed, decision["layer_norm"], args.threads))
+    print("\nrecommended defaults:", json.dumps(decision, indent=2))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "environment": backend_speed.environment(args.threads),
+        "sts": {"file": str(args.sts), "pairs": len(gold), "sentences": len(texts)},
+        "quality": rows, "cosine": stats, "speed": speed,
+        "speed_texts": args.speed_texts if args.speed else 0, "rounds": args.rounds,
+        "recommendation": decision, "seconds": round(time.monotonic() - started, 1),
+    }, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

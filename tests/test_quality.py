@@ -1,0 +1,106 @@
+"""bench.quality's statistics, data parsing and decisions, on small known examples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bench import quality
+from common import matryoshka
+
+
+def test_spearman_without_ties():
+    # d = -1, 1, -1, 1, 0 -> rho = 1 - 6 * 4 / (5 * 24) = 0.8
+    assert quality.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert quality.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert quality.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # Ranks only: any increasing transform of one side changes nothing.
+    x = np.array([0.3, 0.1, 0.9, 0.5])
+    assert quality.spearman(x, [1, 0, 3, 2]) == pytest.approx(quality.spearman(np.exp(5 * x), [1, 0, 3, 2]))
+
+
+def test_spearman_with_ties_averages_ranks():
+    assert list(quality.rankdata(np.array([10, 20, 20, 30]))) == [1, 2.5, 2.5, 4]
+    assert list(quality.rankdata(np.array([5, 5, 5]))) == [2, 2, 2]
+    # ranks (1, 2.5, 2.5, 4) vs (1, 2, 3, 4): cov 4.5 / sqrt(4.5 * 5)
+    assert quality.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(math.sqrt(0.9))
+    assert math.isnan(quality.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_sts_file_is_split_on_tabs_only(tmp_path):
+    path = tmp_path / "sts.tsv"
+    path.write_text("genre\tfile\tyear\tid\tscore\tsentence1\tsentence2\n"
+                    'main\tx\t2012\t1\t2.500\tA "quoted, text\tanother, with comma\n'
+                    "main\tx\t2012\t2\t0.000\tplain\ttext\n\n")
+    gold, first, second = quality.load_sts(path)
+    assert list(gold) == [2.5, 0.0]
+    assert first == ['A "quoted, text', "plain"] and second == ["another, with comma", "text"]
+    path.write_text("genre\tscore\tsentence1\tsentence2\nmain\t1.0\tonly one sentence\n")
+    with pytest.raises(ValueError, match=":2:"):
+        quality.load_sts(path)
+
+
+def test_the_shared_sts_test_file_parses():
+    if not quality.STS_TEST.exists():
+        pytest.fail(f"{quality.STS_TEST} is missing")
+    gold, first, second = quality.load_sts(quality.STS_TEST)
+    assert len(gold) == len(first) == len(second) > 1000
+    assert gold.min() >= 0 and gold.max() <= 5
+
+
+def test_storage_round_trip_and_evaluation():
+    rng = np.random.default_rng(7)
+    full = matryoshka.reduce(rng.normal(size=(40, 384)).astype(np.float32), 384, False)
+    f32 = quality.stored(full, "float32")
+    f16 = quality.stored(full, "float16")
+    assert np.array_equal(f32, full)
+    assert not np.array_equal(f16, full) and quality.cosines(f16, full).min() > 0.9999
+    # Pairs (i, i+20) with gold = their own cosine at full width: Spearman 1 there.
+    i1, i2 = np.arange(20), np.arange(20, 40)
+    gold = (full[i1] * full[i2]).sum(1)
+    scores = quality.evaluate(full, gold, i1, i2)
+    assert set(scores) == {(ln, w) for ln in (False, True) for w in quality.WIDTHS}
+    assert scores[(False, 384)] == pytest.approx(1.0)
+    assert scores[(False, 64)] < 1.0
+
+
+def _rows(values: dict) -> list[dict]:
+    return [{"backend": b, "storage": s, "layer_norm": ln, "width": w, "spearman": v}
+            for (b, s, ln, w), v in values.items()]
+
+
+def test_layer_norm_decision_follows_the_majority_of_small_widths():
+    values = {("t", "float32", ln, w): 0.80 for ln in (False, True) for w in quality.WIDTHS}
+    values[("t", "float32", True, 256)] = 0.81
+    values[("t", "float32", True, 64)] = 0.79
+    assert quality.choose_layer_norm(_rows(values), "t") == {"layer_norm": False, "layer_norm_wins_at": [256]}
+    values[("t", "float32", True, 128)] = 0.805
+    assert quality.choose_layer_norm(_rows(values), "t")["layer_norm"] is True
+
+
+def test_backend_decision_is_the_fastest_within_half_a_percent():
+    cfgs = [quality.Config("torch fp32", "torch"), quality.Config("onnx fp32", "onnx"),
+            quality.Config("onnx int8", "onnx", "int8")]
+    values = {}
+    for w in quality.WIDTHS:
+        values[("torch fp32", "float16", False, w)] = 0.800
+        values[("onnx fp32", "float16", False, w)] = 0.800
+        values[("onnx int8", "float16", False, w)] = 0.797  # -0.375%
+    speed = [
+        {"backend": "torch", "precision": "fp32", "keep_fp32": [], "fused": None, "threads": 2, "median_texts_per_s": 100},
+        {"backend": "onnx", "precision": "fp32", "keep_fp32": [], "fused": True, "threads": 2, "median_texts_per_s": 150},
+        {"backend": "onnx", "precision": "int8", "keep_fp32": [], "fused": True, "threads": 2, "median_texts_per_s": 250},
+        {"backend": "onnx", "precision": "int8", "keep_fp32": [], "fused": False, "threads": 2, "median_texts_per_s": 260},
+    ]
+    from mlbase.backends.onnx_backend import DEFAULT_FUSED
+
+    decision = quality.choose_backend(_rows(values), cfgs, speed, False, threads=2)
+    assert decision["backend"] == "onnx int8"
+    int8_speed = next(c for c in decision["candidates"] if c["config"] == "onnx int8")["median_texts_per_s"]
+    assert int8_speed == (250 if DEFAULT_FUSED["int8"] else 260)  # the graph the backend really runs
+    values[("onnx int8", "float16", False, 64)] = 0.795  # -0.625% at one width: out
+    assert quality.choose_backend(_rows(values), cfgs, speed, False, threads=2)["backend"] == "onnx fp32"
+    graphs = quality.choose_graphs(speed, threads=2)
+    assert graphs["int8"]["faster"] == "plain" and "fp32" not in graphs
