@@ -509,3 +509,34 @@ def test_grpcurl_lists_services_and_embeds_with_dimensions(stack):
     assert called.returncode == 0, called.stderr
     reply = json.loads(called.stdout)
     assert reply["dimensions"] == 48 and len(reply["embeddings"][0]["values"]) == 48
+
+
+def test_two_shards_share_the_keys_and_stats_sum_them(stack):
+    shards = [start_shard(stack.workdir, stack.workdir / f"multi-{i}", f"shard-multi-{i}") for i in range(2)]
+    fe = None
+    try:
+        for shard in shards:
+            shard.wait_serving(60)
+        addresses = ",".join(s.address for s in shards)
+        fe = start_frontend(stack.workdir, "frontend-multi", stack.replica.address, addresses)
+        items = texts(24, "multi")
+        assert fe.embed(items).usage.computed == 24
+        assert fe.proc.stop() == 0  # flush write-backs
+        stores = []
+        for shard in shards:
+            with grpc.insecure_channel(shard.address) as ch:
+                stores.append(cpb_grpc.CacheShardServiceStub(ch).GetStats(cpb.GetStatsRequest(), timeout=10).stores)
+        assert sum(stores) == 24 and min(stores) > 0  # rendezvous hashing spread the keys
+        fe = start_frontend(stack.workdir, "frontend-multi", stack.replica.address, addresses)
+        again = fe.embed(items)
+        assert (again.usage.l2_hits, again.usage.computed) == (24, 0)
+        per_shard = []
+        for shard in shards:
+            with grpc.insecure_channel(shard.address) as ch:
+                per_shard.append(cpb_grpc.CacheShardServiceStub(ch).GetStats(cpb.GetStatsRequest(), timeout=10).entries)
+        assert fe.stats().l2.entries == sum(per_shard) > 0
+    finally:
+        if fe is not None:
+            assert fe.proc.stop() == 0
+        for shard in shards:
+            shard.stop()
