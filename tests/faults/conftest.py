@@ -1,0 +1,24 @@
+"""One stack for the whole fault suite (starting the model twice per module
+would cost more than the faults themselves). Each test starts from a
+healthy stack: whatever an earlier test left dead is started again first."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults.stack import Stack
+
+
+@pytest.fixture(scope="package")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("faults"))
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def healthy(stack):
+    stack.ensure_healthy()
+    return stack
