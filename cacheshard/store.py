@@ -230,10 +230,25 @@ class ShardStore:
             raise
         return dest
 
-    def close(self) -> None:
-        """Flush memtables to SST files and release the lock."""
+    def close(self) -> bool:
+        """Flush memtables to SST files and release the lock; False if the flush failed.
+
+        A flush the disk refuses (full, failing) is logged, not raised: every
+        acknowledged entry is already in the write-ahead log, which the next
+        open replays, so stopping loses nothing. After such a failure RocksDB
+        also reports its stored error from close(); that is logged too."""
+        flushed = True
         try:
             self._db.flush(True)
-        finally:
+        except Exception as exc:  # rocksdict raises plain Exception
+            flushed = False
+            log.error("could not flush memtables (%s); acknowledged entries stay in the write-ahead log "
+                      "and are replayed on the next start", exc)
+        try:
             self._db.close()
+        except Exception as exc:
+            if flushed:
+                raise
+            log.error("closing the database after the failed flush: %s", exc)
+        return flushed
 
