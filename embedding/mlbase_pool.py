@@ -81,7 +81,7 @@ class _Connection:
 
 class MLBasePool:
     def __init__(self, address: str, connections: int, stats: Stats, *, max_message_bytes: int,
-                 max_attempts: int = 6) -> None:
+                 max_attempts: int = 8) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

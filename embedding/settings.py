@@ -44,7 +44,11 @@ class FrontendSettings:
     # Batches in flight to ML-base at once (across all connections).
     mlbase_concurrency: int = 8
     # Tries per batch (first call included) on UNAVAILABLE / RESOURCE_EXHAUSTED.
-    mlbase_attempts: int = 6
+    # 8 tries span ~3.5 s of backoff (50 ms doubling, 1 s cap): enough for a
+    # balancer restart plus the channels' reconnect backoff (up to 2 s), yet
+    # a caller still gets UNAVAILABLE long before a usual deadline when no
+    # replica is up (tests/faults/test_lb_faults.py, test_replica_faults.py).
+    mlbase_attempts: int = 8
     # Timeout for a batch whose callers set no deadline.
     mlbase_timeout_s: float = 60.0
     # Seconds to wait at startup for ML-base's GetInfo; 0 = forever.
@@ -156,7 +160,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    help="ML-base batches in flight at once, over all connections (env SUTRA_MLBASE_CONCURRENCY)")
     p.add_argument("--mlbase-attempts", type=int, default=int(e("SUTRA_MLBASE_ATTEMPTS", d.mlbase_attempts)),
                    help="tries per batch when ML-base answers UNAVAILABLE or RESOURCE_EXHAUSTED, each on another "
-                        "connection after a doubling backoff from 50 ms, within the caller's deadline "
+                        "connection after a doubling backoff from 50 ms (capped at 1 s), within the caller's "
+                        "deadline; the default spans about 3.5 s, enough to ride out a balancer restart "
                         "(env SUTRA_MLBASE_ATTEMPTS)")
     p.add_argument("--mlbase-timeout", type=float, default=float(e("SUTRA_MLBASE_TIMEOUT", d.mlbase_timeout_s)),
                    help="seconds a batch may take when its callers set no deadline (env SUTRA_MLBASE_TIMEOUT)")
