@@ -14,7 +14,9 @@ Rows (with --threads threads unless marked "1 thread"):
 Every row encodes all texts in batches of --batch-size, tokenizing included.
 Rounds are interleaved (A, B, C, A, B, C, ...) so that the noise of a shared
 machine hits every row alike; texts/s is reported as the median and the best
-round, with ratios to torch. Prints a table and writes
+round, with ratios to torch, and so is texts per CPU-second of this process
+(its CPU time barely depends on what else the machine runs; for several
+threads it includes time spent spinning). Prints a table and writes
 bench/results/backend_speed.json; `bench.quality` runs this too, so that
 speed and quality come from one run.
 
@@ -112,34 +114,41 @@ def measure(rows: Sequence[Row], options: BackendOptions, texts: Sequence[str], 
         encoders.append(encode)
         log(f"  loaded {row.name} in {time.monotonic() - started:.1f}s")
     seconds: list[list[float]] = [[] for _ in rows]
+    cpu: list[list[float]] = [[] for _ in rows]
     for r in range(rounds):
         for i, encode in enumerate(encoders):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             encode(texts, batch_size)
             seconds[i].append(time.perf_counter() - started)
+            cpu[i].append(time.process_time() - cpu_started)
         log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{len(texts) / s[-1]:.0f}" for s in seconds) + " texts/s")
     results = []
-    for row, times in zip(rows, seconds):
+    for row, times, cpu_times in zip(rows, seconds, cpu):
         results.append({
             "name": row.name, "backend": row.backend, "precision": row.precision, "fused": row.fused,
             "keep_fp32": list(row.keep_fp32), "threads": row.threads or options.threads,
             "seconds": [round(t, 4) for t in times],
             "median_texts_per_s": len(texts) / statistics.median(times),
             "best_texts_per_s": len(texts) / min(times),
+            # CPU time of this process (all its threads): steadier than wall time on a busy machine.
+            "cpu_seconds": [round(t, 4) for t in cpu_times],
+            "texts_per_cpu_s": len(texts) / statistics.median(cpu_times),
         })
     base = results[0]
     for res in results:
         res["median_vs_torch"] = res["median_texts_per_s"] / base["median_texts_per_s"]
         res["best_vs_torch"] = res["best_texts_per_s"] / base["best_texts_per_s"]
+        res["cpu_vs_torch"] = res["texts_per_cpu_s"] / base["texts_per_cpu_s"]
     return results
 
 
 def table(results: Sequence[dict]) -> str:
     lines = [f"{'backend':44s} {'median texts/s':>14s} {'best texts/s':>12s} {'x torch (median)':>16s} "
-             f"{'x torch (best)':>14s}"]
+             f"{'x torch (best)':>14s} {'texts/CPU-s':>11s} {'x torch (CPU)':>13s}"]
     for r in results:
         lines.append(f"{r['name']:44s} {r['median_texts_per_s']:14.1f} {r['best_texts_per_s']:12.1f} "
-                     f"{r['median_vs_torch']:16.2f} {r['best_vs_torch']:14.2f}")
+                     f"{r['median_vs_torch']:16.2f} {r['best_vs_torch']:14.2f} {r['texts_per_cpu_s']:11.1f} "
+                     f"{r['cpu_vs_torch']:13.2f}")
     return "\n".join(lines)
 
 

@@ -91,6 +91,7 @@ def test_backend_decision_is_the_fastest_within_half_a_percent():
     speed = [
         {"backend": "torch", "precision": "fp32", "keep_fp32": [], "fused": None, "threads": 2, "median_texts_per_s": 100},
         {"backend": "onnx", "precision": "fp32", "keep_fp32": [], "fused": True, "threads": 2, "median_texts_per_s": 150},
+        {"backend": "onnx", "precision": "fp32", "keep_fp32": [], "fused": False, "threads": 2, "median_texts_per_s": 140},
         {"backend": "onnx", "precision": "int8", "keep_fp32": [], "fused": True, "threads": 2, "median_texts_per_s": 250},
         {"backend": "onnx", "precision": "int8", "keep_fp32": [], "fused": False, "threads": 2, "median_texts_per_s": 260},
     ]
@@ -103,4 +104,5 @@ def test_backend_decision_is_the_fastest_within_half_a_percent():
     values[("onnx int8", "float16", False, 64)] = 0.795  # -0.625% at one width: out
     assert quality.choose_backend(_rows(values), cfgs, speed, False, threads=2)["backend"] == "onnx fp32"
     graphs = quality.choose_graphs(speed, threads=2)
-    assert graphs["int8"]["faster"] == "plain" and "fp32" not in graphs
+    assert (graphs["int8"]["faster"], graphs["fp32"]["faster"]) == ("plain", "fused")
+    assert graphs["fp32"]["fused_vs_plain"] == pytest.approx(150 / 140)
