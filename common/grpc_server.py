@@ -19,6 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.tls import TlsServerOptions, add_server_tls_flags, server_tls_from
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -38,6 +40,8 @@ class ServerOptions:
     drain_seconds: float = 0.0
     # Seconds in-flight RPCs get to finish once the listener closes.
     grace_seconds: float = 30.0
+    # None = plaintext; see common/tls.py (client_ca set = mutual TLS).
+    tls: TlsServerOptions | None = None
 
     def channel_args(self) -> list[tuple[str, int]]:
         args = [
@@ -52,18 +56,26 @@ class ServerOptions:
 
 
 class ServiceServer:
-    """An aio server with health and reflection, bound to one port."""
+    """An aio server with health and reflection, bound to one port (TLS when
+    `options.tls` is set). `interceptors` run before every handler, health and
+    reflection included; an interceptor that guards the service lets those two
+    through itself."""
 
-    def __init__(self, options: ServerOptions, service_names: Sequence[str]) -> None:
+    def __init__(self, options: ServerOptions, service_names: Sequence[str],
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
         self.options = options
-        self.server = grpc.aio.server(options=options.channel_args())
+        self.server = grpc.aio.server(options=options.channel_args(), interceptors=list(interceptors) or None)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
         reflection.enable_server_reflection(
             self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(f"{options.host}:{options.port}")
+        address = f"{options.host}:{options.port}"
+        if options.tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, options.tls.credentials())
         if self.port == 0:
             raise OSError(f"could not bind {options.host}:{options.port}")
 
@@ -112,7 +124,9 @@ async def run_until_signalled(
                 ready_task.result()
         if started:
             await server.set_serving(True)
-            log.info("serving on %s:%d", server.options.host, server.port)
+            tls = server.options.tls
+            log.info("serving on %s:%d (%s)", server.options.host, server.port,
+                     tls.describe() if tls is not None else "plaintext")
             await stop.wait()
             log.info("signal received: draining for %.1fs", server.options.drain_seconds)
             await server.drain_and_stop()
@@ -146,15 +160,18 @@ def add_server_flags(parser, *, default_port: int, port_env: str, env=None) -> N
                              "(env SUTRA_GRACE_SECONDS; default %(default)s)")
     parser.add_argument("--log-level", default=env.get("SUTRA_LOG_LEVEL", "INFO"),
                         help="logging level (env SUTRA_LOG_LEVEL; default %(default)s)")
+    add_server_tls_flags(parser, env)
 
 
 def server_options_from(args, **extra) -> ServerOptions:
+    """ServerOptions from add_server_flags' flags; ValueError on a half-given TLS setup."""
     return ServerOptions(
         host=args.host,
         port=args.port,
         max_message_bytes=args.max_message_bytes,
         drain_seconds=args.drain_seconds,
         grace_seconds=args.grace_seconds,
+        tls=server_tls_from(args),
         **extra,
     )
 

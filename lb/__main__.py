@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="failed checks in a row that mark a replica DOWN (default %(default)s)")
     r.add_argument("--rise", type=int, default=2,
                    help="passed checks in a row that mark a replica UP (default %(default)s)")
+    r.add_argument("--check-ssl", action="store_true", default=env("SUTRA_LB_CHECK_SSL", "") in ("1", "true"),
+                   help="replicas serve TLS: run the health check over TLS with ALPN h2 (traffic passes "
+                        "through, TLS end to end) (env SUTRA_LB_CHECK_SSL; default off)")
+    r.add_argument("--check-ca-file", default=env("SUTRA_LB_CHECK_CA_FILE", ""),
+                   help="with --check-ssl, PEM CA that signed the replicas' certificates; empty = the check "
+                        "does not verify them (env SUTRA_LB_CHECK_CA_FILE; default empty)")
+    r.add_argument("--check-crt", default=env("SUTRA_LB_CHECK_CRT", ""),
+                   help="with --check-ssl, one PEM file with a client certificate and its key, for replicas "
+                        "that require client certificates (mutual TLS) (env SUTRA_LB_CHECK_CRT; default empty)")
     r.add_argument("--out", type=Path, default=None,
                    help="write the configuration here instead of standard output")
 
@@ -65,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 stats_host=args.stats_host, stats_port=args.stats_port,
                 health_service=args.health_service, inter_ms=args.inter_ms,
                 fastinter_ms=args.fastinter_ms, fall=args.fall, rise=args.rise,
+                check_ssl=args.check_ssl or bool(args.check_ca_file or args.check_crt),
+                check_ca_file=args.check_ca_file, check_crt=args.check_crt,
             )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)

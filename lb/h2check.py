@@ -97,13 +97,14 @@ def proto_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def health_check_request(authority: str = "localhost", service: str = "") -> bytes:
-    """The whole client side of the exchange, ready for `tcp-check send-binary`."""
+def health_check_request(authority: str = "localhost", service: str = "", scheme: str = "http") -> bytes:
+    """The whole client side of the exchange, ready for `tcp-check send-binary`
+    (`scheme` "https" when HAProxy sends it inside TLS with check-ssl)."""
     headers = b"".join(
         hpack_literal(name, value)
         for name, value in (
             (":method", "POST"),
-            (":scheme", "http"),
+            (":scheme", scheme),
             (":path", HEALTH_PATH),
             (":authority", authority),
             ("content-type", "application/grpc"),

@@ -53,6 +53,15 @@ class LbSettings:
     nbthread: int = 1
     log_level: str = "notice"
     server_names: tuple[str, ...] = field(default=())
+    # Replicas serving TLS: traffic still passes through untouched (mode tcp,
+    # TLS end to end between frontend and replica); only the health check
+    # speaks TLS itself, with ALPN h2 (gRPC servers refuse a TLS client
+    # without it). `check_ca_file` verifies the replica's certificate
+    # (empty = not verified); `check_crt` (certificate + key in one PEM) is
+    # presented to replicas that require client certificates.
+    check_ssl: bool = False
+    check_ca_file: str = ""
+    check_crt: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.replicas) == bool(self.dns_name):
@@ -67,10 +76,23 @@ class LbSettings:
             raise ValueError("server_names must name every replica")
         if self.fall < 1 or self.rise < 1:
             raise ValueError("fall and rise must be at least 1")
+        if (self.check_ca_file or self.check_crt) and not self.check_ssl:
+            raise ValueError("a check CA file or client certificate needs check_ssl")
 
     def names(self) -> tuple[str, ...]:
         """Server names as HAProxy shows them: replica1, replica2, ..."""
         return self.server_names or tuple(f"replica{i}" for i in range(1, len(self.replicas) + 1))
+
+
+def check_ssl_options(settings: LbSettings) -> str:
+    """`default-server` keywords that run the health check over TLS (empty when off)."""
+    if not settings.check_ssl:
+        return ""
+    words = ["check-ssl", "check-alpn", "h2"]
+    words += ["ca-file", settings.check_ca_file, "verify", "required"] if settings.check_ca_file else ["verify", "none"]
+    if settings.check_crt:
+        words += ["crt", settings.check_crt]
+    return " " + " ".join(words)
 
 
 def server_lines(settings: LbSettings) -> str:
@@ -96,7 +118,8 @@ resolvers dns
 
 
 def render(settings: LbSettings) -> str:
-    request = h2check.health_check_request(settings.authority, settings.health_service)
+    request = h2check.health_check_request(settings.authority, settings.health_service,
+                                           scheme="https" if settings.check_ssl else "http")
     values = {
         "log_level": settings.log_level,
         "maxconn": settings.maxconn,
@@ -116,6 +139,7 @@ def render(settings: LbSettings) -> str:
         "downinter_ms": f"{settings.downinter_ms}ms",
         "fall": settings.fall,
         "rise": settings.rise,
+        "check_ssl": check_ssl_options(settings),
         "servers": server_lines(settings),
         "resolvers": RESOLVERS if settings.dns_name else "",
     }
