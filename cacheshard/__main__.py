@@ -78,6 +78,10 @@ def checkpoint(argv: list[str]) -> int:
                         "made absolute against this command's working directory")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds to wait for the checkpoint (default %(default)s)")
+    from common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+    from common.tls import add_client_tls_flags, client_tls_from, open_channel
+
+    add_client_tls_flags(parser, os.environ, prefix="", env_prefix="SUTRA_CLIENT_", what="the shard")
     args = parser.parse_args(argv)
 
     import grpc
@@ -85,7 +89,8 @@ def checkpoint(argv: list[str]) -> int:
     from sutra.cache.v1 import cache_shard_service_pb2 as pb
     from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args.address, client_tls_from(args, ""), max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+                      aio=False) as channel:
         try:
             reply = pb_grpc.CacheShardServiceStub(channel).Checkpoint(
                 pb.CheckpointRequest(path=os.path.abspath(args.to)), timeout=args.timeout)

@@ -13,12 +13,14 @@ import sys
 
 from common.grpc_server import ServiceServer, configure_logging, run_until_signalled
 from embedding.admin import AdminServer
+from embedding.auth import AuthInterceptor
 from embedding.engine import Engine
 from embedding.l2_client import L2Client
 from embedding.mlbase_pool import MLBasePool
 from embedding.server import SERVICE_NAME, EmbeddingServicer, add_to_server
 from embedding.settings import FrontendSettings, load_settings
 from embedding.stats import Stats, make_registry
+from embedding.tenants import Gate
 
 log = logging.getLogger("embedding")
 
@@ -26,15 +28,18 @@ log = logging.getLogger("embedding")
 async def serve(settings: FrontendSettings) -> None:
     stats = Stats()
     pool = MLBasePool(settings.mlbase_address, settings.mlbase_connections, stats,
-                      max_message_bytes=settings.server.max_message_bytes, max_attempts=settings.mlbase_attempts)
+                      max_message_bytes=settings.server.max_message_bytes, max_attempts=settings.mlbase_attempts,
+                      tls=settings.mlbase_tls)
     l2 = None
     if settings.l2_enabled:
         l2 = L2Client(settings.cache_shards, stats, timeout_s=settings.l2_timeout_ms / 1000.0,
                       max_message_bytes=settings.server.max_message_bytes,
-                      reconnect_max_s=settings.l2_reconnect_max_ms / 1000.0)
+                      reconnect_max_s=settings.l2_reconnect_max_ms / 1000.0, tls=settings.shard_tls)
     engine = Engine(settings, stats, pool.embed_full, l2)
-    server = ServiceServer(settings.server, [SERVICE_NAME])
-    add_to_server(EmbeddingServicer(engine, settings.stream_window), server.server)
+    gate = Gate(settings.access)
+    server = ServiceServer(settings.server, [SERVICE_NAME],
+                           interceptors=[AuthInterceptor(gate)] if gate.auth_enabled else [])
+    add_to_server(EmbeddingServicer(engine, settings.stream_window, gate), server.server)
 
     def gauges() -> dict:
         return {

@@ -10,7 +10,8 @@ bar showing texts/s and the cache hit rate. If the stream breaks with
 UNAVAILABLE it resumes from the first unanswered batch.
 
 `add_subcommands(subparsers)` lets the `sutra` console script mount these
-commands; `main(argv)` runs them on their own.
+commands; `main(argv)` runs them on their own. `--token`, `--tenant` and the
+`--tls-*` flags reach a frontend with authentication, tenants or TLS.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from common.tls import add_client_tls_flags, client_tls_from
 from embedding.client import DEFAULT_ADDRESS, Client
 
 
@@ -34,6 +36,21 @@ def _address_flag(parser: argparse.ArgumentParser) -> None:
                         help="frontend HOST:PORT (env SUTRA_EMBEDDING_ADDRESS; default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds per call, retries included (default %(default)s)")
+    # Read from the environment here, never shown as a default in --help.
+    parser.set_defaults(token_env=os.environ.get("SUTRA_AUTH_TOKEN", ""))
+    parser.add_argument("--token", default="",
+                        help="bearer token sent as `authorization: Bearer TOKEN` (env SUTRA_AUTH_TOKEN; "
+                             "default none)")
+    parser.add_argument("--tenant", default=os.environ.get("SUTRA_TENANT", ""),
+                        help="x-sutra-tenant header, for a frontend that isolates tenants without tokens "
+                             "(env SUTRA_TENANT; default none)")
+    add_client_tls_flags(parser, os.environ, prefix="", env_prefix="SUTRA_CLIENT_", what="the frontend")
+
+
+def client_from(args: argparse.Namespace) -> Client:
+    """A Client for the address, timeout, token, tenant and TLS flags above."""
+    return Client(args.address, timeout=args.timeout, tls=client_tls_from(args, ""),
+                  token=args.token or args.token_env or None, tenant=args.tenant or None)
 
 
 def add_subcommands(subparsers) -> None:
@@ -60,7 +77,7 @@ def add_subcommands(subparsers) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    with Client(args.address, timeout=args.timeout) as client:
+    with client_from(args) as client:
         out = client.embed_detailed(args.texts, args.dims)
     if args.json:
         doc = {
@@ -106,7 +123,7 @@ def cmd_embed_file(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     total = count_lines(args.file)
-    with Client(args.address, timeout=args.timeout) as client:
+    with client_from(args) as client:
         dims = args.dims or client.info().default_width
         out = np.lib.format.open_memmap(args.out, mode="w+", dtype=np.float32, shape=(total, dims))
         done = hits = looked = 0

@@ -9,6 +9,12 @@ inputs larger than the server's `max_inputs` into several calls, and retries
 UNAVAILABLE / RESOURCE_EXHAUSTED with exponential backoff and jitter within
 the call's timeout. `AsyncClient` has the same API for asyncio code and sends
 the chunks of a large input concurrently.
+
+Security options: `tls=TlsClientOptions(ca=..., cert=..., key=...)` for a
+frontend serving TLS (cert/key when it requires client certificates),
+`token=` for one that requires `authorization: Bearer <token>`, and
+`tenant=` (the `x-sutra-tenant` header) for one without tokens that
+isolates tenants. Messages are capped at `max_message_bytes` both ways.
 """
 
 from __future__ import annotations
@@ -22,13 +28,13 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from common.tls import TlsClientOptions, open_channel
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-_MAX_MESSAGE = 64 * 1024 * 1024
-_OPTIONS = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE)]
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -67,6 +73,16 @@ def _chunks(texts: list[str], size: int) -> list[list[str]]:
     return [texts[i:i + size] for i in range(0, len(texts), size)]
 
 
+def call_metadata(token: str | None, tenant: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: the bearer token and/or the tenant header."""
+    metadata = []
+    if token:
+        metadata.append(("authorization", f"Bearer {token}"))
+    if tenant:
+        metadata.append(("x-sutra-tenant", tenant))
+    return tuple(metadata)
+
+
 def _backoff(attempt: int, base: float) -> float:
     return base * (2 ** attempt) * (0.5 + random.random())
 
@@ -75,13 +91,16 @@ class Client:
     """Blocking client. Thread-safe (one gRPC channel)."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 60.0, retries: int = 5,
-                 backoff: float = 0.1, batch_size: int | None = None) -> None:
+                 backoff: float = 0.1, batch_size: int | None = None, tls: TlsClientOptions | None = None,
+                 token: str | None = None, tenant: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self._batch_size = batch_size
-        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._metadata = call_metadata(token, tenant)
+        self._channel = open_channel(address, tls, max_message_bytes=max_message_bytes, aio=False)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._info: pb.GetInfoResponse | None = None
 
@@ -99,7 +118,7 @@ class Client:
         attempt = 0
         while True:
             try:
-                return method(request, timeout=max(0.001, deadline - time.monotonic()))
+                return method(request, timeout=max(0.001, deadline - time.monotonic()), metadata=self._metadata)
             except grpc.RpcError as exc:
                 pause = _backoff(attempt, self.backoff)
                 if exc.code() not in RETRYABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
@@ -155,7 +174,7 @@ class Client:
                 sizes.append(len(batch))
                 yield pb.EmbedStreamRequest(inputs=batch, dimensions=dimensions, encoding=pb.ENCODING_PACKED)
 
-        for i, reply in enumerate(self._stub.EmbedStream(requests())):
+        for i, reply in enumerate(self._stub.EmbedStream(requests(), metadata=self._metadata)):
             yield decode(reply.result, sizes[i]), reply.result
 
 
@@ -163,14 +182,17 @@ class AsyncClient:
     """asyncio client with the same API; chunks of a large input go out concurrently."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 60.0, retries: int = 5,
-                 backoff: float = 0.1, batch_size: int | None = None, concurrency: int = 4) -> None:
+                 backoff: float = 0.1, batch_size: int | None = None, concurrency: int = 4,
+                 tls: TlsClientOptions | None = None, token: str | None = None, tenant: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self._batch_size = batch_size
         self._concurrency = concurrency
-        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._metadata = call_metadata(token, tenant)
+        self._channel = open_channel(address, tls, max_message_bytes=max_message_bytes)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._info: pb.GetInfoResponse | None = None
 
@@ -188,7 +210,8 @@ class AsyncClient:
         attempt = 0
         while True:
             try:
-                return await method(request, timeout=max(0.001, deadline - time.monotonic()))
+                return await method(request, timeout=max(0.001, deadline - time.monotonic()),
+                                    metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 pause = _backoff(attempt, self.backoff)
                 if exc.code() not in RETRYABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:

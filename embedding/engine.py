@@ -75,6 +75,11 @@ class ModelConfig:
     max_inputs: int
     max_chars: int
     max_batch: int
+    # Tenants with their own width policy (--tenants-file); others use `policy`.
+    tenant_policies: dict[str, WidthPolicy] = field(default_factory=dict)
+
+    def policy_for(self, tenant: str) -> WidthPolicy:
+        return self.tenant_policies.get(tenant, self.policy)
 
     @classmethod
     def build(cls, info: ReplicaInfo, settings: FrontendSettings) -> "ModelConfig":
@@ -86,7 +91,8 @@ class ModelConfig:
         )
         max_chars = min(settings.max_chars, info.max_chars) if info.max_chars else settings.max_chars
         max_batch = min(settings.max_batch, info.max_inputs) if info.max_inputs else settings.max_batch
-        return cls(info, policy, settings.max_inputs, max_chars, max_batch)
+        tenants = {t.name: t.policy(policy) for t in settings.access.tenants}
+        return cls(info, policy, settings.max_inputs, max_chars, max_batch, tenants)
 
     def might_truncate(self, text: str) -> bool:
         window = self.info.max_seq_length
@@ -145,15 +151,18 @@ class Engine:
                 raise InvalidInput(f"`inputs[{i}]` has {len(text)} characters; the limit is {m.max_chars}")
 
     async def embed(self, texts: list[str], dimensions: int = 0, *, reject_truncation: bool = False,
-                    deadline: float | None = None) -> EmbedResult:
-        """Vectors for `texts` at `dimensions` (0 = default); `deadline` is absolute time.monotonic()."""
+                    deadline: float | None = None, tenant: str = "") -> EmbedResult:
+        """Vectors for `texts` at `dimensions` (0 = the tenant's default); `deadline` is absolute
+        time.monotonic(). With tenant isolation the tenant is part of every key, so L1, L2 and the
+        single-flight table never hand one tenant's entry (or its timing) to another."""
         m = self.model
         if m is None or self.batcher is None:
             raise Unavailable("the frontend is starting: ML-base has not described its model yet")
         texts = list(texts)
         self._validate(m, texts)
-        width = m.policy.resolve(dimensions)
+        width = m.policy_for(tenant).resolve(dimensions)
         fp = m.info.fingerprint
+        namespace = tenant if self.settings.access.isolate else ""
 
         index_of: dict[str, int] = {}
         uniq: list[str] = []
@@ -164,7 +173,7 @@ class Engine:
                 j = index_of[text] = len(uniq)
                 uniq.append(text)
             positions[i] = j
-        keys = [cache_key(fp, t) for t in uniq]
+        keys = [cache_key(fp, t, namespace) for t in uniq]
         full = np.empty((len(uniq), m.info.native_width), dtype=np.float32)
         truncated = np.zeros(len(uniq), dtype=bool)
         usage = Usage(duplicates=len(texts) - len(uniq))

@@ -22,6 +22,7 @@ import time
 
 import grpc
 
+from common.tls import TlsClientOptions, open_channel
 from embedding.stats import Stats
 from sutra.cache.v1 import cache_shard_service_pb2 as pb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
@@ -52,12 +53,11 @@ def rendezvous(key: bytes, shard_ids: list[bytes]) -> int:
 class ShardConnection:
     """One shard: its channel, its Lookup stream, and Store/GetStats calls."""
 
-    def __init__(self, address: str, stats: Stats, *, max_message_bytes: int, reconnect_max_s: float) -> None:
+    def __init__(self, address: str, stats: Stats, *, max_message_bytes: int, reconnect_max_s: float,
+                 tls: TlsClientOptions | None = None) -> None:
         self.address = address
         self._stats = stats
-        self._channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+        self._channel = open_channel(address, tls, max_message_bytes=max_message_bytes, options=[
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
@@ -175,9 +175,9 @@ class L2Client:
     """Routes keys to shards and keeps every failure inside the cache layer."""
 
     def __init__(self, addresses: tuple[str, ...], stats: Stats, *, timeout_s: float, max_message_bytes: int,
-                 reconnect_max_s: float) -> None:
+                 reconnect_max_s: float, tls: TlsClientOptions | None = None) -> None:
         self.shards = [ShardConnection(a, stats, max_message_bytes=max_message_bytes,
-                                       reconnect_max_s=reconnect_max_s) for a in addresses]
+                                       reconnect_max_s=reconnect_max_s, tls=tls) for a in addresses]
         self._ids = [a.encode() for a in addresses]
         self._stats = stats
         self._timeout_s = timeout_s

@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from common.errors import InvalidInput, SutraError, Unavailable
+from common.tls import TlsClientOptions, open_channel
 from embedding.stats import Stats
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
@@ -69,10 +70,12 @@ class ReplicaInfo:
 
 
 class _Connection:
-    def __init__(self, index: int, address: str, options: list[tuple[str, object]]) -> None:
+    def __init__(self, index: int, address: str, options: list[tuple[str, object]], *,
+                 tls: TlsClientOptions | None, max_message_bytes: int) -> None:
         self.index = index
-        self.channel = grpc.aio.insecure_channel(
-            address, options=[*options, ("grpc.sutra_channel_id", index), ("grpc.use_local_subchannel_pool", 1)]
+        self.channel = open_channel(
+            address, tls, max_message_bytes=max_message_bytes,
+            options=[*options, ("grpc.sutra_channel_id", index), ("grpc.use_local_subchannel_pool", 1)],
         )
         self.stub = pb_grpc.MLBaseServiceStub(self.channel)
         self.inflight = 0
@@ -81,10 +84,8 @@ class _Connection:
 
 class MLBasePool:
     def __init__(self, address: str, connections: int, stats: Stats, *, max_message_bytes: int,
-                 max_attempts: int = 8) -> None:
+                 max_attempts: int = 8, tls: TlsClientOptions | None = None) -> None:
         options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
             # Reconnect promptly after a replica or the balancer comes back.
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
@@ -92,7 +93,8 @@ class MLBasePool:
             ("grpc.keepalive_time_ms", 30_000),
         ]
         self.address = address
-        self._conns = [_Connection(i, address, options) for i in range(connections)]
+        self._conns = [_Connection(i, address, options, tls=tls, max_message_bytes=max_message_bytes)
+                       for i in range(connections)]
         self._stats = stats
         self._max_attempts = max(1, max_attempts)
         self.fingerprint: str | None = None

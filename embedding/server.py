@@ -17,6 +17,7 @@ import numpy as np
 
 from common.errors import SutraError, Unavailable, grpc_errors
 from embedding.engine import EmbedResult, Engine
+from embedding.tenants import Gate
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -52,22 +53,27 @@ def cache_stats_proto(stats: dict) -> pb.GetCacheStatsResponse:
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, engine: Engine, stream_window: int) -> None:
+    def __init__(self, engine: Engine, stream_window: int, gate: Gate | None = None) -> None:
         self._engine = engine
         self._window = stream_window
+        self._gate = gate or Gate(engine.settings.access)
 
-    async def _embed(self, request, deadline: float | None) -> pb.EmbedResponse:
+    async def _embed(self, request, deadline: float | None, tenant: str) -> pb.EmbedResponse:
         result = await self._engine.embed(
             request.inputs, request.dimensions,
-            reject_truncation=request.truncation == pb.TRUNCATION_REJECT, deadline=deadline)
+            reject_truncation=request.truncation == pb.TRUNCATION_REJECT, deadline=deadline, tenant=tenant)
         return to_response(result, request.encoding)
 
     @grpc_errors
     async def Embed(self, request, context):
-        return await self._embed(request, deadline_of(context))
+        return await self._embed(request, deadline_of(context), self._gate.tenant(context.invocation_metadata()))
 
     async def EmbedStream(self, request_iterator, context):
         deadline = deadline_of(context)
+        try:
+            tenant = self._gate.tenant(context.invocation_metadata())
+        except SutraError as exc:
+            await context.abort(exc.code, str(exc))
         ahead: asyncio.Queue = asyncio.Queue(maxsize=self._window)
         running: set[asyncio.Future] = set()
         done = object()
@@ -75,7 +81,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.ensure_future(self._embed(request, deadline))
+                    task = asyncio.ensure_future(self._embed(request, deadline, tenant))
                     running.add(task)
                     task.add_done_callback(running.discard)
                     await ahead.put(task)  # blocks while `stream_window` answers are outstanding
@@ -107,7 +113,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         m = self._engine.model
         if m is None:
             raise Unavailable("the frontend is starting: ML-base has not described its model yet")
-        info, policy, settings = m.info, m.policy, self._engine.settings
+        info, settings = m.info, self._engine.settings
+        policy = m.policy_for(self._gate.tenant(context.invocation_metadata()))
         return pb.GetInfoResponse(
             model_id=info.model_id, fingerprint=info.fingerprint, native_width=info.native_width,
             allowed_widths=list(policy.allowed), min_width=policy.min_width,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common import codec
 from common.grpc_server import ServerOptions, add_server_flags, server_options_from
 from common.matryoshka import parse_widths
+from common.tls import TlsClientOptions, add_client_tls_flags, client_tls_from
+from embedding.tenants import AccessConfig, load_access
 
 DEFAULT_PORT = 50051
 DEFAULT_MLBASE = "127.0.0.1:50060"
@@ -69,6 +71,11 @@ class FrontendSettings:
     admin_port: int = DEFAULT_ADMIN_PORT
     admin_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    # TLS to ML-base (through HAProxy, end to end) and to the shards; None = plaintext.
+    mlbase_tls: TlsClientOptions | None = None
+    shard_tls: TlsClientOptions | None = None
+    # Bearer tokens, tenants and tenant isolation (embedding/tenants.py).
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def validate(self) -> "FrontendSettings":
         problems = []
@@ -198,11 +205,33 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                         "(env SUTRA_ADMIN_PORT)")
     p.add_argument("--admin-host", default=e("SUTRA_ADMIN_HOST", d.admin_host),
                    help="address the admin HTTP server binds (env SUTRA_ADMIN_HOST)")
+    # Through HAProxy in tcp mode, TLS to ML-base runs end to end to the replica.
+    add_client_tls_flags(p, env, prefix="mlbase-", env_prefix="SUTRA_MLBASE_", what="ML-base")
+    add_client_tls_flags(p, env, prefix="shard-", env_prefix="SUTRA_SHARD_", what="the cache shard")
+    # The environment's token is kept out of --help's defaults.
+    p.set_defaults(auth_token_env=e("SUTRA_AUTH_TOKEN", ""))
+    p.add_argument("--auth-token", action="append", default=[], metavar="TOKEN",
+                   help="accept `authorization: Bearer TOKEN` (tenant \"\"); repeatable. Any token from any "
+                        "source turns authentication on: calls without a valid token get UNAUTHENTICATED "
+                        "(health and reflection stay open) (env SUTRA_AUTH_TOKEN, one token)")
+    p.add_argument("--auth-tokens-file", default=e("SUTRA_AUTH_TOKENS_FILE", ""),
+                   help="file of accepted tokens, one `TOKEN [TENANT]` per line, # comments "
+                        "(env SUTRA_AUTH_TOKENS_FILE)")
+    p.add_argument("--tenants-file", default=e("SUTRA_TENANTS_FILE", ""),
+                   help="YAML (or .json) `tenants: {NAME: {tokens: [...], allowed_widths: [...], "
+                        "default_width: N}}`: per-tenant tokens and width policy; see README, Security "
+                        "(env SUTRA_TENANTS_FILE)")
+    p.add_argument("--isolate-tenants", type=_bool, nargs="?", const=True,
+                   default=e("SUTRA_ISOLATE_TENANTS", "false"),
+                   help="put the tenant in every cache key (L1, L2 and single-flight), so no tenant is served "
+                        "or can time another's cached vectors. The tenant is its token's when tokens are "
+                        "configured, else the x-sutra-tenant header (env SUTRA_ISOLATE_TENANTS)")
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> FrontendSettings:
     cache_enabled = args.cache_enabled if isinstance(args.cache_enabled, bool) else _bool(args.cache_enabled)
+    isolate = args.isolate_tenants if isinstance(args.isolate_tenants, bool) else _bool(args.isolate_tenants)
     return FrontendSettings(
         server=server_options_from(args),
         mlbase_address=args.mlbase,
@@ -231,6 +260,10 @@ def settings_from_args(args: argparse.Namespace) -> FrontendSettings:
         admin_port=args.admin_port,
         admin_host=args.admin_host,
         log_level=args.log_level,
+        mlbase_tls=client_tls_from(args, "mlbase-"),
+        shard_tls=client_tls_from(args, "shard-"),
+        access=load_access(tokens=[*args.auth_token, getattr(args, "auth_token_env", "")], tokens_file=args.auth_tokens_file,
+                           tenants_file=args.tenants_file, isolate=isolate),
     ).validate()
 
 

@@ -24,9 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
-    """The Health/Check status of `address`, or None if it does not answer."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(address: str, service: str = "", timeout: float = 1.0,
+                  credentials: grpc.ChannelCredentials | None = None) -> int | None:
+    """The Health/Check status of `address` (over TLS with `credentials`), or None if it does not answer."""
+    channel = (grpc.insecure_channel(address) if credentials is None
+               else grpc.secure_channel(address, credentials))
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -50,6 +53,8 @@ class Proc:
     port: int
     env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen | None = None
+    # For a process serving TLS: what wait_serving's health checks connect with.
+    credentials: grpc.ChannelCredentials | None = None
 
     @property
     def address(self) -> str:
@@ -78,7 +83,7 @@ class Proc:
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"{self.module} exited with {self.popen.returncode}:\n{self.log()[-4000:]}")
-            if health_status(self.address) == SERVING:
+            if health_status(self.address, credentials=self.credentials) == SERVING:
                 return self
             time.sleep(0.1)
         raise TimeoutError(f"{self.module} not SERVING after {timeout}s:\n{self.log()[-4000:]}")
