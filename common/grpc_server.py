@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.malformed import MalformedRequests
 from common.tls import TlsServerOptions, add_server_tls_flags, server_tls_from
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ class ServiceServer:
     def __init__(self, options: ServerOptions, service_names: Sequence[str],
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
         self.options = options
-        self.server = grpc.aio.server(options=options.channel_args(), interceptors=list(interceptors) or None)
+        # MalformedRequests last (innermost): a guard before it may refuse the call first.
+        self.server = grpc.aio.server(options=options.channel_args(),
+                                      interceptors=[*interceptors, MalformedRequests()])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
