@@ -45,8 +45,10 @@ enums = st.one_of(st.sampled_from([0, 1, 2]), st.integers(-(2 ** 31), 2 ** 31 - 
 
 
 class Live:
-    def __init__(self, proc) -> None:
+    def __init__(self, proc, replica, shard) -> None:
         self.proc = proc
+        self.replica = replica
+        self.shard = shard
         self.channel = grpc.insecure_channel(proc.address, options=[("grpc.max_send_message_length", -1),
                                                                     ("grpc.max_receive_message_length", -1)])
         self.stub = pb_grpc.EmbeddingServiceStub(self.channel)
@@ -117,7 +119,7 @@ def live(tmp_path_factory):
                       "--max-message-bytes", str(MAX_MESSAGE)).start()
         procs.append(fe)
         fe.wait_serving(60)
-        live = Live(fe)
+        live = Live(fe, procs[0], procs[1])
         for i in range(20):  # warm up allocations before the memory baseline
             live.stub.Embed(pb.EmbedRequest(inputs=[f"warm up {i} {j}" for j in range(16)]), timeout=60)
         live.rss_before = psutil.Process(fe.pid).memory_info().rss
@@ -229,6 +231,38 @@ def test_malformed_protobuf_bytes(live, data):
         assert status == "INVALID_ARGUMENT"
         return
     expect(live, list(parsed.inputs), parsed.dimensions, status, details)
+
+
+# Every method of every service, fed bytes that cannot parse as its request.
+METHODS = [
+    ("proc", "/sutra.embedding.v1.EmbeddingService/Embed", "unary"),
+    ("proc", "/sutra.embedding.v1.EmbeddingService/EmbedStream", "stream"),
+    ("proc", "/sutra.embedding.v1.EmbeddingService/GetInfo", "unary"),
+    ("proc", "/sutra.embedding.v1.EmbeddingService/GetCacheStats", "unary"),
+    ("proc", "/grpc.health.v1.Health/Check", "unary"),
+    ("proc", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream"),
+    ("shard", "/sutra.cache.v1.CacheShardService/Lookup", "stream"),
+    ("shard", "/sutra.cache.v1.CacheShardService/Store", "unary"),
+    ("shard", "/sutra.cache.v1.CacheShardService/GetStats", "unary"),
+    ("replica", "/sutra.mlbase.v1.MLBaseService/Embed", "unary"),
+    ("replica", "/sutra.mlbase.v1.MLBaseService/GetInfo", "unary"),
+]
+
+
+@pytest.mark.parametrize("target,method,kind", METHODS, ids=[m.rsplit("/", 2)[-1] for _, m, _ in METHODS])
+def test_unparsable_bytes_are_invalid_argument_on_every_service(live, target, method, kind):
+    garbage = b"\xff\xff\xff"  # an unterminated field tag: no message type parses it
+    with grpc.insecure_channel(getattr(live, target).address) as ch:
+        try:
+            if kind == "unary":
+                ch.unary_unary(method)(garbage, timeout=10)
+            else:
+                list(ch.stream_stream(method)(iter([garbage]), timeout=10))
+            status, details = "OK", ""
+        except grpc.RpcError as exc:
+            status, details = exc.code().name, exc.details()
+    assert status == "INVALID_ARGUMENT", f"{status}: {details}"
+    assert "could not be parsed" in details
 
 
 @FUZZ
