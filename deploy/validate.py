@@ -29,6 +29,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from common.tls import open_channel
 from deploy import probe
 from deploy.settings import ROOT, StackSettings
 from deploy.supervisor import Supervisor
@@ -81,7 +83,7 @@ class Validator:
         self.address = address or settings.frontend_address
         self.out = out
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = open_channel(self.address, None, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, aio=False)
         self.stub = pb_grpc.EmbeddingServiceStub(self.channel)
         self.supervisor = Supervisor(settings.supervisor_socket)
 
@@ -143,7 +145,8 @@ class Validator:
         return totals
 
     def shard_stores(self) -> int:
-        with grpc.insecure_channel(self.settings.shard_address) as channel:
+        with open_channel(self.settings.shard_address, None, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+                          aio=False) as channel:
             stats = cache_grpc.CacheShardServiceStub(channel).GetStats(cache_pb.GetStatsRequest(), timeout=5)
         return stats.stores
 
