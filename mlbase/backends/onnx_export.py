@@ -123,11 +123,12 @@ def cache_folder(cache_root: str | Path, source: ModelSource) -> Path:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The optimiser and quantizer log every node at INFO (on the root logger); silence that
-    while they run (this happens at most once per graph, at startup)."""
+    """The exporter, optimiser and quantizer log every node at INFO and generic advice at
+    WARNING (on the root logger); silence both while they run (at most once per graph, at
+    startup). Errors still show, and failures raise."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logging.disable(logging.INFO)
+        logging.disable(logging.WARNING)
         try:
             yield
         finally:
