@@ -104,9 +104,9 @@ def test_sigterm_drains_a_replica_under_load(healthy):
         exited = time.monotonic()
         load.wait_for(8)
     channel.close()
-    row = measure("replica SIGTERM (drain)", load.calls, signalled, exited, recovery_s=exited - signalled,
-                  recovery_means="SIGTERM -> replica exited 0 after finishing its work",
-                  marked_down_s=round(down - signalled, 3), listener_closed_s=round(closed - signalled, 3),
+    row = measure("replica SIGTERM (drain)", load.calls, signalled, exited, recovery_s=down - signalled,
+                  recovery_means="SIGTERM -> HAProxy marks the draining replica DOWN (no new work reaches it)",
+                  exited_s=round(exited - signalled, 3), listener_closed_s=round(closed - signalled, 3),
                   in_flight_texts=count, in_flight_answered_s=round(outcome.get("end", exited) - signalled, 3))
     assert load.failures() == [], load.details[:5]
     assert busy_at_close, "the direct batch ended before the drain did; it proves nothing about in-flight work"
