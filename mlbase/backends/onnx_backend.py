@@ -35,13 +35,12 @@ import numpy as np
 
 from mlbase.backends.base import Backend, BackendOptions, ModelDescription
 from mlbase.backends.digest import files_digest, torch_model_files
-from mlbase.backends.onnx_export import OUTPUT_NAME, GraphCache, GraphSpec, ModelSource
+from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR, OUTPUT_NAME, GraphCache, GraphSpec, ModelSource
 from mlbase.backends.tokens import Encoded, TextTokenizer
 from mlbase.backends.torch_backend import model_id_for
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = "~/.cache/sutra-embed/onnx"
 # Whether each precision runs the fused graph by default. Measured by bench/backend_speed.py on
 # this machine (README): the plain graphs are faster (fp32 ~15%, int8 ~13% less CPU per batch),
 # because onnxruntime's own session-time fusions already cover the plain graph and its CPU

@@ -46,6 +46,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CACHE_DIR = "~/.cache/sutra-embed/onnx"
 # Bump when the way a graph is exported, fused or quantized changes.
 RECIPE_VERSION = 1
 OPSET = 17
