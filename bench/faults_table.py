@@ -2,12 +2,13 @@
 
     python -m bench.faults_table [--file PATH] [--all]
 
-The fault tests (tests/faults/) append one JSON line per fault and run; by
-default the table shows the latest line for each fault, in the order the
-faults were first recorded. Columns: requests sent, failed, p99 latency
-before and during the fault window, the longest time without a successful
-call, and the recovery time (what it measures differs per fault and is
-listed under the table).
+The fault tests (tests/faults/, tests/overload/) append one JSON line per
+fault and run; by default the table shows the latest line for each fault,
+in the order the faults were first recorded. Columns: requests sent,
+failed, refused (overload only: the promised answer, not a failure), p99
+latency before and during the fault window, the longest time without a
+successful call, and the recovery time (what it measures differs per fault
+and is listed under the table).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "faults.jsonl"
 COLUMNS = [("fault", "fault"), ("requests_sent", "requests sent"), ("failed", "failed"),
+           ("refused", "refused (RESOURCE_EXHAUSTED)"),
            ("p99_before_ms", "p99 before (ms)"), ("p99_during_fault_ms", "p99 during fault (ms)"),
            ("max_stall_s", "longest stall (s)"), ("recovery_s", "recovery (s)")]
 
