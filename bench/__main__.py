@@ -1,0 +1,107 @@
+"""`make bench`: start a full stack, measure it against in-process encode, report.
+
+    .venv/bin/python -m bench [--quick] [--backend torch|onnx] [--precision fp32|int8] [--replicas N]
+
+Starts its own stack (cache shard, replicas, HAProxy, frontend) on free
+ports in a temporary run directory, measures cold, L1, L2 and mixed
+traffic, memory and bytes on disk (see `bench.stack_bench`), checks the
+figures against the issue's goals, prints a table, and writes
+bench/results/latest.json plus throughput.png and latency_cdf.png next to
+it. The single-purpose scripts (bench.frontend_bench, bench.scaling_bench,
+bench.shard_vs_redis, bench.backend_speed, bench.quality) go deeper on one
+question each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from bench import plots, report, stack_bench, workloads
+from deploy.settings import StackSettings
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# (cold texts, cold rounds, mixed draws, 1-text requests, 64-text requests) per hit row
+FULL = (1024, 4, 4000, 1500, 200)
+QUICK = (256, 2, 1200, 300, 40)
+
+
+def build_parser(defaults: tuple[str, str]) -> argparse.ArgumentParser:
+    backend, precision = defaults
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"small samples (cold {QUICK[0]} texts in {QUICK[1]} rounds, mixed {QUICK[2]} texts, "
+                         f"{QUICK[3]}/{QUICK[4]} requests per hit row); under 3 minutes on 2 cores")
+    ap.add_argument("--backend", default=backend,
+                    help=f"replica backend, torch or onnx (default: the replicas' own default, {backend})")
+    ap.add_argument("--precision", default=None,
+                    help=f"replica precision, fp32 or int8 (int8 needs onnx) (default: {precision} for the default "
+                         "backend, fp32 otherwise)")
+    ap.add_argument("--replicas", type=int, default=StackSettings.replicas,
+                    help="ML-base replicas behind HAProxy; torch threads each = max(1, cores // replicas) "
+                         "(default: what `make up` starts, %(default)s)")
+    ap.add_argument("--cold", type=int, default=None, help=f"cold (never-seen) texts (default {FULL[0]})")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"cold rounds, each alternating in-process encode and the stack (default {FULL[1]})")
+    ap.add_argument("--mixed", type=int, default=None, help=f"texts in the mixed Zipf stream (default {FULL[2]})")
+    ap.add_argument("--mixed-l1-fraction", type=float, default=0.1,
+                    help="L1 size of the second mixed run's frontend as a fraction of its stream's distinct "
+                         "texts, so that L2 takes part (the first runs the stack's default L1) "
+                         "(default %(default)s)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help=f"folder holding corpus.txt (default: ${workloads.DATA_ENV}, else <repo>/../shared/data)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR,
+                    help="folder for latest.json and the PNG plots (default bench/results)")
+    return ap
+
+
+def config_from(args: argparse.Namespace, defaults: tuple[str, str]) -> stack_bench.BenchConfig:
+    cold, rounds, mixed, single, batch = QUICK if args.quick else FULL
+    precision = args.precision or (defaults[1] if args.backend == defaults[0] else "fp32")
+    if args.backend not in ("torch", "onnx"):
+        raise SystemExit("--backend must be torch or onnx")
+    if precision not in ("fp32", "int8") or (precision == "int8" and args.backend != "onnx"):
+        raise SystemExit("--precision must be fp32, or int8 with --backend onnx")
+    if args.replicas < 1:
+        raise SystemExit("--replicas must be at least 1")
+    if not 0 < args.mixed_l1_fraction <= 1:
+        raise SystemExit("--mixed-l1-fraction must be in (0, 1]")
+    return stack_bench.BenchConfig(
+        backend=args.backend, precision=precision, replicas=args.replicas,
+        cold_texts=args.cold or cold, rounds=args.rounds or rounds, mixed_draws=args.mixed or mixed,
+        mixed_l1_fraction=args.mixed_l1_fraction, single_requests=single, batch_requests=batch,
+        data_dir=args.data or workloads.data_dir(), quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    defaults = workloads.mlbase_defaults()
+    args = build_parser(defaults).parse_args(argv)
+    cfg = config_from(args, defaults)
+
+    result = stack_bench.run(cfg)
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                         "platform": platform.platform(), "load_average_end": os.getloadavg()}
+    result["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["command"] = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["replica_default"] = {"backend": defaults[0], "precision": defaults[1]}
+    result["goals"] = report.goals(result, defaults)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "latest.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    pngs = plots.write_all(result, args.out)
+    report.print_table(result)
+    print(f"\nwrote {path}, " + ", ".join(str(p) for p in pngs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,440 @@
+"""The whole-stack benchmark behind `make bench`: one run, one stack, every figure.
+
+Starts a full local stack (cache shard, N ML-base replicas, HAProxy,
+frontend) with `deploy.stack` on free ports in a temporary run directory,
+then measures, in this order, on the shared corpora:
+
+  cold    never-seen texts through the frontend (all misses) in rounds that
+          alternate with in-process encode of the same texts: sentence-
+          transformers (torch) always, and the stack's own backend in this
+          process when that is not torch. Ratios are sum/sum over rounds.
+  L1      the cold texts again (all in the frontend's LRU): 1-text and
+          64-text requests, float and packed encodings; embeddings/s with
+          8 requests in flight, latency one request at a time.
+  L2      the same through a second frontend with --l1-entries 0 on the same
+          shard and balancer, once the shard holds every cold text.
+  mixed   Zipf streams with ~85% repeats, each from its own texts (so each
+          starts with empty caches): "serving" (8-text requests, 16 in
+          flight: as many texts in flight as the cold client) and "bulk" (the
+          cold client itself, 32 x 4) through the stack's frontend with its
+          default L1, as `make up` runs it; then "small L1": the serving
+          client through a third frontend whose L1 holds a tenth of the
+          stream's distinct texts, so that L2 takes part. Effective texts/s,
+          hit rates per level from GetCacheStats deltas, and the ratio to
+          cold throughput: to the cold phase's, and (the one the goal uses)
+          to cold traffic sent by the same client right before and right
+          after the mixed runs, since a shared machine's load drifts within
+          a run.
+  memory  RSS of every process (PIDs from supervisord and our own frontends).
+  disk    a shard Checkpoint (RocksDB flushes its memtables into SST files
+          for it; the shard's FIFO compaction never rewrites files, so these
+          SSTs are the on-disk form) : SST bytes / entries.
+
+Everything shares this machine's cores with the client (this process), so
+throughput is what a client on the same host sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+
+from bench import frontend_bench, scaling_bench, workloads
+from common import codec
+from common.cache_key import cache_key
+from deploy import stack
+from deploy.settings import StackSettings
+from deploy.supervisor import Supervisor
+from sutra.cache.v1 import cache_shard_service_pb2 as cpb
+from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
+from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
+from tests.support import Proc
+
+Printer = Callable[[str], None]
+HIT_SIZES = (1, frontend_bench.REQUEST)
+ENCODINGS = (("float", pb.ENCODING_FLOAT), ("packed", pb.ENCODING_PACKED))
+# Mixed traffic as a serving workload: scaling_bench's 8-text requests, with as many texts in
+# flight as the cold client (32 x 4). The cold client itself is run on the stream too ("bulk").
+SERVING_CLIENT = (scaling_bench.MIXED_REQUEST,
+                  scaling_bench.REQUEST * scaling_bench.INFLIGHT // scaling_bench.MIXED_REQUEST)
+BULK_CLIENT = (scaling_bench.REQUEST, scaling_bench.INFLIGHT)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One run's shape; built once by `bench.__main__` from flags."""
+
+    backend: str
+    precision: str
+    replicas: int
+    cold_texts: int
+    rounds: int
+    mixed_draws: int
+    mixed_l1_fraction: float
+    # Requests per (level, size, encoding) for the throughput figure; latency takes a third of them.
+    single_requests: int
+    batch_requests: int
+    data_dir: Path
+    quick: bool = False
+
+
+# --- the stack --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def replica_environment(backend: str, precision: str) -> Iterator[None]:
+    """Replicas read SUTRA_MLBASE_BACKEND/PRECISION (the env mirror of their flags); supervisord
+    and its children inherit this process's environment when `stack.up` starts them."""
+    saved = {k: os.environ.get(k) for k in ("SUTRA_MLBASE_BACKEND", "SUTRA_MLBASE_PRECISION")}
+    os.environ["SUTRA_MLBASE_BACKEND"], os.environ["SUTRA_MLBASE_PRECISION"] = backend, precision
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_stack(cfg: BenchConfig, run_dir: Path, out: Printer) -> tuple[StackSettings, float]:
+    settings = scaling_bench.stack_settings(run_dir, cfg.replicas)
+    started = time.perf_counter()
+    with replica_environment(cfg.backend, cfg.precision):
+        stack.up(settings, out=lambda line: None)
+    took = time.perf_counter() - started
+    out(f"  stack up in {took:.1f}s: {cfg.replicas} replica(s) x {settings.torch_threads} thread(s), "
+        f"frontend {settings.frontend_address}")
+    return settings, took
+
+
+def replica_info(settings: StackSettings) -> mpb.GetInfoResponse:
+    with grpc.insecure_channel(settings.lb_address) as ch:
+        return mpb_grpc.MLBaseServiceStub(ch).GetInfo(mpb.GetInfoRequest(), timeout=30)
+
+
+def extra_frontend(settings: StackSettings, workdir: Path, name: str, l1_entries: int) -> Proc:
+    """Another frontend on the stack's balancer and shard, differing only in its L1 size."""
+    return frontend_bench.start_frontend(workdir, settings.lb_address, settings.shard_address, name,
+                                         "--l1-entries", str(l1_entries),
+                                         "--mlbase-connections", str(settings.frontend_connections))
+
+
+def cache_stats(address: str) -> pb.GetCacheStatsResponse:
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.EmbeddingServiceStub(ch).GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
+
+
+def shard_stats(settings: StackSettings) -> cpb.GetStatsResponse:
+    with grpc.insecure_channel(settings.shard_address) as ch:
+        return cpb_grpc.CacheShardServiceStub(ch).GetStats(cpb.GetStatsRequest(), timeout=30)
+
+
+def wait_shard_entries(settings: StackSettings, at_least: int, timeout: float = 60.0) -> int:
+    """Write-backs are asynchronous: poll the shard until it holds `at_least` entries."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = shard_stats(settings).entries
+        if entries >= at_least or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.1)
+
+
+# --- phases -----------------------------------------------------------------------------
+
+
+def stack_pids(settings: StackSettings) -> dict[str, int]:
+    """supervisord's programs (shard, replicas, HAProxy, frontend) by name."""
+    return {p["name"]: p["pid"] for p in Supervisor(settings.supervisor_socket).processes() if p["pid"]}
+
+
+def cpu_seconds(pids: dict[str, int]) -> float:
+    total = 0.0
+    for pid in pids.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def cold_phase(cfg: BenchConfig, address: str, texts: list[str], baselines: list[workloads.Baseline],
+               pids: dict[str, int], out: Printer) -> dict:
+    """Alternate in-process encode and the stack on the same slices; ratios are sum/sum."""
+    per_round = max(scaling_bench.REQUEST, len(texts) // cfg.rounds)
+    slices = workloads.chunks(texts, per_round)
+    enc_s = {b.name: [] for b in baselines}
+    enc_cpu = {b.name: 0.0 for b in baselines}
+    stack_s, latencies, rounds = [], [], []
+    computed = 0
+    stack_cpu = 0.0
+    for i, part in enumerate(slices, start=1):
+        row = {"texts": len(part), "load_average": round(os.getloadavg()[0], 2)}
+        for b in baselines:
+            took, cpu = b.timed(part)
+            enc_s[b.name].append(took)
+            enc_cpu[b.name] += cpu
+            row[f"in_process {b.name} texts/s"] = round(len(part) / took, 1)
+        cpu_before = cpu_seconds(pids)
+        rate, lat, usage = scaling_bench.drive(address, scaling_bench.chunks(part, scaling_bench.REQUEST),
+                                               scaling_bench.INFLIGHT)
+        stack_cpu += cpu_seconds(pids) - cpu_before
+        stack_s.append(len(part) / rate)
+        latencies += lat
+        computed += usage["computed"]
+        row["stack texts/s"] = round(rate, 1)
+        rounds.append(row)
+        out(f"  cold round {i}/{len(slices)}: " + ", ".join(f"{k} {v}" for k, v in row.items() if "/s" in k))
+    n = sum(len(p) for p in slices)
+    best: dict[str, dict] = {}
+    for b in baselines:
+        ratio = workloads.ratio_of_sums(enc_s[b.name], stack_s)
+        if b.engine not in best or ratio < best[b.engine]["stack_ratio"]:
+            best[b.engine] = {"baseline": b.name, "texts_per_s": n / sum(enc_s[b.name]), "stack_ratio": ratio}
+    result = {
+        "texts": n, "rounds": rounds, "request_texts": scaling_bench.REQUEST, "inflight": scaling_bench.INFLIGHT,
+        "computed": computed, "all_misses": computed == n,
+        "stack_texts_per_s": n / sum(stack_s), "latency": workloads.latency_summary(latencies),
+        "stack_cpu_ms_per_text": 1000 * stack_cpu / n,
+        "in_process": {name: {"texts_per_s": n / sum(s), "stack_ratio": workloads.ratio_of_sums(s, stack_s),
+                              "cpu_ms_per_text": 1000 * enc_cpu[name] / n,
+                              "cpu_ratio": enc_cpu[name] / stack_cpu if stack_cpu else None}
+                       for name, s in enc_s.items()},
+        # Per engine, its fastest in-process configuration in this run (the lowest stack ratio).
+        "best_in_process": best,
+    }
+    return result
+
+
+async def sequential_latencies(address: str, texts: list[str], size: int, encoding: int, requests: int,
+                               seed: int) -> tuple[list[float], dict]:
+    """One request at a time over one channel: the latency a lone caller sees (raw samples, for CDFs)."""
+    rng = np.random.default_rng(seed)
+    bodies = [pb.EmbedRequest(inputs=[texts[j] for j in rng.choice(len(texts), size, replace=False)],
+                              encoding=encoding) for _ in range(requests)]
+    usage = {"l1_hits": 0, "l2_hits": 0, "computed": 0}
+    out = []
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        await stub.Embed(bodies[0], timeout=60)
+        for body in bodies:
+            t = time.perf_counter()
+            reply = await stub.Embed(body, timeout=60)
+            out.append(time.perf_counter() - t)
+            for k in usage:
+                usage[k] += getattr(reply.usage, k)
+    return out, usage
+
+
+def hits_phase(cfg: BenchConfig, address: str, texts: list[str], level: str, out: Printer) -> dict:
+    """Every text cached at one level: embeddings/s (frontend_bench.hits_run, 8 in flight) and latency."""
+    table = {}
+    for size in HIT_SIZES:
+        n = cfg.single_requests if size == 1 else cfg.batch_requests
+        for name, encoding in ENCODINGS:
+            tput = asyncio.run(frontend_bench.hits_run(address, texts, size, encoding, n, frontend_bench.CONCURRENCY))
+            lat, usage = asyncio.run(sequential_latencies(address, texts, size, encoding, max(50, n // 3),
+                                                          seed=size * 31 + encoding))
+            for k in usage:
+                usage[k] += tput["usage"][k]
+            row = {"request_texts": size, "encoding": name, "embeddings_per_s": tput["embeddings_per_s"],
+                   "concurrency": frontend_bench.CONCURRENCY, "latency": workloads.latency_summary(lat),
+                   "usage": usage}
+            table[f"{size}-text {name}"] = row
+            out(f"  {level} {size:>2}-text {name:6}: {row['embeddings_per_s']:9.0f} embeddings/s, "
+                f"p50 {row['latency']['p50_ms']:.2f} ms, p99 {row['latency']['p99_ms']:.2f} ms")
+    return table
+
+
+def level_stats_delta(before: pb.GetCacheStatsResponse, after: pb.GetCacheStatsResponse) -> dict:
+    def level(b: pb.CacheLevelStats, a: pb.CacheLevelStats) -> dict:
+        hits, misses = a.hits - b.hits, a.misses - b.misses
+        return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+                "errors": a.errors - b.errors}
+
+    return {"l1": level(before.l1, after.l1), "l2": level(before.l2, after.l2),
+            "computed": after.computed - before.computed, "coalesced": after.coalesced - before.coalesced}
+
+
+def cold_reference(address: str, texts: list[str]) -> tuple[float, int]:
+    """(seconds, texts) of never-seen texts sent by the cold client."""
+    rate, _lat, usage = scaling_bench.drive(address, scaling_bench.chunks(texts, scaling_bench.REQUEST),
+                                            scaling_bench.INFLIGHT)
+    return len(texts) / rate, usage["computed"]
+
+
+def mixed_phase(address: str, stream: workloads.MixedStream, client: tuple[int, int], l1_entries: int,
+                cold_texts_per_s: float, title: str, out: Printer) -> dict:
+    size, inflight = client
+    before = cache_stats(address)
+    rate, lat, usage = scaling_bench.drive(address, workloads.chunks(stream.texts, size), inflight)
+    stats = level_stats_delta(before, cache_stats(address))
+    n = usage["texts"]
+    result = {
+        "title": title, "texts": n, "distinct": stream.distinct, "repeat_share": stream.repeat_share,
+        "zipf_exponent": stream.zipf_exponent, "request_texts": size,
+        "inflight": inflight, "l1_entries": l1_entries,
+        "texts_per_s": rate, "vs_cold": rate / cold_texts_per_s, "latency": workloads.latency_summary(lat),
+        "cache_stats": stats,
+        "answered_from": {"l1": usage["l1_hits"] / n, "l2": usage["l2_hits"] / n,
+                          "duplicate_in_request": usage["duplicates"] / n, "computed": usage["computed"] / n},
+    }
+    out(f"  {title}: {rate:.0f} texts/s ({result['vs_cold']:.1f}x cold), L1 hit rate {stats['l1']['hit_rate']:.1%}, "
+        f"L2 hit rate {stats['l2']['hit_rate']:.1%} of L1 misses, computed {stats['computed']} of {n}")
+    return result
+
+
+def rss_snapshot(settings: StackSettings, extra: dict[str, int]) -> dict[str, float]:
+    """RSS in MiB of supervisord, each program it runs, our extra frontends and this process."""
+    pids = {"supervisord": Supervisor(settings.supervisor_socket).pid(), **stack_pids(settings)}
+    pids.update(extra)
+    pids["bench client (in-process models)"] = os.getpid()
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+        except psutil.NoSuchProcess:
+            out[name] = None
+    return out
+
+
+def disk_phase(settings: StackSettings, fingerprint: str, native_width: int) -> dict:
+    """Checkpoint the shard (memtables flushed into SSTs) and divide SST bytes by entries."""
+    dest = settings.run_dir / "checkpoint"
+    with grpc.insecure_channel(settings.shard_address) as ch:
+        cpb_grpc.CacheShardServiceStub(ch).Checkpoint(cpb.CheckpointRequest(path=str(dest)), timeout=120)
+    stats = shard_stats(settings)
+    sst = sum(f.stat().st_size for f in dest.glob("*.sst"))
+    total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    key = cache_key(fingerprint, "example")
+    value = codec.encode(np.zeros(native_width, dtype=np.float32))
+    entries = stats.entries
+    return {
+        "method": "shard Checkpoint (flushes memtables; FIFO compaction keeps SSTs as flushed): "
+                  "SST bytes in the checkpoint / GetStats entries",
+        "entries": entries, "stores": stats.stores, "sst_bytes": sst, "checkpoint_bytes": total,
+        "bytes_per_entry": sst / entries if entries else None,
+        "live_bytes_on_disk": stats.bytes_on_disk,
+        "payload_bytes": {"key": len(key), "value": len(value), "sum": len(key) + len(value)},
+        "stored_width": native_width, "stored_dtype": "float16 (codec default)",
+    }
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def run(cfg: BenchConfig, out: Printer = print) -> dict:
+    """Every phase against one stack; returns the result document (no timing asserts)."""
+    t_run = time.perf_counter()
+    cores = os.cpu_count() or 1
+    lines = workloads.corpus_lines(cfg.data_dir)
+    split = workloads.split_corpus(lines, cfg.cold_texts)
+    streams = {name: workloads.mixed_stream(split.mixed_pool[i::3], cfg.mixed_draws)
+               for i, name in enumerate(("serving", "bulk", "small_l1"))}
+    small_l1 = max(16, int(streams["small_l1"].distinct * cfg.mixed_l1_fraction))
+
+    out(f"in-process baselines ({cores} threads)...")
+    # Every core, and one thread: on a busy machine OpenMP threads that wait on each other at
+    # every barrier can make the all-cores rate the worse one; the goals use the better of the two.
+    torch_all = workloads.TorchBaseline(cores)
+    baselines: list[workloads.Baseline] = [torch_all] + ([torch_all.with_threads(1)] if cores > 1 else [])
+    if (cfg.backend, cfg.precision) != ("torch", "fp32"):
+        # The first one also exports/optimises the graph into the shared ONNX cache, before replicas start.
+        for threads in sorted({cores, 1}, reverse=True):
+            baselines.append(workloads.BackendBaseline(cfg.backend, cfg.precision, threads, scaling_bench.REQUEST))
+    same = baselines[-1].engine
+
+    workdir = Path(tempfile.mkdtemp(prefix="sutra-bench-"))
+    settings: StackSettings | None = None
+    frontends: dict[str, Proc] = {}
+    phases: dict[str, float] = {}
+    try:
+        out(f"starting the stack ({cfg.backend} {cfg.precision})...")
+        settings, startup_s = start_stack(cfg, workdir / "stack", out)
+        info = replica_info(settings)
+        if (info.backend, info.precision) != (cfg.backend, cfg.precision):
+            raise RuntimeError(f"replicas run {info.backend} {info.precision}, asked for {cfg.backend} {cfg.precision}")
+        front = settings.frontend_address
+        # Warm every replica's code paths (and connections) on texts no phase measures.
+        scaling_bench.drive(front, workloads.chunks(split.warmup, 16), 2 * cfg.replicas)
+
+        t = time.perf_counter()
+        out("cold (all misses) vs in-process encode...")
+        cold = cold_phase(cfg, front, split.cold, baselines, stack_pids(settings), out)
+        phases["cold"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        out("L1 hits...")
+        l1 = hits_phase(cfg, front, split.cold, "L1", out)
+        phases["l1"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        stored = wait_shard_entries(settings, len(split.cold) + len(split.warmup))
+        out(f"L2 hits (second frontend, --l1-entries 0; shard holds {stored} entries)...")
+        frontends["frontend-l2"] = extra_frontend(settings, workdir, "frontend-l2", 0)
+        l2 = hits_phase(cfg, frontends["frontend-l2"].address, split.cold, "L2", out)
+        frontends.pop("frontend-l2").stop()
+        phases["l2"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        out(f"mixed Zipf streams ({cfg.mixed_draws} texts each, {streams['serving'].repeat_share:.0%} repeats)...")
+        rate = cold["stack_texts_per_s"]
+        half = len(split.spare) // 2
+        before_s, before_computed = cold_reference(front, split.spare[:half])
+        mixed = {
+            "serving": mixed_phase(front, streams["serving"], SERVING_CLIENT, settings.l1_entries, rate,
+                                   "mixed, serving client", out),
+            "bulk": mixed_phase(front, streams["bulk"], BULK_CLIENT, settings.l1_entries, rate,
+                                "mixed, bulk (cold) client", out),
+        }
+        frontends["frontend-small-l1"] = extra_frontend(settings, workdir, "frontend-small-l1", small_l1)
+        mixed["small_l1"] = mixed_phase(frontends["frontend-small-l1"].address, streams["small_l1"], SERVING_CLIENT,
+                                        small_l1, rate, "mixed, serving client, small L1 (third frontend)", out)
+        after_s, after_computed = cold_reference(front, split.spare[half:])
+        adjacent = len(split.spare) / (before_s + after_s)
+        for run_ in mixed.values():
+            run_["vs_cold_adjacent"] = run_["texts_per_s"] / adjacent
+        mixed_cold = {"texts": len(split.spare), "texts_per_s": adjacent, "computed": before_computed + after_computed,
+                      "before_texts_per_s": half / before_s, "after_texts_per_s": (len(split.spare) - half) / after_s}
+        out(f"  cold right before/after: {mixed_cold['before_texts_per_s']:.0f}/{mixed_cold['after_texts_per_s']:.0f} "
+            f"texts/s; serving mixed = {mixed['serving']['vs_cold_adjacent']:.1f}x that")
+        phases["mixed"] = time.perf_counter() - t
+
+        rss = rss_snapshot(settings, {name: p.pid for name, p in frontends.items()})
+        wait_shard_entries(settings, len(split.cold) + len(split.warmup) + len(split.spare) + sum(s.distinct for s in streams.values()))
+        disk = disk_phase(settings, info.fingerprint, info.native_width)
+        out(f"  disk: {disk['bytes_per_entry']:.0f} bytes per entry ({disk['entries']} entries, "
+            f"{disk['sst_bytes']} SST bytes); key+value payload {disk['payload_bytes']['sum']} bytes")
+    finally:
+        for proc in frontends.values():
+            proc.stop()
+        if settings is not None:
+            stack.down(settings, out=lambda line: None)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    return {
+        "config": {**dataclasses.asdict(cfg), "data_dir": str(cfg.data_dir), "cores": cores,
+                   "torch_threads_per_replica": settings.torch_threads,
+                   "frontend_connections": settings.frontend_connections,
+                   "in_process_threads": cores, "in_process_batch": scaling_bench.REQUEST},
+        "stack": {"startup_s": startup_s, "backend": info.backend, "precision": info.precision,
+                  "model_id": info.model_id, "fingerprint": info.fingerprint, "replicas": cfg.replicas},
+        "same_backend_engine": same,
+        "cold": cold, "l1": l1, "l2": l2, "mixed": mixed, "mixed_cold_reference": mixed_cold, "rss_mib": rss, "disk": disk,
+        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
+        "total_seconds": round(time.perf_counter() - t_run, 1),
+    }
