@@ -32,7 +32,7 @@ from sutra.cache.v1 import cache_shard_service_pb2 as cpb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.support import ROOT, SERVING, Proc, free_port, health_status
+from tests.support import ROOT, Proc, free_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 # Long enough for HAProxy (inter 1 s, fastinter 500 ms, fall 2) to see NOT_SERVING.
@@ -227,10 +227,6 @@ class Stack:
         self.shard = self.relaunch(self.shard, name="shard")
         return self.shard
 
-    def restart_lb(self) -> HAProxy:
-        self.lb.kill()
-        return self.lb.start()
-
     def ensure_healthy(self) -> None:
         """Bring back whatever an earlier test left dead, and wait until all of it serves."""
         for name, proc in list(self.replicas.items()):
@@ -324,7 +320,3 @@ class NsProc(Proc):
         self.popen = subprocess.Popen(self.disk.command([sys.executable, "-m", self.module, *self.args]),
                                       cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         return self
-
-
-def serving(address: str) -> bool:
-    return health_status(address) == SERVING

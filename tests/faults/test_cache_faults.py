@@ -153,7 +153,8 @@ def test_full_disk_refuses_writes_counts_them_and_keeps_lookups(healthy, tmp_pat
             filled = disk.fill()
             full = time.monotonic()
             # The frontend's write-backs of the new vectors are refused and counted.
-            wait_until(lambda: sc.stats().errors > errors_before, 30, "refused writes counted")
+            # (Space RocksDB preallocated for its log may take a few more writes first.)
+            wait_until(lambda: sc.stats().errors > errors_before, 60, "refused writes counted")
             keys, values = random_entries(np.random.default_rng(12), 10)
             try:
                 sc.store(keys, values)

@@ -8,7 +8,8 @@ do) for OVERLOAD_SECONDS, then measures the capacity again. Promised
 (README, "Guarantees"):
 
 - every call ends OK or RESOURCE_EXHAUSTED: no timeouts, no other status;
-- refusals are prompt: their p99 is a small fraction of the deadline;
+- refusals are prompt: their p99 is under a tenth of the deadline, and
+  none takes half of it;
 - admitted calls complete with correct vectors, at no less than half the
   capacity (refusing the excess keeps the admitted work flowing);
 - the frontend's RSS stays under its baseline + RSS_BOUND;
@@ -185,7 +186,7 @@ def test_ten_times_capacity_is_refused_promptly_and_capacity_returns(served):
     # The open loop really offered several times the capacity (a starved client would not).
     assert row["offered_rps"] >= 3 * capacity, row
     # Prompt: a refusal is not a timeout in disguise.
-    assert max(refused) < DEADLINE / 10, max(refused)
+    assert np.percentile(refused, 99) < DEADLINE / 10 and max(refused) < DEADLINE / 2, row
     # Refusing the excess keeps the admitted work flowing (goodput does not collapse).
     assert row["admitted_rps"] >= 0.5 * capacity, row
     assert rss.peak < rss_before + RSS_BOUND, row
