@@ -63,17 +63,18 @@ def plot_throughput(result: dict, path: Path) -> Path:
 
 def plot_latency(result: dict, path: Path) -> Path:
     series = latency_series(result)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     fraction = [i / 100 for i in range(101)]
-    for name, quantiles in series.items():
+    colours = plt.get_cmap("tab20")
+    for i, (name, quantiles) in enumerate(series.items()):
         style = "--" if name.startswith("L2") else "-"
-        ax.plot(quantiles, fraction, style, label=name, linewidth=1.3)
+        ax.plot(quantiles, fraction, style, label=name, linewidth=1.3, color=colours(i % 20))
     ax.set_xscale("log")
     ax.set_xlabel("request latency, ms (log scale)")
     ax.set_ylabel("fraction of requests")
     ax.axvline(1.0, color="#cc0000", linewidth=0.8, linestyle=":")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("latency CDF per workload (cache hits: one request at a time; cold/mixed: in flight)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -63,7 +63,7 @@ def print_mixed(m: dict, out: Printer) -> None:
     out(f"  GetCacheStats deltas: L1 hit rate {s['l1']['hit_rate']:.1%} ({s['l1']['hits']}/"
         f"{s['l1']['hits'] + s['l1']['misses']}), L2 hit rate {s['l2']['hit_rate']:.1%} of L1 misses "
         f"({s['l2']['hits']}/{s['l2']['hits'] + s['l2']['misses']}), computed {s['computed']}, "
-        f"coalesced {s['coalesced']}")
+        f"coalesced {s['coalesced']}; {m['computed_texts_per_s']:.0f} texts/s computed")
     a = m["answered_from"]
     out(f"  per text: L1 {a['l1']:.1%}, L2 {a['l2']:.1%}, repeat within a request {a['duplicate_in_request']:.1%}, "
         f"computed {a['computed']:.1%}")

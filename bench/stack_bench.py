@@ -289,6 +289,9 @@ def mixed_phase(address: str, stream: workloads.MixedStream, client: tuple[int, 
         "zipf_exponent": stream.zipf_exponent, "request_texts": size,
         "inflight": inflight, "l1_entries": l1_entries,
         "texts_per_s": rate, "vs_cold": rate / cold_texts_per_s, "latency": workloads.latency_summary(lat),
+        # Model work per second during the run; well under the cold rate = replicas were partly idle
+        # (requests waited on their few misses), not saturated.
+        "computed_texts_per_s": stats["computed"] * rate / n,
         "cache_stats": stats,
         "answered_from": {"l1": usage["l1_hits"] / n, "l2": usage["l2_hits"] / n,
                           "duplicate_in_request": usage["duplicates"] / n, "computed": usage["computed"] / n},

@@ -74,7 +74,7 @@ def _mixed(title: str, vs_cold: float) -> dict:
     return {"title": title, "texts": 100, "distinct": 15, "repeat_share": 0.85, "zipf_exponent": 1.4,
             "request_texts": 8, "inflight": 16, "l1_entries": 10000, "texts_per_s": 100.0 * vs_cold,
             "vs_cold": vs_cold, "vs_cold_adjacent": vs_cold, "latency": _latency(5.0),
-            "cache_stats": {"l1": stats, "l2": stats, "computed": 15, "coalesced": 0},
+            "cache_stats": {"l1": stats, "l2": stats, "computed": 15, "coalesced": 0}, "computed_texts_per_s": 50.0,
             "answered_from": {"l1": 0.6, "l2": 0.1, "duplicate_in_request": 0.1, "computed": 0.2}}
 
 
