@@ -27,7 +27,7 @@ from deploy.settings import StackSettings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # (cold texts, cold rounds, mixed draws, 1-text requests, 64-text requests) per hit row
-FULL = (1024, 4, 4000, 1500, 200)
+FULL = (1536, 6, 6000, 1500, 200)
 QUICK = (256, 2, 1200, 300, 40)
 
 
