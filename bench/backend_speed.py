@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 # The first layer's weights: of the layer choices tried (README), the best STS-B recovered per CPU spent.
-DEFAULT_KEEP_FP32 = ("layer.0.",)
+DEFAULT_KEEP_FP32 = (("layer.0.",),)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class Row:
     threads: int = 0
 
 
-def rows_for(keep_fp32: Sequence[str], single_thread_rows: bool = True) -> list[Row]:
+def rows_for(keep_sets: Sequence[tuple[str, ...]], single_thread_rows: bool = True) -> list[Row]:
+    """The standard rows, plus one int8 row per set of layers kept in fp32."""
     rows = [
         Row("torch (sentence-transformers)", "torch", "fp32"),
         Row("onnx fp32 plain", "onnx", "fp32", fused=False),
@@ -69,9 +70,9 @@ def rows_for(keep_fp32: Sequence[str], single_thread_rows: bool = True) -> list[
         Row("onnx int8 fused", "onnx", "int8", fused=True),
     ]
     graph = {p: "fused" if DEFAULT_FUSED[p] else "plain" for p in DEFAULT_FUSED}
-    if keep_fp32:
-        rows.append(Row(f"onnx int8 {graph['int8']}, fp32 {','.join(keep_fp32)}", "onnx", "int8",
-                        DEFAULT_FUSED["int8"], tuple(keep_fp32)))
+    for keep in keep_sets:
+        rows.append(Row(f"onnx int8 {graph['int8']}, fp32 {','.join(keep)}", "onnx", "int8",
+                        DEFAULT_FUSED["int8"], tuple(keep)))
     if single_thread_rows:
         rows += [Row("torch (sentence-transformers), 1 thread", "torch", "fp32", threads=1),
                  Row("onnx fp32 plain, 1 thread", "onnx", "fp32", False, threads=1),
@@ -171,8 +172,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for every backend")
     p.add_argument("--onnx-cache-dir", default=os.environ.get("SUTRA_ONNX_CACHE", DEFAULT_CACHE_DIR),
                    help="exported-graph cache, as for the replica (env SUTRA_ONNX_CACHE)")
-    p.add_argument("--keep-fp32", default=",".join(DEFAULT_KEEP_FP32),
-                   help="module-name patterns for the extra 'int8 with layers kept in fp32' row; empty = no such row")
+    p.add_argument("--keep-fp32", default=";".join(",".join(k) for k in DEFAULT_KEEP_FP32),
+                   help="extra 'int8 with layers kept in fp32' rows: sets of comma-separated module-name "
+                        "patterns, separated by ';' (e.g. 'layer.0.;layer.4.,layer.5.'); empty = no such rows")
     p.add_argument("--single-thread-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch and the onnx graphs with 1 thread")
 
@@ -181,8 +183,10 @@ def options_from(args: argparse.Namespace) -> BackendOptions:
     return BackendOptions(model_path=args.model, threads=args.threads, cache_dir=args.onnx_cache_dir)
 
 
-def keep_from(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(p.strip() for p in args.keep_fp32.split(",") if p.strip())
+def keep_from(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """'a,b;c' -> [("a", "b"), ("c",)]"""
+    sets = [tuple(p.strip() for p in group.split(",") if p.strip()) for group in args.keep_fp32.split(";")]
+    return [s for s in sets if s]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         args.texts, args.rounds = 300, 2
     texts = load_texts(args.texts)
     print(f"encoding {len(texts)} texts, {args.rounds} interleaved rounds, {args.threads} threads")
-    results = measure(rows_for(keep_from(args), args.single_thread_rows), options_from(args), texts, args.rounds, args.batch_size)
+    results = measure(rows_for(keep_from(args), args.single_thread_rows), options_from(args), texts, args.rounds,
+                      args.batch_size)
     print(table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"environment": environment(args.threads), "texts": len(texts),
