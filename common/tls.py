@@ -111,11 +111,19 @@ def add_server_tls_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]
                              "(mutual TLS) (env SUTRA_TLS_CLIENT_CA; default: no client certificates)")
 
 
+def _check_files(**flags: str) -> None:
+    """A clear startup error for a certificate path that is not a readable file."""
+    for flag, path in flags.items():
+        if path and not Path(path).expanduser().is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+
+
 def server_tls_from(args: argparse.Namespace) -> TlsServerOptions | None:
     if not (args.tls_cert or args.tls_key or args.tls_client_ca):
         return None
     if not (args.tls_cert and args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together (and --tls-client-ca needs both)")
+    _check_files(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
     return TlsServerOptions(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
 
 
@@ -143,4 +151,5 @@ def client_tls_from(args: argparse.Namespace, prefix: str) -> TlsClientOptions |
     ca, cert, key, name = (getattr(args, f"{dest}tls_{n}") for n in ("ca", "cert", "key", "server_name"))
     if not (getattr(args, f"{dest}tls") or ca or cert or key or name):
         return None
+    _check_files(**{f"{dest}tls_ca": ca, f"{dest}tls_cert": cert, f"{dest}tls_key": key})
     return TlsClientOptions(ca=ca, cert=cert, key=key, server_name=name)

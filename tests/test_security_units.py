@@ -86,7 +86,10 @@ def test_tenant_width_policy_on_top_of_the_model_policy():
         TenantSpec("a", (64, 512)).policy(base)
 
 
-def test_frontend_tls_flags_and_env(tmp_path):
+def test_frontend_tls_flags_and_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("ca.pem", "c", "k", "ca"):
+        (tmp_path / name).write_text("PEM")
     s = load_settings(["--mlbase-tls-ca", "ca.pem", "--shard-tls", "--tls-cert", "c", "--tls-key", "k"], env={})
     assert s.mlbase_tls.ca == "ca.pem" and s.shard_tls.ca == "" and s.server.tls.cert == "c"
     assert not s.server.tls.mutual
@@ -100,6 +103,8 @@ def test_frontend_tls_flags_and_env(tmp_path):
         load_settings(["--tls-cert", "c"], env={})
     with pytest.raises(SystemExit):
         load_settings(["--mlbase-tls-cert", "c"], env={})  # a client certificate without its key
+    with pytest.raises(SystemExit):
+        load_settings(["--tls-cert", "c", "--tls-key", "missing.key"], env={})
 
 
 def test_haproxy_check_over_tls_options():
