@@ -37,32 +37,25 @@ throughput is what a client on the same host sees.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
-import psutil
 
 from bench import frontend_bench, scaling_bench, workloads
-from common import codec
-from common.cache_key import cache_key
+from bench.stack_access import (cache_stats, cpu_seconds, disk_phase, extra_frontend, replica_info, rss_snapshot,
+                                stack_pids, start_stack, wait_shard_entries)
 from deploy import stack
 from deploy.settings import StackSettings
-from deploy.supervisor import Supervisor
-from sutra.cache.v1 import cache_shard_service_pb2 as cpb
-from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
-from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
 from tests.support import Proc
 
 Printer = Callable[[str], None]
@@ -91,85 +84,6 @@ class BenchConfig:
     batch_requests: int
     data_dir: Path
     quick: bool = False
-
-
-# --- the stack --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def replica_environment(backend: str, precision: str) -> Iterator[None]:
-    """Replicas read SUTRA_MLBASE_BACKEND/PRECISION (the env mirror of their flags); supervisord
-    and its children inherit this process's environment when `stack.up` starts them."""
-    saved = {k: os.environ.get(k) for k in ("SUTRA_MLBASE_BACKEND", "SUTRA_MLBASE_PRECISION")}
-    os.environ["SUTRA_MLBASE_BACKEND"], os.environ["SUTRA_MLBASE_PRECISION"] = backend, precision
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def start_stack(cfg: BenchConfig, run_dir: Path, out: Printer) -> tuple[StackSettings, float]:
-    settings = scaling_bench.stack_settings(run_dir, cfg.replicas)
-    started = time.perf_counter()
-    with replica_environment(cfg.backend, cfg.precision):
-        stack.up(settings, out=lambda line: None)
-    took = time.perf_counter() - started
-    out(f"  stack up in {took:.1f}s: {cfg.replicas} replica(s) x {settings.torch_threads} thread(s), "
-        f"frontend {settings.frontend_address}")
-    return settings, took
-
-
-def replica_info(settings: StackSettings) -> mpb.GetInfoResponse:
-    with grpc.insecure_channel(settings.lb_address) as ch:
-        return mpb_grpc.MLBaseServiceStub(ch).GetInfo(mpb.GetInfoRequest(), timeout=30)
-
-
-def extra_frontend(settings: StackSettings, workdir: Path, name: str, l1_entries: int) -> Proc:
-    """Another frontend on the stack's balancer and shard, differing only in its L1 size."""
-    return frontend_bench.start_frontend(workdir, settings.lb_address, settings.shard_address, name,
-                                         "--l1-entries", str(l1_entries),
-                                         "--mlbase-connections", str(settings.frontend_connections))
-
-
-def cache_stats(address: str) -> pb.GetCacheStatsResponse:
-    with grpc.insecure_channel(address) as ch:
-        return pb_grpc.EmbeddingServiceStub(ch).GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
-
-
-def shard_stats(settings: StackSettings) -> cpb.GetStatsResponse:
-    with grpc.insecure_channel(settings.shard_address) as ch:
-        return cpb_grpc.CacheShardServiceStub(ch).GetStats(cpb.GetStatsRequest(), timeout=30)
-
-
-def wait_shard_entries(settings: StackSettings, at_least: int, timeout: float = 60.0) -> int:
-    """Write-backs are asynchronous: poll the shard until it holds `at_least` entries."""
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = shard_stats(settings).entries
-        if entries >= at_least or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.1)
-
-
-# --- phases -----------------------------------------------------------------------------
-
-
-def stack_pids(settings: StackSettings) -> dict[str, int]:
-    """supervisord's programs (shard, replicas, HAProxy, frontend) by name."""
-    return {p["name"]: p["pid"] for p in Supervisor(settings.supervisor_socket).processes() if p["pid"]}
-
-
-def cpu_seconds(pids: dict[str, int]) -> float:
-    total = 0.0
-    for pid in pids.values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-    return total
 
 
 def cold_phase(cfg: BenchConfig, address: str, texts: list[str], baselines: list[workloads.Baseline],
@@ -301,42 +215,6 @@ def mixed_phase(address: str, stream: workloads.MixedStream, client: tuple[int, 
     return result
 
 
-def rss_snapshot(settings: StackSettings, extra: dict[str, int]) -> dict[str, float]:
-    """RSS in MiB of supervisord, each program it runs, our extra frontends and this process."""
-    pids = {"supervisord": Supervisor(settings.supervisor_socket).pid(), **stack_pids(settings)}
-    pids.update(extra)
-    pids["bench client (in-process models)"] = os.getpid()
-    out = {}
-    for name, pid in pids.items():
-        try:
-            out[name] = round(psutil.Process(pid).memory_info().rss / 2**20, 1)
-        except psutil.NoSuchProcess:
-            out[name] = None
-    return out
-
-
-def disk_phase(settings: StackSettings, fingerprint: str, native_width: int) -> dict:
-    """Checkpoint the shard (memtables flushed into SSTs) and divide SST bytes by entries."""
-    dest = settings.run_dir / "checkpoint"
-    with grpc.insecure_channel(settings.shard_address) as ch:
-        cpb_grpc.CacheShardServiceStub(ch).Checkpoint(cpb.CheckpointRequest(path=str(dest)), timeout=120)
-    stats = shard_stats(settings)
-    sst = sum(f.stat().st_size for f in dest.glob("*.sst"))
-    total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    key = cache_key(fingerprint, "example")
-    value = codec.encode(np.zeros(native_width, dtype=np.float32))
-    entries = stats.entries
-    return {
-        "method": "shard Checkpoint (flushes memtables; FIFO compaction keeps SSTs as flushed): "
-                  "SST bytes in the checkpoint / GetStats entries",
-        "entries": entries, "stores": stats.stores, "sst_bytes": sst, "checkpoint_bytes": total,
-        "bytes_per_entry": sst / entries if entries else None,
-        "live_bytes_on_disk": stats.bytes_on_disk,
-        "payload_bytes": {"key": len(key), "value": len(value), "sum": len(key) + len(value)},
-        "stored_width": native_width, "stored_dtype": "float16 (codec default)",
-    }
-
-
 # --- the run ----------------------------------------------------------------------------
 
 
@@ -345,7 +223,8 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
     t_run = time.perf_counter()
     cores = os.cpu_count() or 1
     lines = workloads.corpus_lines(cfg.data_dir)
-    split = workloads.split_corpus(lines, cfg.cold_texts)
+    # Cold references around the mixed runs: 4 waves of the cold client's texts in flight on each side.
+    split = workloads.split_corpus(lines, cfg.cold_texts, spare=2 * 4 * scaling_bench.REQUEST * scaling_bench.INFLIGHT)
     streams = {name: workloads.mixed_stream(split.mixed_pool[i::3], cfg.mixed_draws)
                for i, name in enumerate(("serving", "bulk", "small_l1"))}
     small_l1 = max(16, int(streams["small_l1"].distinct * cfg.mixed_l1_fraction))
@@ -367,7 +246,7 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
     phases: dict[str, float] = {}
     try:
         out(f"starting the stack ({cfg.backend} {cfg.precision})...")
-        settings, startup_s = start_stack(cfg, workdir / "stack", out)
+        settings, startup_s = start_stack(workdir / "stack", cfg.replicas, cfg.backend, cfg.precision, out)
         info = replica_info(settings)
         if (info.backend, info.precision) != (cfg.backend, cfg.precision):
             raise RuntimeError(f"replicas run {info.backend} {info.precision}, asked for {cfg.backend} {cfg.precision}")
@@ -418,7 +297,8 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
         phases["mixed"] = time.perf_counter() - t
 
         rss = rss_snapshot(settings, {name: p.pid for name, p in frontends.items()})
-        wait_shard_entries(settings, len(split.cold) + len(split.warmup) + len(split.spare) + sum(s.distinct for s in streams.values()))
+        stored = len(split.cold) + len(split.warmup) + len(split.spare) + sum(s.distinct for s in streams.values())
+        wait_shard_entries(settings, stored)
         disk = disk_phase(settings, info.fingerprint, info.native_width)
         out(f"  disk: {disk['bytes_per_entry']:.0f} bytes per entry ({disk['entries']} entries, "
             f"{disk['sst_bytes']} SST bytes); key+value payload {disk['payload_bytes']['sum']} bytes")

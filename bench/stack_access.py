@@ -1,0 +1,147 @@
+"""Access to a running benchmark stack: start it with a chosen backend, extra
+frontends beside it, cache and shard counters, PIDs, CPU time, RSS, and the
+shard's bytes per entry on disk.
+
+Separate from `bench.stack_bench` (which decides what to measure) so the
+plumbing that talks to supervisord, the shard and the frontends is in one
+place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+
+from bench import frontend_bench, scaling_bench
+from common import codec
+from common.cache_key import cache_key
+from deploy import stack
+from deploy.settings import StackSettings
+from deploy.supervisor import Supervisor
+from sutra.cache.v1 import cache_shard_service_pb2 as cpb
+from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
+from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
+from tests.support import Proc
+
+Printer = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def replica_environment(backend: str, precision: str) -> Iterator[None]:
+    """Replicas read SUTRA_MLBASE_BACKEND/PRECISION (the env mirror of their flags); supervisord
+    and its children inherit this process's environment when `stack.up` starts them."""
+    saved = {k: os.environ.get(k) for k in ("SUTRA_MLBASE_BACKEND", "SUTRA_MLBASE_PRECISION")}
+    os.environ["SUTRA_MLBASE_BACKEND"], os.environ["SUTRA_MLBASE_PRECISION"] = backend, precision
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_stack(run_dir: Path, replicas: int, backend: str, precision: str,
+                out: Printer) -> tuple[StackSettings, float]:
+    """`stack.up` on free ports in `run_dir` (scaling_bench's port choice); (settings, seconds to healthy)."""
+    settings = scaling_bench.stack_settings(run_dir, replicas)
+    started = time.perf_counter()
+    with replica_environment(backend, precision):
+        stack.up(settings, out=lambda line: None)
+    took = time.perf_counter() - started
+    out(f"  stack up in {took:.1f}s: {replicas} replica(s) x {settings.torch_threads} thread(s), "
+        f"frontend {settings.frontend_address}")
+    return settings, took
+
+
+def replica_info(settings: StackSettings) -> mpb.GetInfoResponse:
+    with grpc.insecure_channel(settings.lb_address) as ch:
+        return mpb_grpc.MLBaseServiceStub(ch).GetInfo(mpb.GetInfoRequest(), timeout=30)
+
+
+def extra_frontend(settings: StackSettings, workdir: Path, name: str, l1_entries: int) -> Proc:
+    """Another frontend on the stack's balancer and shard, differing only in its L1 size."""
+    return frontend_bench.start_frontend(workdir, settings.lb_address, settings.shard_address, name,
+                                         "--l1-entries", str(l1_entries),
+                                         "--mlbase-connections", str(settings.frontend_connections))
+
+
+def cache_stats(address: str) -> pb.GetCacheStatsResponse:
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.EmbeddingServiceStub(ch).GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
+
+
+def shard_stats(settings: StackSettings) -> cpb.GetStatsResponse:
+    with grpc.insecure_channel(settings.shard_address) as ch:
+        return cpb_grpc.CacheShardServiceStub(ch).GetStats(cpb.GetStatsRequest(), timeout=30)
+
+
+def wait_shard_entries(settings: StackSettings, at_least: int, timeout: float = 60.0) -> int:
+    """Write-backs are asynchronous: poll the shard until it holds `at_least` entries."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = shard_stats(settings).entries
+        if entries >= at_least or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.1)
+
+
+def stack_pids(settings: StackSettings) -> dict[str, int]:
+    """supervisord's programs (shard, replicas, HAProxy, frontend) by name."""
+    return {p["name"]: p["pid"] for p in Supervisor(settings.supervisor_socket).processes() if p["pid"]}
+
+
+def cpu_seconds(pids: dict[str, int]) -> float:
+    total = 0.0
+    for pid in pids.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def rss_snapshot(settings: StackSettings, extra: dict[str, int]) -> dict[str, float]:
+    """RSS in MiB of supervisord, each program it runs, our extra frontends and this process."""
+    pids = {"supervisord": Supervisor(settings.supervisor_socket).pid(), **stack_pids(settings)}
+    pids.update(extra)
+    pids["bench client (in-process models)"] = os.getpid()
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+        except psutil.NoSuchProcess:
+            out[name] = None
+    return out
+
+
+def disk_phase(settings: StackSettings, fingerprint: str, native_width: int) -> dict:
+    """Checkpoint the shard (memtables flushed into SSTs) and divide SST bytes by entries."""
+    dest = settings.run_dir / "checkpoint"
+    with grpc.insecure_channel(settings.shard_address) as ch:
+        cpb_grpc.CacheShardServiceStub(ch).Checkpoint(cpb.CheckpointRequest(path=str(dest)), timeout=120)
+    stats = shard_stats(settings)
+    sst = sum(f.stat().st_size for f in dest.glob("*.sst"))
+    total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    key = cache_key(fingerprint, "example")
+    value = codec.encode(np.zeros(native_width, dtype=np.float32))
+    entries = stats.entries
+    return {
+        "method": "shard Checkpoint (flushes memtables; FIFO compaction keeps SSTs as flushed): "
+                  "SST bytes in the checkpoint / GetStats entries",
+        "entries": entries, "stores": stats.stores, "sst_bytes": sst, "checkpoint_bytes": total,
+        "bytes_per_entry": sst / entries if entries else None,
+        "live_bytes_on_disk": stats.bytes_on_disk,
+        "payload_bytes": {"key": len(key), "value": len(value), "sum": len(key) + len(value)},
+        "stored_width": native_width, "stored_dtype": "float16 (codec default)",
+    }
