@@ -15,7 +15,7 @@ TORCH = "torch fp32"
 def goals(result: dict, default_backend: tuple[str, str]) -> list[dict]:
     """Each goal: name, target, measured value, met (None when this run cannot tell)."""
     cold, same = result["cold"], result["same_backend_engine"]
-    ran = (result["stack"]["backend"], result["stack"]["precision"])
+    ran = (result["stack"]["backend"], result["stack"]["precision"].split("+", 1)[0])
     best = cold["best_in_process"]
     vs_torch = best[TORCH]["stack_ratio"]
     single_p50 = max(result["l1"][f"1-text {enc}"]["latency"]["p50_ms"] for enc in ("float", "packed"))

@@ -248,8 +248,10 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
         out(f"starting the stack ({cfg.backend} {cfg.precision})...")
         settings, startup_s = start_stack(workdir / "stack", cfg.replicas, cfg.backend, cfg.precision, out)
         info = replica_info(settings)
-        if (info.backend, info.precision) != (cfg.backend, cfg.precision):
+        if (info.backend, workloads.base_precision(info.precision)) != (cfg.backend, cfg.precision):
             raise RuntimeError(f"replicas run {info.backend} {info.precision}, asked for {cfg.backend} {cfg.precision}")
+        if same != f"{info.backend} {info.precision}":
+            raise RuntimeError(f"the same-backend baseline runs {same}, the replicas {info.backend} {info.precision}")
         front = settings.frontend_address
         # Warm every replica's code paths (and connections) on texts no phase measures.
         scaling_bench.drive(front, workloads.chunks(split.warmup, 16), 2 * cfg.replicas)

@@ -154,11 +154,12 @@ class BackendBaseline(Baseline):
         args = build_parser(dict(os.environ)).parse_args(
             ["--backend", backend, "--precision", precision, "--threads", str(threads)])
         options = settings_from_args(args).backend
-        self.engine = f"{backend} {precision}"
         self.threads = threads
         self.batch_size = batch_size
         self.backend = registry.create(backend, options)
         self.backend.load()
+        # The fingerprint's label, e.g. "onnx int8+fp32:layer.0.": what GetInfo reports for a replica.
+        self.engine = f"{backend} {self.backend.describe().precision}"
         self.backend.encode(["warm up"] * 8, batch_size=8)
 
     def seconds(self, texts: list[str]) -> float:
@@ -169,10 +170,15 @@ class BackendBaseline(Baseline):
 
 def mlbase_defaults() -> tuple[str, str]:
     """(backend, precision) a replica runs when given no flags and no environment."""
-    from mlbase.settings import build_parser
+    from mlbase.settings import build_parser, settings_from_args
 
-    args = build_parser({}).parse_args([])
-    return args.backend, args.precision
+    settings = settings_from_args(build_parser({}).parse_args([]))
+    return settings.backend_name, settings.backend.precision
+
+
+def base_precision(label: str) -> str:
+    """"int8+fp32:layer.0." (a fingerprint's precision label) -> "int8"."""
+    return label.split("+", 1)[0]
 
 
 # --- statistics -----------------------------------------------------------------------
