@@ -38,10 +38,18 @@ def bundled_model_path() -> str:
     return str(Path(spec.origin).parent / "model")
 
 
+DEFAULT_BACKEND = "onnx"
+# Precision when --precision is not given, per backend.
+DEFAULT_PRECISION = {"onnx": "int8", "torch": "fp32"}
+DEFAULT_INT8_KEEP_FP32 = "layer.0."
+
+
 @dataclass(frozen=True)
 class MLBaseSettings:
     server: ServerOptions
-    backend_name: str = "torch"
+    # Chosen by bench/quality.py: the fastest backend whose STS-B Spearman stays within
+    # 0.5% of torch (see README "Quality and backends").
+    backend_name: str = DEFAULT_BACKEND
     backend: BackendOptions = field(default_factory=lambda: BackendOptions(model_path=""))
     batch: BatchLimits = field(default_factory=BatchLimits)
     max_inputs: int = 2048
@@ -134,16 +142,18 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--max-seq-length", type=int, default=int(e("SUTRA_MLBASE_MAX_SEQ_LENGTH", 0)),
                    help="model window in tokens; longer texts are truncated or rejected; 0 = the model's "
                         "own setting (env SUTRA_MLBASE_MAX_SEQ_LENGTH)")
-    p.add_argument("--precision", default=e("SUTRA_MLBASE_PRECISION", "fp32"),
+    p.add_argument("--precision", default=e("SUTRA_MLBASE_PRECISION", ""),
                    help=f"forward-pass precision, one of: {', '.join(PRECISIONS)}; int8 (dynamic quantization of "
-                        "the weight matrices) needs --backend onnx (env SUTRA_MLBASE_PRECISION)")
+                        "the weight matrices) needs --backend onnx; empty = the backend's default "
+                        f"({', '.join(f'{k}: {v}' for k, v in DEFAULT_PRECISION.items())}) (env SUTRA_MLBASE_PRECISION)")
     p.add_argument("--onnx-cache-dir", default=e("SUTRA_ONNX_CACHE", DEFAULT_ONNX_CACHE),
                    help="where --backend onnx keeps the graphs it exports from the model (once per weights and "
                         "exporter settings, shared by replicas) (env SUTRA_ONNX_CACHE)")
-    p.add_argument("--int8-keep-fp32", default=e("SUTRA_INT8_KEEP_FP32", ""),
+    p.add_argument("--int8-keep-fp32", default=e("SUTRA_INT8_KEEP_FP32", None),
                    help="comma-separated module-name patterns that --precision int8 leaves in fp32, e.g. "
-                        "'attention.output.dense' or 'layer.0.'; empty = quantize every weight matrix "
-                        "(env SUTRA_INT8_KEEP_FP32)")
+                        "'attention.output.dense'; '' = quantize every weight matrix; unset = "
+                        f"'{DEFAULT_INT8_KEEP_FP32}' with int8 (the first encoder layer, which keeps STS-B within "
+                        "0.35%% of torch) (env SUTRA_INT8_KEEP_FP32)")
     p.add_argument("--max-batch-size", type=int, default=int(e("SUTRA_MLBASE_MAX_BATCH_SIZE", b.max_batch_size)),
                    help="most texts per forward pass (env SUTRA_MLBASE_MAX_BATCH_SIZE)")
     p.add_argument("--max-batch-tokens", type=int,
@@ -180,6 +190,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
 
 
 def settings_from_args(args: argparse.Namespace) -> MLBaseSettings:
+    precision = args.precision or DEFAULT_PRECISION.get(args.backend, "fp32")
+    keep_fp32 = args.int8_keep_fp32
+    if keep_fp32 is None:
+        keep_fp32 = DEFAULT_INT8_KEEP_FP32 if precision == "int8" else ""
     server = server_options_from(args, max_connection_age_ms=args.max_connection_age_ms,
                                  max_connection_age_grace_ms=args.max_connection_age_grace_ms)
     return MLBaseSettings(
@@ -187,8 +201,8 @@ def settings_from_args(args: argparse.Namespace) -> MLBaseSettings:
         backend_name=args.backend,
         backend=BackendOptions(model_path=args.model, model_id=args.model_id, threads=args.threads,
                                max_seq_length=args.max_seq_length, device=args.device,
-                               precision=args.precision, cache_dir=args.onnx_cache_dir,
-                               keep_fp32=tuple(p.strip() for p in args.int8_keep_fp32.split(",") if p.strip())),
+                               precision=precision, cache_dir=args.onnx_cache_dir,
+                               keep_fp32=tuple(p.strip() for p in keep_fp32.split(",") if p.strip())),
         batch=BatchLimits(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                           wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                           overhead_tokens=args.batch_overhead_tokens),

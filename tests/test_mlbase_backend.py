@@ -98,7 +98,12 @@ def test_settings_from_flags_and_env():
     assert (s.server.port, s.default_width, s.allowed_widths, s.batch.max_queue, s.layer_norm) == (
         50999, 128, (64, 128, 384), 77, True)
     assert s.server.drain_seconds > 0 and s.server.max_connection_age_ms > 0
-    assert s.backend.model_path == MODEL and s.backend_name == "torch"
+    assert s.backend.model_path == MODEL and s.backend_name == "onnx"
+    assert (s.backend.precision, s.backend.keep_fp32) == ("int8", ("layer.0.",))
+    torch_default = load_settings(["--backend", "torch"], {})
+    assert (torch_default.backend.precision, torch_default.backend.keep_fp32) == ("fp32", ())
+    all_int8 = load_settings(["--int8-keep-fp32", ""], {})
+    assert (all_int8.backend.precision, all_int8.backend.keep_fp32) == ("int8", ())
     s = load_settings(["--port", "1", "--default-width", "64", "--no-layer-norm", "--max-batch-tokens", "99",
                        "--max-connection-age-ms", "0", "--threads", "3"], env)
     assert (s.server.port, s.default_width, s.layer_norm, s.batch.max_batch_tokens) == (1, 64, False, 99)

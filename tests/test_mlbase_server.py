@@ -37,7 +37,8 @@ TEXTS = corpus_texts(20) + ["", "hello", "Ünïcödé 🙂 中文", LONG]
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
     port = free_port()
-    proc = Proc("mlbase", ["--port", str(port), "--threads", "2", "--drain-seconds", "0"],
+    # torch explicitly: these tests compare with sentence-transformers' own encode.
+    proc = Proc("mlbase", ["--backend", "torch", "--port", str(port), "--threads", "2", "--drain-seconds", "0"],
                 tmp_path_factory.mktemp("mlbase") / "mlbase.log", port)
     proc.start()
     try:

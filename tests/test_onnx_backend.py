@@ -218,9 +218,10 @@ def test_precision_and_cache_settings(tmp_path):
                       {"SUTRA_ONNX_CACHE": str(tmp_path)})
     assert (s.backend_name, s.backend.precision, s.backend.cache_dir, s.backend.keep_fp32) == (
         "onnx", "int8", str(tmp_path), ("layer.0.", "layer.5."))
-    assert load_settings([], {"SUTRA_MLBASE_BACKEND": "onnx"}).backend.precision == "fp32"
-    for argv in (["--precision", "int8"], ["--backend", "onnx", "--precision", "fp16"],
-                 ["--backend", "onnx", "--int8-keep-fp32", "layer.0."]):
+    assert load_settings([], {"SUTRA_MLBASE_BACKEND": "onnx"}).backend.precision == "int8"
+    assert load_settings(["--precision", "fp32"], {}).backend.keep_fp32 == ()
+    for argv in (["--backend", "torch", "--precision", "int8"], ["--backend", "onnx", "--precision", "fp16"],
+                 ["--backend", "onnx", "--precision", "fp32", "--int8-keep-fp32", "layer.0."]):
         with pytest.raises(SystemExit):
             load_settings(argv, {})
 
@@ -228,7 +229,7 @@ def test_precision_and_cache_settings(tmp_path):
 @pytest.fixture(scope="module")
 def replica(cache_dir, fp32, tmp_path_factory):
     port = free_port()
-    proc = Proc("mlbase", ["--backend", "onnx", "--port", str(port), "--threads", "1", "--drain-seconds", "0",
+    proc = Proc("mlbase", ["--backend", "onnx", "--precision", "fp32", "--port", str(port), "--threads", "1", "--drain-seconds", "0",
                            "--onnx-cache-dir", str(cache_dir)],
                 tmp_path_factory.mktemp("onnx-replica") / "mlbase.log", port)
     proc.start()
