@@ -79,13 +79,13 @@ def print_table(result: dict, out: Printer = print) -> None:
     out(f"cold: {cold['texts']} never-seen texts, {cold['request_texts']} per request, {cold['inflight']} in flight, "
         f"{len(cold['rounds'])} rounds alternating with in-process encode ({cfg['in_process_threads']} threads, "
         f"batch {cfg['in_process_batch']})")
-    out(f"  {'workload':34}{'texts/s':>10}{'stack ratio':>13}{'CPU ms/text':>13}{'CPU ratio':>11}")
-    out(f"  {'stack (all misses)':34}{cold['stack_texts_per_s']:>10.1f}{'':>13}"
+    out(f"  {'workload':44}{'texts/s':>10}{'stack ratio':>13}{'CPU ms/text':>13}{'CPU ratio':>11}")
+    out(f"  {'stack (all misses)':44}{cold['stack_texts_per_s']:>10.1f}{'':>13}"
         f"{cold['stack_cpu_ms_per_text']:>13.2f}{'':>11}  request p50 {cold['latency']['p50_ms']:.0f} ms, "
         f"p99 {cold['latency']['p99_ms']:.0f} ms")
     for name, row in cold["in_process"].items():
         cpu_ratio = f"{row['cpu_ratio']:>10.2f}x" if row["cpu_ratio"] else f"{'-':>11}"
-        out(f"  {'in-process ' + name:34}{row['texts_per_s']:>10.1f}{row['stack_ratio']:>12.2f}x"
+        out(f"  {'in-process ' + name:44}{row['texts_per_s']:>10.1f}{row['stack_ratio']:>12.2f}x"
             f"{row['cpu_ms_per_text']:>13.2f}{cpu_ratio}")
     out("  (stack ratio = in-process seconds / stack seconds on the same texts; CPU = every stack process vs this "
         "process while encoding; load average per round in latest.json)")
