@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.flags import parse_bool
 from common.grpc_server import ServerOptions, add_server_flags, server_options_from
 
 DEFAULT_PORT = 50052
@@ -72,10 +73,6 @@ class ShardSettings:
         return self.budget_bytes - MAX_MEMTABLES * self.memtable_bytes
 
 
-def _env_bool(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def add_shard_flags(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument(
@@ -83,7 +80,7 @@ def add_shard_flags(parser: argparse.ArgumentParser) -> None:
         help="database directory; created if missing, refused at startup if it holds anything but a "
              "cache shard (env SUTRA_CACHE_SHARD_PATH; default %(default)s)")
     parser.add_argument(
-        "--sync", action="store_true", default=_env_bool("SUTRA_CACHE_SHARD_SYNC"),
+        "--sync", action="store_true", default=parse_bool(os.environ.get("SUTRA_CACHE_SHARD_SYNC", "")),
         help="fsync the write-ahead log before acknowledging a Store: an acknowledged entry survives "
              "power loss and kernel crashes, at the cost of one fsync per Store. Without it (the default) "
              "every Store still goes through the write-ahead log, so an acknowledged entry survives the "

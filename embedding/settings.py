@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from common.flags import parse_bool, split_csv
 from common import codec
 from common.grpc_server import ServerOptions, add_server_flags, server_options_from
 from common.matryoshka import parse_widths
@@ -108,19 +109,6 @@ class FrontendSettings:
         return self.cache_enabled and bool(self.cache_shards)
 
 
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _shards(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
     d = FrontendSettings(server=ServerOptions())
@@ -141,7 +129,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--cache-shard", default=e("SUTRA_CACHE_SHARDS", DEFAULT_SHARDS),
                    help="L2 cache shards HOST:PORT[,HOST:PORT...]; keys are spread by rendezvous hashing; "
                         "empty = no L2 (env SUTRA_CACHE_SHARDS)")
-    p.add_argument("--cache-enabled", type=_bool, default=e("SUTRA_CACHE_ENABLED", "true"),
+    p.add_argument("--cache-enabled", type=parse_bool, default=e("SUTRA_CACHE_ENABLED", "true"),
                    help="false turns both cache levels off (env SUTRA_CACHE_ENABLED)")
     p.add_argument("--default-width", type=int, default=int(e("MATRYOSHKA_DIM", d.default_width)),
                    help="width used when a request says dimensions=0; 0 = the replica's default "
@@ -221,7 +209,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    help="YAML (or .json) `tenants: {NAME: {tokens: [...], allowed_widths: [...], "
                         "default_width: N}}`: per-tenant tokens and width policy; see README, Security "
                         "(env SUTRA_TENANTS_FILE)")
-    p.add_argument("--isolate-tenants", type=_bool, nargs="?", const=True,
+    p.add_argument("--isolate-tenants", type=parse_bool, nargs="?", const=True,
                    default=e("SUTRA_ISOLATE_TENANTS", "false"),
                    help="put the tenant in every cache key (L1, L2 and single-flight), so no tenant is served "
                         "or can time another's cached vectors. The tenant is its token's when tokens are "
@@ -230,12 +218,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
 
 
 def settings_from_args(args: argparse.Namespace) -> FrontendSettings:
-    cache_enabled = args.cache_enabled if isinstance(args.cache_enabled, bool) else _bool(args.cache_enabled)
-    isolate = args.isolate_tenants if isinstance(args.isolate_tenants, bool) else _bool(args.isolate_tenants)
+    cache_enabled = parse_bool(args.cache_enabled)
+    isolate = parse_bool(args.isolate_tenants)
     return FrontendSettings(
         server=server_options_from(args),
         mlbase_address=args.mlbase,
-        cache_shards=_shards(args.cache_shard),
+        cache_shards=split_csv(args.cache_shard),
         cache_enabled=cache_enabled,
         default_width=args.default_width,
         allowed_widths=parse_widths(args.allowed_widths),

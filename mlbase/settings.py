@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.flags import parse_bool, split_csv
 from common.grpc_server import ServerOptions, add_server_flags, server_options_from
 from common.matryoshka import parse_widths
 from mlbase.backends import registry
@@ -89,17 +90,6 @@ class MLBaseSettings:
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-def _bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -183,7 +173,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--default-width", type=int, default=int(e("MATRYOSHKA_DIM", d.default_width)),
                    help="width returned when a request says dimensions=0 (env MATRYOSHKA_DIM)")
     p.add_argument("--layer-norm", action=argparse.BooleanOptionalAction,
-                   default=_bool(e("SUTRA_LAYER_NORM", d.layer_norm)),
+                   default=parse_bool(e("SUTRA_LAYER_NORM", d.layer_norm)),
                    help="apply layer norm over the full width before truncating (the Matryoshka transform's "
                         "optional first step) (env SUTRA_LAYER_NORM)")
     return p
@@ -202,7 +192,7 @@ def settings_from_args(args: argparse.Namespace) -> MLBaseSettings:
         backend=BackendOptions(model_path=args.model, model_id=args.model_id, threads=args.threads,
                                max_seq_length=args.max_seq_length, device=args.device,
                                precision=precision, cache_dir=args.onnx_cache_dir,
-                               keep_fp32=tuple(p.strip() for p in keep_fp32.split(",") if p.strip())),
+                               keep_fp32=split_csv(keep_fp32)),
         batch=BatchLimits(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                           wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                           overhead_tokens=args.batch_overhead_tokens),
