@@ -7,7 +7,8 @@ then measures, in this order, on the shared corpora:
   cold    never-seen texts through the frontend (all misses) in rounds that
           alternate with in-process encode of the same texts: sentence-
           transformers (torch) always, and the stack's own backend in this
-          process when that is not torch. Ratios are sum/sum over rounds.
+          process when that is not torch, each with every core and with one
+          thread (goals use the faster). Ratios are sum/sum over rounds.
   L1      the cold texts again (all in the frontend's LRU): 1-text and
           64-text requests, float and packed encodings; embeddings/s with
           8 requests in flight, latency one request at a time.
@@ -22,13 +23,13 @@ then measures, in this order, on the shared corpora:
           stream's distinct texts, so that L2 takes part. Effective texts/s,
           hit rates per level from GetCacheStats deltas, and the ratio to
           cold throughput: to the cold phase's, and (the one the goal uses)
-          to cold traffic sent by the same client right before and right
+          to cold traffic sent by the cold client right before and right
           after the mixed runs, since a shared machine's load drifts within
           a run.
   memory  RSS of every process (PIDs from supervisord and our own frontends).
   disk    a shard Checkpoint (RocksDB flushes its memtables into SST files
           for it; the shard's FIFO compaction never rewrites files, so these
-          SSTs are the on-disk form) : SST bytes / entries.
+          SSTs are the on-disk form): SST bytes / entries.
 
 Everything shares this machine's cores with the client (this process), so
 throughput is what a client on the same host sees.
