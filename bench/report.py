@@ -28,10 +28,11 @@ def goals(result: dict, default_backend: tuple[str, str]) -> list[dict]:
          "note": "" if ran == default_backend else f"this run used {' '.join(ran)}; stack/torch = {vs_torch:.2f}"},
         {"goal": "L1-hit single-text p50 < 1 ms (worse of float and packed)", "target": 1.0,
          "measured": single_p50, "lower_is_better": True},
-        {"goal": "85%-repeat mixed workload >= 5x cold throughput (serving client, default L1; cold measured "
-                 "right before and after)", "target": 5.0,
-         "measured": result["mixed"]["serving"]["vs_cold_adjacent"],
-         "note": f"vs the cold phase {result['mixed']['serving']['vs_cold']:.2f}x; bulk client "
+        {"goal": "85%-repeat mixed workload >= 5x cold throughput (cold client with as many misses in flight as "
+                 "the cold run; cold measured right before and after)", "target": 5.0,
+         "measured": result["mixed"]["saturating"]["vs_cold_adjacent"],
+         "note": f"serving client (8-text requests, 128 texts in flight) "
+                 f"{result['mixed']['serving']['vs_cold_adjacent']:.2f}x; bulk client (128 texts in flight) "
                  f"{result['mixed']['bulk']['vs_cold_adjacent']:.2f}x"},
         {"goal": "<= 900 bytes on disk per cached entry (full width, every width served)", "target": 900.0,
          "measured": result["disk"]["bytes_per_entry"], "lower_is_better": True, "inclusive": True},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import plots, report, workloads
+from bench import plots, report, stack_bench, workloads
 
 
 def test_data_dir_defaults_next_to_the_repo_and_env_overrides(tmp_path):
@@ -94,7 +94,8 @@ def result_doc(backend=("onnx", "int8"), cold_ratio=2.0, l1_p50=0.4, mixed=6.0, 
                  "stack_texts_per_s": 240.0, "stack_cpu_ms_per_text": 4.0, "latency": _latency(100.0),
                  "in_process": in_process, "best_in_process": best},
         "l1": _hits(l1_p50), "l2": _hits(0.9),
-        "mixed": {"serving": _mixed("serving", mixed), "bulk": _mixed("bulk", mixed - 1)},
+        "mixed": {"serving": _mixed("serving", mixed - 1), "bulk": _mixed("bulk", mixed - 1),
+                  "saturating": _mixed("saturating", mixed)},
         "mixed_cold_reference": {"texts": 32, "texts_per_s": 240.0, "computed": 32,
                                  "before_texts_per_s": 240.0, "after_texts_per_s": 240.0},
         "disk": {"bytes_per_entry": per_entry, "entries": 100, "sst_bytes": int(per_entry * 100), "method": "m",
@@ -110,6 +111,12 @@ def test_goals_met_and_missed_by_the_numbers():
     met = [g["met"] for g in report.goals(bad, ("onnx", "int8"))]
     # same-backend ratio 0.8 < 0.9, 1.2 < 1.8, 1.5 ms >= 1 ms, 4x < 5x, 901 > 900
     assert met == [False, False, False, False, False]
+
+
+def test_saturating_client_keeps_the_cold_runs_misses_in_flight():
+    size, inflight = stack_bench.saturating_client(0.85)
+    misses_in_flight = size * inflight * (1 - 0.85)
+    assert size == 32 and abs(misses_in_flight - 32 * 4) <= size
 
 
 def test_default_backend_goal_is_not_judged_on_another_backend():
