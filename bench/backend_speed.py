@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench.datasets import CORPUS_FILE, data_file
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 from mlbase.backends.onnx_backend import DEFAULT_FUSED
@@ -43,7 +44,6 @@ from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR
 from mlbase.settings import bundled_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 # The first layer's weights: of the layer choices tried (README), the best STS-B recovered per CPU spent.
 DEFAULT_KEEP_FP32 = (("layer.0.",),)
@@ -83,7 +83,7 @@ def rows_for(keep_sets: Sequence[tuple[str, ...]], single_thread_rows: bool = Tr
 
 
 def load_texts(n: int) -> list[str]:
-    lines = (DATA / "corpus.txt").read_text().splitlines()
+    lines = data_file(CORPUS_FILE).read_text().splitlines()
     return [line for line in lines if line.strip()][:n]
 
 

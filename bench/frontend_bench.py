@@ -44,24 +44,13 @@ from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
+from bench.datasets import CORPUS_FILE, corpus_lines, data_file
 from tests.support import Proc, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "frontend.json"
-CORPUS = Path(os.environ.get("SUTRA_BENCH_CORPUS", "/work/shared/data/corpus.txt"))
 REQUEST = 64
 COLD_INFLIGHT = 8
 CONCURRENCY = 8
-
-
-def corpus_lines() -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for line in CORPUS.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and line not in seen:
-            seen.add(line)
-            out.append(line)
-    return out
 
 
 def bundled_model() -> str:
@@ -262,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "config": {"threads": args.threads, "cold_texts_per_round": args.cold, "rounds": args.rounds,
                    "request_texts": REQUEST, "cold_inflight": COLD_INFLIGHT, "concurrency": CONCURRENCY,
-                   "corpus": str(CORPUS), "quick": args.quick},
+                   "corpus": str(data_file(CORPUS_FILE)), "quick": args.quick},
         "cold": cold, "l1": l1, "l2": l2,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,12 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.datasets import data_file
 from bench import backend_speed
 from common import codec, matryoshka
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 
-STS_TEST = backend_speed.DATA / "sts-test.tsv"
+STS_TEST_FILE = "sts-test.tsv"
 WIDTHS = (384, 256, 128, 64)
 STORAGE = ("float32", "float16")
 TOLERANCE = 0.005  # "within 0.5% of torch"
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     backend_speed.add_flags(p)
-    p.add_argument("--sts", default=str(STS_TEST), help="STS-B test file (tab-separated, with a header)")
+    p.add_argument("--sts", default=str(data_file(STS_TEST_FILE)), help="STS-B test file (tab-separated, with a header)")
     p.add_argument("--pairs", type=int, default=0, help="use only the first N pairs; 0 = all")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="also run bench.backend_speed")
     p.add_argument("--speed-texts", type=int, default=1000, help="texts for the speed section")

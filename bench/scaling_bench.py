@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -47,26 +46,15 @@ from deploy.settings import StackSettings
 from lb import runtime
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from bench.datasets import corpus_lines
 from tests.support import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scaling.json"
-CORPUS = Path(os.environ.get("SUTRA_BENCH_CORPUS", "/work/shared/data/corpus.txt"))
 REQUEST = 32
 INFLIGHT = 4
 MIXED_REQUEST = 8
 MIXED_INFLIGHT = 4
 REPEAT_TARGET = 0.85
-
-
-def corpus_lines() -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for line in CORPUS.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and line not in seen:
-            seen.add(line)
-            out.append(line)
-    return out
 
 
 def zipf_workload(lines: list[str], draws: int, seed: int = 7) -> tuple[list[str], float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,34 +21,10 @@ import numpy as np
 from bench import scaling_bench
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA_ENV = "SUTRA_BENCH_DATA"
-CORPUS_FILE = "corpus.txt"
 REPEAT_TARGET = scaling_bench.REPEAT_TARGET
 
 
-def data_dir(env: Mapping[str, str] | None = None) -> Path:
-    """`$SUTRA_BENCH_DATA`, else `<repo root>/../shared/data`."""
-    env = os.environ if env is None else env
-    return Path(env.get(DATA_ENV) or ROOT.parent / "shared" / "data")
-
-
-def distinct_lines(path: Path) -> list[str]:
-    """Non-empty stripped lines of `path`, first occurrence only, in file order."""
-    seen: set[str] = set()
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and line not in seen:
-            seen.add(line)
-            out.append(line)
-    return out
-
-
-def corpus_lines(folder: Path | None = None, name: str = CORPUS_FILE) -> list[str]:
-    path = (folder or data_dir()) / name
-    if not path.exists():
-        raise SystemExit(f"benchmark corpus {path} not found (set {DATA_ENV} to the shared data folder)")
-    return distinct_lines(path)
+from bench.datasets import CORPUS_FILE, DATA_ENV, corpus_lines, data_dir, distinct_lines  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

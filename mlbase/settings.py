@@ -41,15 +41,17 @@ def bundled_model_path() -> str:
 
 DEFAULT_BACKEND = "onnx"
 # Precision when --precision is not given, per backend.
-DEFAULT_PRECISION = {"onnx": "int8", "torch": "fp32"}
+DEFAULT_PRECISION = {"onnx": "fp32", "torch": "fp32"}
 DEFAULT_INT8_KEEP_FP32 = "layer.0."
 
 
 @dataclass(frozen=True)
 class MLBaseSettings:
     server: ServerOptions
-    # Chosen by bench/quality.py: the fastest backend whose STS-B Spearman stays within
-    # 0.5% of torch (see README "Quality and backends").
+    # Chosen by bench/quality.py and bench/backend_speed.py: the fastest backend whose
+    # STS-B Spearman stays within 0.5% of torch AND whose vector for a text does not depend
+    # on the other texts in its batch (int8's dynamic activation quantization does), so a
+    # cached vector equals a recomputed one. See README "Quality and backends".
     backend_name: str = DEFAULT_BACKEND
     backend: BackendOptions = field(default_factory=lambda: BackendOptions(model_path=""))
     batch: BatchLimits = field(default_factory=BatchLimits)

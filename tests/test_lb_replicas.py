@@ -228,7 +228,8 @@ def test_3_kill_9_during_a_steady_stream_fails_no_request(cluster):
         load.wait_for(16)
     print(f"requests: {ok_before} before the kill, {load.ok - ok_before} after; failures: {len(load.failures)}")
     assert load.failures == []
-    assert cluster.view(victim).check_status.startswith("L4")
+    # Either the health check (L4...) or `observe layer4` on live traffic (HANA) saw the dead port first.
+    assert cluster.view(victim).check_status.startswith(("L4", "HANA")), cluster.view(victim)
 
 
 def test_4_returned_replica_gets_traffic_again(cluster):

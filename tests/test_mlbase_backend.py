@@ -99,10 +99,12 @@ def test_settings_from_flags_and_env():
         50999, 128, (64, 128, 384), 77, True)
     assert s.server.drain_seconds > 0 and s.server.max_connection_age_ms > 0
     assert s.backend.model_path == MODEL and s.backend_name == "onnx"
-    assert (s.backend.precision, s.backend.keep_fp32) == ("int8", ("layer.0.",))
+    assert (s.backend.precision, s.backend.keep_fp32) == ("fp32", ())
     torch_default = load_settings(["--backend", "torch"], {})
     assert (torch_default.backend.precision, torch_default.backend.keep_fp32) == ("fp32", ())
-    all_int8 = load_settings(["--int8-keep-fp32", ""], {})
+    int8 = load_settings(["--precision", "int8"], {})
+    assert (int8.backend.precision, int8.backend.keep_fp32) == ("int8", ("layer.0.",))
+    all_int8 = load_settings(["--precision", "int8", "--int8-keep-fp32", ""], {})
     assert (all_int8.backend.precision, all_int8.backend.keep_fp32) == ("int8", ())
     s = load_settings(["--port", "1", "--default-width", "64", "--no-layer-norm", "--max-batch-tokens", "99",
                        "--max-connection-age-ms", "0", "--threads", "3"], env)

@@ -19,7 +19,7 @@ from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
 from tests.support import ROOT, SERVING, Proc, free_port, health_status
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "bench" / "data" / "corpus.txt"
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 LONG = "a text well past the model window of two hundred and fifty six tokens " * 30
 

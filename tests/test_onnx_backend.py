@@ -61,6 +61,21 @@ def fp32(cache_dir):
     return b
 
 
+def test_fp32_vector_does_not_depend_on_batch_mates_but_int8_does(fp32, int8):
+    """Why fp32 is the default: a cache is only sound if a text's vector is the same
+    whichever texts shared its batch. int8's dynamic quantization scales activations
+    over the whole batch, so its vectors move with their batch mates."""
+    text = ["how do I learn python quickly?"]
+    mates = ["a much longer sentence about something else entirely, with numbers 12345 and more words"] * 7
+    for backend, same in ((fp32, True), (int8, False)):
+        alone, _ = backend.encode(text)
+        together, _ = backend.encode(text + mates, batch_size=8)
+        if same:
+            np.testing.assert_allclose(alone[0], together[0], atol=1e-6)
+        else:
+            assert np.abs(alone[0] - together[0]).max() > 1e-3
+
+
 @pytest.fixture(scope="module")
 def int8(cache_dir, fp32):
     b = registry.create("onnx", options(cache_dir, precision="int8"))
@@ -218,7 +233,7 @@ def test_precision_and_cache_settings(tmp_path):
                       {"SUTRA_ONNX_CACHE": str(tmp_path)})
     assert (s.backend_name, s.backend.precision, s.backend.cache_dir, s.backend.keep_fp32) == (
         "onnx", "int8", str(tmp_path), ("layer.0.", "layer.5."))
-    assert load_settings([], {"SUTRA_MLBASE_BACKEND": "onnx"}).backend.precision == "int8"
+    assert load_settings([], {"SUTRA_MLBASE_BACKEND": "onnx"}).backend.precision == "fp32"
     assert load_settings(["--precision", "fp32"], {}).backend.keep_fp32 == ()
     for argv in (["--backend", "torch", "--precision", "int8"], ["--backend", "onnx", "--precision", "fp16"],
                  ["--backend", "onnx", "--precision", "fp32", "--int8-keep-fp32", "layer.0."]):

@@ -28,8 +28,6 @@ from embedding.client import Client
 from lb import render, runtime
 from sutra.cache.v1 import cache_shard_service_pb2 as cpb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
-from sutra.embedding.v1 import embedding_service_pb2 as pb
-from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.certs import Pki, make_pki
 from tests.support import ROOT, SERVING, Proc, free_port, health_status
 
