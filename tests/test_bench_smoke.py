@@ -9,12 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from bench import plots, report, stack_bench, workloads
+from bench import datasets, plots, report, stack_bench, workloads
 
 
-def test_data_dir_defaults_next_to_the_repo_and_env_overrides(tmp_path):
-    assert workloads.data_dir({}) == workloads.ROOT.parent / "shared" / "data"
+def test_data_dir_prefers_env_then_shared_then_the_committed_copies(tmp_path):
+    shared = workloads.ROOT.parent / "shared" / "data"
+    expected = shared if (shared / "corpus.txt").exists() else datasets.BUNDLED
+    assert workloads.data_dir({}) == expected
     assert workloads.data_dir({workloads.DATA_ENV: str(tmp_path)}) == tmp_path
+    # The committed copies are enough for every benchmark and the quality evaluation.
+    assert len(datasets.corpus_lines(datasets.BUNDLED)) > 10_000
+    assert (datasets.BUNDLED / "sts-test.tsv").exists()
 
 
 def test_corpus_lines_strip_and_drop_blanks_and_duplicates(tmp_path):
