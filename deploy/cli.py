@@ -43,7 +43,7 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=int(_env("SUTRA_REPLICAS", d.replicas)),
                         help="ML-base replicas behind HAProxy (env SUTRA_REPLICAS; default %(default)s)")
     parser.add_argument("--threads", type=int, default=int(_env("SUTRA_TORCH_THREADS", d.threads)),
-                        help="torch threads per replica; 0 = max(1, cores // replicas) "
+                        help="inference threads per replica (onnxruntime or torch intra-op); 0 = max(1, cores // replicas) "
                              "(env SUTRA_TORCH_THREADS; default %(default)s)")
     parser.add_argument("--host", default=_env("SUTRA_HOST", d.host),
                         help="address every process binds (env SUTRA_HOST; default %(default)s)")

@@ -179,7 +179,7 @@ def up(settings: StackSettings, out: Printer = print) -> int:
     settings.supervisor_config.write_text(render_config(settings, progs, CHILD_ENV))
     settings.save()
     out(f"starting the stack in {settings.run_dir} ({settings.replicas} replicas, "
-        f"{settings.torch_threads} torch thread(s) each)")
+        f"{settings.torch_threads} inference thread(s) each)")
     sup = start_supervisord(settings)
     try:
         by_kind = {p.name: p for p in progs}
