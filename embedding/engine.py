@@ -27,6 +27,7 @@ import numpy as np
 from common import codec
 from common.cache_key import cache_key
 from common.errors import InvalidInput, Overloaded, Unavailable
+from common.limits import check_texts
 from common.matryoshka import WidthPolicy, reduce
 from embedding.batcher import Batcher, Compute
 from embedding.l1 import LRUCache
@@ -142,13 +143,7 @@ class Engine:
 
     # -- the call path ----------------------------------------------------------------------
     def _validate(self, m: ModelConfig, texts: list[str]) -> None:
-        if not texts:
-            raise InvalidInput("`inputs` cannot be empty")
-        if len(texts) > m.max_inputs:
-            raise InvalidInput(f"`inputs` has {len(texts)} entries; the limit is {m.max_inputs}")
-        for i, text in enumerate(texts):
-            if len(text) > m.max_chars:
-                raise InvalidInput(f"`inputs[{i}]` has {len(text)} characters; the limit is {m.max_chars}")
+        check_texts(texts, field="inputs", max_inputs=m.max_inputs, max_chars=m.max_chars)
 
     async def embed(self, texts: list[str], dimensions: int = 0, *, reject_truncation: bool = False,
                     deadline: float | None = None, tenant: str = "") -> EmbedResult:

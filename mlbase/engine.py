@@ -21,6 +21,7 @@ import numpy as np
 
 from common import matryoshka
 from common.errors import InvalidInput, Unavailable
+from common.limits import check_texts
 from mlbase.backends.base import Backend, ModelDescription
 from mlbase.batcher import Batcher
 from mlbase.settings import MLBaseSettings
@@ -80,13 +81,7 @@ class Engine:
 
     def _validate(self, texts: Sequence[str]) -> None:
         s = self.settings
-        if not texts:
-            raise InvalidInput("`texts` cannot be empty")
-        if len(texts) > s.max_inputs:
-            raise InvalidInput(f"`texts` has {len(texts)} entries; the limit is {s.max_inputs} (max_inputs)")
-        for i, text in enumerate(texts):
-            if len(text) > s.max_chars:
-                raise InvalidInput(f"`texts[{i}]` has {len(text)} characters; the limit is {s.max_chars} (max_chars)")
+        check_texts(texts, field="texts", max_inputs=s.max_inputs, max_chars=s.max_chars)
 
     async def embed(self, texts: Sequence[str], dimensions: int, full_width: bool,
                     reject_truncation: bool) -> EmbedResult:

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from lb.h2check import proto_varint
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.faults.stack import frontend, replica, shard
@@ -182,16 +183,7 @@ def test_message_over_the_size_limit_is_resource_exhausted(live):
     assert status == "RESOURCE_EXHAUSTED", f"{status}: {details}"
 
 
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+varint = proto_varint
 
 
 def field_bytes(number: int, data: bytes) -> bytes:
