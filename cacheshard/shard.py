@@ -110,11 +110,12 @@ class Shard:
             c.hits += hits
             c.misses += n - hits
             return found, values
-        values = self.memory.get_many(keys)
-        if None not in values:  # the common case, without per-key work
+        values = self.memory.get_all(keys)
+        if values is not None:  # the common case, without per-key work
             c.hits += n
             c.memory_hits += n
             return [True] * n, values
+        values = self.memory.get_many(keys)
         missing = [i for i, v in enumerate(values) if v is None]
         c.memory_hits += n - len(missing)
         missing_keys = [keys[i] for i in missing]
