@@ -17,7 +17,6 @@ import logging
 import grpc
 
 from cacheshard.shard import Shard
-from cacheshard.wire import encode_lookup_response, identity
 from common.errors import SutraError, grpc_errors
 from common.grpc_server import ServerOptions, ServiceServer
 from sutra.cache.v1 import cache_shard_service_pb2 as pb
@@ -90,6 +89,7 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
         task = asyncio.current_task()
         waiting = self._waiting
         lookup = self.shard.lookup
+        Response = pb.LookupResponse
         while True:
             if self._closing:
                 reader.cancel()  # read nothing new; answer what is queued
@@ -108,7 +108,7 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
             if isinstance(request, BaseException):
                 raise request
             found, values = await lookup(request.keys)
-            await context.write(encode_lookup_response(request.batch_id, found, values))
+            await context.write(Response(batch_id=request.batch_id, found=found, values=values))
 
     @grpc_errors
     async def Store(self, request, context):
@@ -131,33 +131,13 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
         return pb.CheckpointResponse(path=await self.shard.checkpoint(request.path))
 
 
-def add_servicer(servicer: CacheShardServicer, server) -> None:
-    """The generated registration, except that Lookup writes bytes from
-    `cacheshard.wire` (already serialized), so its serializer passes them on."""
-    handlers = {
-        "Lookup": grpc.stream_stream_rpc_method_handler(
-            servicer.Lookup, request_deserializer=pb.LookupRequest.FromString, response_serializer=identity),
-        "Store": grpc.unary_unary_rpc_method_handler(
-            servicer.Store, request_deserializer=pb.StoreRequest.FromString,
-            response_serializer=pb.StoreResponse.SerializeToString),
-        "GetStats": grpc.unary_unary_rpc_method_handler(
-            servicer.GetStats, request_deserializer=pb.GetStatsRequest.FromString,
-            response_serializer=pb.GetStatsResponse.SerializeToString),
-        "Checkpoint": grpc.unary_unary_rpc_method_handler(
-            servicer.Checkpoint, request_deserializer=pb.CheckpointRequest.FromString,
-            response_serializer=pb.CheckpointResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
 class ShardServer(ServiceServer):
     """The common server life cycle, plus ending idle Lookup streams before the grace period."""
 
     def __init__(self, options: ServerOptions, shard: Shard) -> None:
         super().__init__(options, [SERVICE_NAME])
         self.servicer = CacheShardServicer(shard)
-        add_servicer(self.servicer, self.server)
+        pb_grpc.add_CacheShardServiceServicer_to_server(self.servicer, self.server)
 
     async def drain_and_stop(self) -> None:
         await self.set_serving(False)

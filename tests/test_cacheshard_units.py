@@ -157,25 +157,3 @@ def test_checkpoint_is_complete_and_openable(tmp_path):
     assert copy.multi_get(keys) == values
     assert copy.multi_get([b"later" * 4]) == [None]
     copy.close()
-
-
-# --- wire: hand-written LookupResponse bytes ------------------------------
-
-@hsettings(max_examples=200, deadline=None)
-@given(batch_id=st.integers(0, 2**64 - 1),
-       results=st.lists(st.one_of(st.none(), st.binary(min_size=1, max_size=300)), max_size=40),
-       same_length=st.booleans())
-def test_wire_lookup_response_parses_like_protobuf(batch_id, results, same_length):
-    from cacheshard.wire import encode_lookup_response
-    from sutra.cache.v1 import cache_shard_service_pb2 as pb
-
-    if same_length:  # the all-hit, one-length batch the fast path writes by hand
-        results = [(v or b"x").ljust(200, b"\0")[:200] for v in results]
-    found = [v is not None for v in results]
-    values = [v or b"" for v in results]
-    wire = encode_lookup_response(batch_id, found, values)
-    expected = pb.LookupResponse(batch_id=batch_id, found=found, values=values)
-    assert wire == expected.SerializeToString()
-    got = pb.LookupResponse.FromString(wire)
-    assert got == expected
-    assert list(got.found) == found and list(got.values) == values
