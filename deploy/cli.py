@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.flags import parse_bool
 from deploy import stack
 from deploy.settings import ROOT, StackSettings
 
@@ -82,8 +83,8 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
                         help="frontend's in-process LRU (L1) size in entries; 0 disables L1 "
                              "(env SUTRA_L1_ENTRIES; default %(default)s)")
     parser.add_argument("--shard-sync", action="store_true",
-                        default=_env("SUTRA_CACHE_SYNC", "").lower() in ("1", "true", "yes", "on"),
-                        help="cache shard fsyncs before acknowledging writes (env SUTRA_CACHE_SYNC; default off)")
+                        default=parse_bool(_env("SUTRA_CACHE_SHARD_SYNC", "")),
+                        help="cache shard fsyncs before acknowledging writes (env SUTRA_CACHE_SHARD_SYNC, as for the shard itself; default off)")
     parser.add_argument("--wait-seconds", type=float, default=float(_env("SUTRA_WAIT_SECONDS", d.wait_seconds)),
                         help="how long `up` waits for everything to be healthy "
                              "(env SUTRA_WAIT_SECONDS; default %(default)s)")
