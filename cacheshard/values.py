@@ -1,7 +1,7 @@
 """Fast validity check of stored values against the shared codec.
 
 Whether `common.codec.decode` accepts a value depends only on its 6-byte
-header (magic, version, dtype, width) and its total length. So the first
+header (magic, version, dtype and flags, width) and its total length. So the first
 value seen with a given header is checked by the codec itself, and the
 verdict is remembered as header -> expected length; after that a batch of
 256 values costs one slice, one dict lookup and one `len` per value instead

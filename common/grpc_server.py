@@ -5,6 +5,12 @@ Every service follows the same life cycle so the balancer and the stack
 supervisor can treat them alike: NOT_SERVING while starting, SERVING when
 ready, NOT_SERVING on SIGTERM, a drain period for the balancer to notice,
 then `server.stop(grace)` which lets in-flight RPCs finish.
+
+Two questions, two health names. Readiness ("" and each service's own name):
+send me traffic; NOT_SERVING while starting, draining, or wedged. Liveness
+(`liveness`): I am not wedged; SERVING while starting and draining, so an
+orchestrator restarts a process only when a watchdog reports a fault that a
+restart can cure (`set_fault`), never because it is busy loading or leaving.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from common.tls import TlsServerOptions, add_server_tls_flags, server_tls_from
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The health service name that answers "is this process wedged?" (see the module docstring).
+LIVENESS = "liveness"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,11 @@ class ServerOptions:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Clients' keepalive pings (the frontend pings its shards to find a hung one) are
+            # accepted down to one every 500 ms, even on an idle connection; grpc's default (one
+            # per 5 min without data) answers them with GOAWAY "too_many_pings".
+            ("grpc.http2.min_ping_interval_without_data_ms", 500),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
         if self.max_connection_age_ms > 0:
             args.append(("grpc.max_connection_age_ms", self.max_connection_age_ms))
@@ -81,11 +94,26 @@ class ServiceServer:
             self.port = self.server.add_secure_port(address, options.tls.credentials())
         if self.port == 0:
             raise OSError(f"could not bind {options.host}:{options.port}")
+        self._ready = False
+        self._draining = False
+        self.fault: str | None = None
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        """Ready (or not) to take traffic; readiness also needs no draining and no fault."""
+        self._ready = serving
+        await self._publish()
+
+    async def set_fault(self, reason: str | None) -> None:
+        """A watchdog found the process wedged (`reason`), or recovered (None)."""
+        self.fault = reason
+        await self._publish()
+
+    async def _publish(self) -> None:
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = self._ready and not self._draining and self.fault is None
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            await self.health.set(name, serving if ready else not_serving)
+        await self.health.set(LIVENESS, serving if self.fault is None else not_serving)
 
     async def start(self) -> None:
         await self.set_serving(False)
@@ -93,6 +121,7 @@ class ServiceServer:
 
     async def drain_and_stop(self) -> None:
         """NOT_SERVING, wait for the balancer to notice, then finish in-flight work."""
+        self._draining = True
         await self.set_serving(False)
         if self.options.drain_seconds > 0:
             await asyncio.sleep(self.options.drain_seconds)

@@ -65,8 +65,18 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
                         help="frontend HTTP admin port (/cache/stats, /metrics); 0 disables "
                              "(env SUTRA_ADMIN_PORT; default %(default)s)")
     parser.add_argument("--drain-seconds", type=float, default=float(_env("SUTRA_DRAIN_SECONDS", d.drain_seconds)),
-                        help="seconds a stopping replica reports NOT_SERVING before closing its port, so "
-                             "HAProxy (about 1.5 s) takes it out first (env SUTRA_DRAIN_SECONDS; default %(default)s)")
+                        help="seconds a stopping replica or frontend reports NOT_SERVING before closing its port, "
+                             "so HAProxy (about 1.5 s) takes a replica out first (env SUTRA_DRAIN_SECONDS; "
+                             "default %(default)s)")
+    parser.add_argument("--grace-seconds", type=float, default=float(_env("SUTRA_GRACE_SECONDS", d.grace_seconds)),
+                        help="seconds in-flight RPCs (open EmbedStreams too) get to finish once a stopping "
+                             "process closes its port; supervisord waits drain + grace (+ the frontend's "
+                             "write-back flush) + a margin before SIGKILL (env SUTRA_GRACE_SECONDS; "
+                             "default %(default)s)")
+    parser.add_argument("--writeback-flush", type=float,
+                        default=float(_env("SUTRA_WRITEBACK_FLUSH", d.writeback_flush_seconds)),
+                        help="seconds a stopping frontend spends storing queued L2 write-backs, after the grace "
+                             "(env SUTRA_WRITEBACK_FLUSH; default %(default)s)")
     parser.add_argument("--max-connection-age-ms", type=int,
                         default=int(_env("SUTRA_MAX_CONNECTION_AGE_MS", d.max_connection_age_ms)),
                         help="replicas close connections older than this so traffic re-spreads after a "
@@ -118,7 +128,8 @@ def settings_from(args: argparse.Namespace) -> StackSettings:
         run_dir=args.run_dir.resolve(), host=args.host, replicas=args.replicas,
         frontend_port=args.frontend_port, shard_port=args.shard_port, lb_port=args.lb_port,
         replica_base_port=args.replica_base_port, stats_port=args.stats_port, admin_port=args.admin_port,
-        threads=args.threads, drain_seconds=args.drain_seconds,
+        threads=args.threads, drain_seconds=args.drain_seconds, grace_seconds=args.grace_seconds,
+        writeback_flush_seconds=args.writeback_flush,
         max_connection_age_ms=args.max_connection_age_ms,
         max_connection_age_grace_ms=args.max_connection_age_grace_ms,
         mlbase_connections=args.mlbase_connections, l1_entries=args.l1_entries, wait_seconds=args.wait_seconds, shard_sync=args.shard_sync,

@@ -12,6 +12,9 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from common.grpc_server import ServerOptions
+from embedding.settings import FrontendSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 STATE_FILE = "stack.json"
 
@@ -33,9 +36,16 @@ class StackSettings:
     admin_port: int = 9100
     # Torch threads per replica; 0 = max(1, cores // replicas).
     threads: int = 0
-    # A stopping replica stays NOT_SERVING this long so HAProxy (about 1.5 s
-    # to notice) takes it out before its port closes.
+    # SIGTERM budget, passed to each program as flags (supervisor.py derives
+    # every stop wait from these). A stopping frontend or replica stays
+    # NOT_SERVING this long first, so HAProxy (about 1.5 s to notice) takes a
+    # replica out and health checkers see the frontend go before its port closes.
     drain_seconds: float = 2.0
+    # Then in-flight RPCs (open EmbedStreams included) get this long to finish
+    # (every gRPC process; the programs' own default).
+    grace_seconds: float = ServerOptions.grace_seconds
+    # Then the frontend stores queued L2 write-backs for up to this long.
+    writeback_flush_seconds: float = FrontendSettings.writeback_flush_s
     # Replicas close connections older than this (plus grace) so that traffic
     # re-spreads after a replica comes back.
     max_connection_age_ms: int = 30_000
@@ -54,6 +64,10 @@ class StackSettings:
             raise ValueError("--run-dir must not contain '%'")
         if self.replicas < 1:
             raise ValueError("--replicas must be at least 1")
+        for flag, value in (("--drain-seconds", self.drain_seconds), ("--grace-seconds", self.grace_seconds),
+                            ("--writeback-flush", self.writeback_flush_seconds)):
+            if value < 0:
+                raise ValueError(f"{flag} must not be negative")
         ports = self.ports()
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"ports overlap: {ports}")

@@ -11,6 +11,7 @@ The client speaks supervisord's XML-RPC over its unix socket (what
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 import xmlrpc.client
@@ -23,6 +24,14 @@ from deploy.settings import ROOT, StackSettings
 
 HAPROXY_BIN = "/usr/sbin/haproxy"
 MLBASE_GROUP = "mlbase"
+# Seconds past a program's own shutdown budget before supervisord sends SIGKILL:
+# room for cleanup after the grace (closing channels, RocksDB, inference
+# threads) and interpreter exit on a loaded machine.
+STOP_MARGIN_SECONDS = 10.0
+# Nothing balances over the cache shard (frontends fail open and reconnect),
+# so it closes its port at once on SIGTERM.
+SHARD_DRAIN_SECONDS = 0.0
+HAPROXY_STOP_WAIT = 10
 
 
 @dataclass(frozen=True)
@@ -44,30 +53,49 @@ class Program:
         return f"{self.group}:{self.name}" if self.group else self.name
 
 
+def stop_wait(*budget: float) -> int:
+    """supervisord's stopwaitsecs for a program whose SIGTERM sequence takes up to sum(budget) seconds."""
+    return math.ceil(sum(budget) + STOP_MARGIN_SECONDS)
+
+
+def shutdown_seconds(progs: list[Program]) -> int:
+    """The longest a full `shutdown` can take: supervisord stops programs one priority at a time."""
+    by_priority: dict[int, int] = {}
+    for prog in progs:
+        by_priority[prog.priority] = max(by_priority.get(prog.priority, 0), prog.stop_wait)
+    return sum(by_priority.values())
+
+
 def programs(settings: StackSettings, python: str = sys.executable, haproxy: str = HAPROXY_BIN) -> list[Program]:
-    """Every process of the stack, in start order."""
+    """Every process of the stack, in start order. Each gRPC program gets its SIGTERM timings as
+    flags from `settings`, and a stop wait derived from the same numbers."""
+    drain, grace = settings.drain_seconds, settings.grace_seconds
     shard = [python, "-m", "cacheshard", "--host", settings.host, "--port", str(settings.shard_port),
-             "--path", str(settings.shard_path)]
+             "--path", str(settings.shard_path),
+             "--drain-seconds", str(SHARD_DRAIN_SECONDS), "--grace-seconds", str(grace)]
     if settings.shard_sync:
         shard.append("--sync")
-    found = [Program("cacheshard", shard, 10, 30, "grpc", settings.shard_port)]
+    found = [Program("cacheshard", shard, 10, stop_wait(SHARD_DRAIN_SECONDS, grace), "grpc", settings.shard_port)]
     # Replica stop: drain (NOT_SERVING while HAProxy notices), then in-flight work finishes.
-    replica_stop = int(settings.drain_seconds) + 35
     for i, name in enumerate(settings.replica_names(), start=1):
         found.append(Program(name, [
             python, "-m", "mlbase", "--host", settings.host, "--port", str(settings.replica_port(i)),
-            "--threads", str(settings.torch_threads), "--drain-seconds", str(settings.drain_seconds),
+            "--threads", str(settings.torch_threads), "--drain-seconds", str(drain), "--grace-seconds", str(grace),
             "--max-connection-age-ms", str(settings.max_connection_age_ms),
             "--max-connection-age-grace-ms", str(settings.max_connection_age_grace_ms),
-        ], 20, replica_stop, "grpc", settings.replica_port(i), group=MLBASE_GROUP))
-    found.append(Program("haproxy", [haproxy, "-db", "-f", str(settings.haproxy_config)], 30, 10,
+        ], 20, stop_wait(drain, grace), "grpc", settings.replica_port(i), group=MLBASE_GROUP))
+    found.append(Program("haproxy", [haproxy, "-db", "-f", str(settings.haproxy_config)], 30, HAPROXY_STOP_WAIT,
                          "haproxy", settings.lb_port))
+    # Frontend stop: drain, in-flight RPCs (open EmbedStreams too) finish, then queued L2
+    # write-backs are stored; SIGKILL before the end would lose them.
+    flush = settings.writeback_flush_seconds
     found.append(Program("embedding", [
         python, "-m", "embedding", "--host", settings.host, "--port", str(settings.frontend_port),
         "--mlbase", settings.lb_address, "--cache-shard", settings.shard_address,
         "--admin-port", str(settings.admin_port), "--mlbase-connections", str(settings.frontend_connections),
         "--l1-entries", str(settings.l1_entries),
-    ], 40, 30, "grpc", settings.frontend_port))
+        "--drain-seconds", str(drain), "--grace-seconds", str(grace), "--writeback-flush", str(flush),
+    ], 40, stop_wait(drain, grace, flush), "grpc", settings.frontend_port))
     return found
 
 

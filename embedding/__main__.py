@@ -2,7 +2,8 @@
 
 Wires the pieces together from one FrontendSettings: ML-base pool, L2
 client, engine, gRPC servicer, admin HTTP server. Health stays NOT_SERVING
-until ML-base has answered GetInfo (fingerprint, widths, limits).
+until ML-base has answered GetInfo (fingerprint, widths, limits); after
+that a watchdog turns it NOT_SERVING if cache misses stop progressing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from embedding.server import SERVICE_NAME, EmbeddingServicer, add_to_server
 from embedding.settings import FrontendSettings, load_settings
 from embedding.stats import Stats, make_registry
 from embedding.tenants import Gate
+from embedding.watchdog import StallWatchdog
 
 log = logging.getLogger("embedding")
 
@@ -34,19 +36,31 @@ async def serve(settings: FrontendSettings) -> None:
     if settings.l2_enabled:
         l2 = L2Client(settings.cache_shards, stats, timeout_s=settings.l2_timeout_ms / 1000.0,
                       max_message_bytes=settings.server.max_message_bytes,
-                      reconnect_max_s=settings.l2_reconnect_max_ms / 1000.0, tls=settings.shard_tls)
+                      reconnect_max_s=settings.l2_reconnect_max_ms / 1000.0, max_waiting=settings.l2_max_waiting,
+                      keepalive_ms=settings.l2_keepalive_ms, tls=settings.shard_tls)
     engine = Engine(settings, stats, pool.embed_full, l2)
     gate = Gate(settings.access)
     server = ServiceServer(settings.server, [SERVICE_NAME],
                            interceptors=[AuthInterceptor(gate)] if gate.auth_enabled else [])
-    add_to_server(EmbeddingServicer(engine, settings.stream_window, gate), server.server)
+    servicer = EmbeddingServicer(engine, settings.stream_window, gate, stream_idle_s=settings.stream_idle_s)
+    add_to_server(servicer, server.server)
+    watchdog = StallWatchdog(lambda: engine.inflight, server, stall_s=settings.stall_s)
 
     def gauges() -> dict:
+        """Each returns to its idle value (in brackets) once traffic stops; tests/chaos checks it."""
+        inflight = engine.inflight
         return {
             "l1_entries": len(engine.l1) if engine.l1 is not None else 0,
-            "pending_texts": engine.pending,
-            "writeback_queued": engine.writeback.queued if engine.writeback is not None else 0,
-            "mlbase_inflight": sum(pool.inflight()),
+            "pending_flights": inflight.pending if inflight else 0,  # [0]
+            "queued_flights": inflight.queued if inflight else 0,  # [0]
+            "batches_inflight": inflight.running if inflight else 0,  # [0]
+            "free_batch_slots": inflight.free_slots if inflight else settings.mlbase_concurrency,  # [concurrency]
+            "writeback_queued": engine.writeback.queued if engine.writeback is not None else 0,  # [0]
+            "open_streams": servicer.open_streams,  # [0]
+            "l2_waiting_lookups": l2.waiting if l2 is not None else 0,  # [0]
+            "mlbase_inflight": sum(pool.inflight()),  # [0]
+            "stalled": int(watchdog.stalled),  # [0]
+            "stalled_seconds": inflight.stalled_for() if inflight else 0.0,  # [0]
         }
 
     admin = None
@@ -58,8 +72,10 @@ async def serve(settings: FrontendSettings) -> None:
     async def ready() -> None:
         log.info("waiting for ML-base at %s (%d connections)", settings.mlbase_address, pool.connections)
         engine.configure(await pool.wait_for_info(settings.mlbase_wait_s))
+        watchdog.start()
 
     async def cleanup() -> None:
+        await watchdog.close()
         await engine.close(settings.writeback_flush_s)
         if admin is not None:
             await admin.close()

@@ -7,17 +7,20 @@ the requested Matryoshka width is produced once, on the way out, with the
 shared `common.matryoshka.reduce`, so one cache entry serves every width and
 a cached vector reduces exactly like a freshly computed one.
 
-Truncation is remembered with the vector: L1 entries carry a flag, and for
-texts that could exceed the model window at all (more UTF-8 bytes than
-window tokens, a bound that holds for WordPiece, BPE and SentencePiece
-tokenizers) a small marker entry is written next to the vector in L2 and
-looked up with it. Short texts never need the marker.
+Truncation is remembered with the vector: L1 entries carry a flag, and L2
+values carry it in their codec header, so one write stores both. A value
+written before the flag existed (codec version 1) cannot say, so it is used
+only for texts that cannot exceed the model window at all (no more UTF-8
+bytes than window tokens, a bound that holds for WordPiece, BPE and
+SentencePiece tokenizers) and is a miss for the others.
+
+Texts that miss both levels go to `InFlight`, which owns every computation;
+this module only waits on the waiters it hands out, or cancels them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,24 +32,17 @@ from common.cache_key import cache_key
 from common.errors import InvalidInput, Overloaded, Unavailable
 from common.limits import check_texts
 from common.matryoshka import WidthPolicy, reduce
-from embedding.batcher import Batcher, Compute
+from embedding.inflight import Compute, InFlight
 from embedding.l1 import LRUCache
 from embedding.l2_client import L2Client
 from embedding.mlbase_pool import DeadlineExceeded, ReplicaInfo
 from embedding.settings import FrontendSettings
-from embedding.singleflight import Flight, SingleFlight
 from embedding.stats import Stats
 from embedding.writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
-_MARKER_VALUE = codec.encode(np.ones(1, dtype=np.float32), "float32")
 _SPECIAL_TOKENS = 3  # [CLS]/[SEP] or <s>/</s>, plus a SentencePiece word-start piece
-
-
-def marker_key(key: bytes) -> bytes:
-    """L2 key of the 'this text was truncated' marker stored beside `key`."""
-    return hashlib.blake2b(b"sutra.truncated\x00" + key, digest_size=len(key)).digest()
 
 
 @dataclass
@@ -109,21 +105,19 @@ class Engine:
         self.l2 = l2 if settings.l2_enabled else None
         self.writeback = (WriteBack(l2, stats, capacity=settings.writeback_queue, batch=settings.writeback_batch)
                           if self.l2 is not None else None)
-        self.flights = SingleFlight()
         self._compute = compute
-        self.batcher: Batcher | None = None
+        self.inflight: InFlight | None = None
         self.model: ModelConfig | None = None
 
     # -- life cycle -------------------------------------------------------------------------
     def configure(self, info: ReplicaInfo) -> ModelConfig:
-        """Adopt the replica's model; starts the batcher and the write-back worker."""
+        """Adopt the replica's model; sets up the in-flight owner and starts the write-back worker."""
         self.model = ModelConfig.build(info, self.settings)
-        self.batcher = Batcher(
-            self.flights, self._compute, self._on_computed, max_batch=self.model.max_batch,
+        self.inflight = InFlight(
+            self._compute, self._on_computed, max_batch=self.model.max_batch,
             window_s=self.settings.batch_window_ms / 1000.0, concurrency=self.settings.mlbase_concurrency,
-            default_timeout_s=self.settings.mlbase_timeout_s,
+            default_timeout_s=self.settings.mlbase_timeout_s, max_pending=self.settings.max_pending,
         )
-        self.batcher.start()
         if self.writeback is not None:
             self.writeback.start()
         log.info("model %s fingerprint %s native width %d default %d widths %s layer_norm=%s",
@@ -132,14 +126,14 @@ class Engine:
         return self.model
 
     async def close(self, flush_s: float) -> None:
-        if self.batcher is not None:
-            await self.batcher.close()
+        if self.inflight is not None:
+            await self.inflight.close()
         if self.writeback is not None:
             await self.writeback.close(flush_s)
 
     @property
     def pending(self) -> int:
-        return len(self.flights)
+        return self.inflight.pending if self.inflight is not None else 0
 
     # -- the call path ----------------------------------------------------------------------
     def _validate(self, m: ModelConfig, texts: list[str]) -> None:
@@ -151,7 +145,8 @@ class Engine:
         time.monotonic(). With tenant isolation the tenant is part of every key, so L1, L2 and the
         single-flight table never hand one tenant's entry (or its timing) to another."""
         m = self.model
-        if m is None or self.batcher is None:
+        inflight = self.inflight
+        if m is None or inflight is None:
             raise Unavailable("the frontend is starting: ML-base has not described its model yet")
         texts = list(texts)
         self._validate(m, texts)
@@ -174,14 +169,13 @@ class Engine:
         usage = Usage(duplicates=len(texts) - len(uniq))
 
         missing = self._from_l1(keys, full, truncated, usage, range(len(uniq)))
-        joined: list[tuple[int, Flight]] = []
+        waiting: list[tuple[int, asyncio.Future]] = []
         try:
             to_l2: list[int] = []
             for j in missing:  # a computation already in flight answers without asking L2
-                flight = self.flights.get(keys[j])
-                if flight is not None:
-                    self.flights.join(flight, deadline)
-                    joined.append((j, flight))
+                waiter = inflight.join(keys[j], deadline)
+                if waiter is not None:
+                    waiting.append((j, waiter))
                     self.stats.coalesced += 1
                 else:
                     to_l2.append(j)
@@ -189,14 +183,23 @@ class Engine:
             if to_compute:
                 # Another request may have filled L1 while we waited on L2.
                 to_compute = self._from_l1(keys, full, truncated, usage, to_compute, recheck=True)
-            self._start_flights(uniq, keys, to_compute, joined, deadline)
-            usage.computed = len(joined)
-            await self._wait(joined, deadline)
+            if to_compute:
+                try:
+                    waiters, joined = inflight.request([keys[j] for j in to_compute], [uniq[j] for j in to_compute],
+                                                       deadline)
+                except Overloaded:
+                    self.stats.rejected_overloaded += 1
+                    raise
+                self.stats.coalesced += joined
+                waiting.extend(zip(to_compute, waiters))
+            usage.computed = len(waiting)
+            results = await _wait([w for _, w in waiting], deadline)
         finally:
-            for _, flight in joined:
-                self.flights.leave(flight)
-        for j, flight in joined:
-            vec, was_truncated = flight.future.result()
+            # Detach from whatever is still unsettled (an error, a deadline, our own cancellation);
+            # settled waiters ignore it. The owner also settles every waiter when its batch ends.
+            for _, waiter in waiting:
+                waiter.cancel()
+        for (j, _), (vec, was_truncated) in zip(waiting, results):
             full[j] = vec
             truncated[j] = was_truncated
 
@@ -239,73 +242,44 @@ class Engine:
     async def _from_l2(self, m: ModelConfig, uniq, keys, full, truncated, usage: Usage, which: list[int]) -> list[int]:
         if self.l2 is None or not which:
             return which
-        groups = [[keys[j], marker_key(keys[j])] if m.might_truncate(uniq[j]) else [keys[j]] for j in which]
-        results = await self.l2.lookup(groups)
+        results = await self.l2.lookup([[keys[j]] for j in which])
         missing = []
         for j, values in zip(which, results):
             if values is None or values[0] is None:
                 missing.append(j)
                 continue
             try:
-                vec = codec.decode(values[0], width=m.info.native_width)
+                vec, was_truncated = codec.decode_entry(values[0], width=m.info.native_width)
             except codec.CorruptValue as exc:
                 self.stats.l2.errors += 1
                 log.warning("unreadable L2 value (treated as a miss): %s", exc)
                 missing.append(j)
                 continue
+            if was_truncated is None:  # written before values carried the flag
+                if m.might_truncate(uniq[j]):
+                    missing.append(j)
+                    continue
+                was_truncated = False
             full[j] = vec
-            truncated[j] = len(values) > 1 and values[1] is not None
+            truncated[j] = was_truncated
             if self.l1 is not None:
-                self.l1.put(keys[j], vec, bool(truncated[j]))
+                self.l1.put(keys[j], vec, was_truncated)
         hits = len(which) - len(missing)
         usage.l2_hits += hits
         self.stats.l2.hits += hits
         self.stats.l2.misses += len(missing)
         return missing
 
-    def _start_flights(self, uniq, keys, which: list[int], joined: list, deadline: float | None) -> None:
-        new = [j for j in which if self.flights.get(keys[j]) is None]
-        if new and len(self.flights) + len(new) > self.settings.max_pending:
-            self.stats.rejected_overloaded += 1
-            raise Overloaded(f"too much pending work ({len(self.flights)} texts waiting for the model, "
-                             f"limit {self.settings.max_pending}); retry with backoff")
-        for j in which:
-            flight = self.flights.get(keys[j])
-            if flight is None:
-                flight = self.flights.start(keys[j], uniq[j])
-                self.batcher.submit(flight)
-            else:
-                self.stats.coalesced += 1
-            self.flights.join(flight, deadline)
-            joined.append((j, flight))
-
-    async def _wait(self, joined: list[tuple[int, Flight]], deadline: float | None) -> None:
-        if not joined:
-            return
-        futures = {flight.future for _, flight in joined}
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, pending = await asyncio.wait(futures, timeout=timeout)
-        if pending:
-            raise DeadlineExceeded(f"deadline exceeded with {len(pending)} text(s) still being computed")
-        for fut in done:
-            if fut.cancelled():
-                raise Unavailable("the computation was cancelled (frontend shutting down); retry")
-            exc = fut.exception()
-            if exc is not None:
-                raise exc
-
-    def _on_computed(self, flights: list[Flight], full: np.ndarray, truncated: set[int]) -> None:
-        """Batch finished: fill L1 and queue the write-back to L2 (never blocks)."""
+    def _on_computed(self, keys: list[bytes], full: np.ndarray, truncated: set[int]) -> None:
+        """Batch finished: fill L1 and queue the write-back to L2 (never blocks). The truncation
+        flag is inside each value, so a dropped write loses the entry, never only its flag."""
         if self.l1 is not None:
-            for i, flight in enumerate(flights):
-                self.l1.put(flight.key, full[i], i in truncated)
+            for i, key in enumerate(keys):
+                self.l1.put(key, full[i], i in truncated)
         if self.writeback is not None:
-            values = codec.encode_many(full, self.settings.cache_dtype)
-            for i, flight in enumerate(flights):
-                shard = self.l2.shard_for(flight.key)
-                self.writeback.offer(shard, flight.key, values[i])
-                if i in truncated:
-                    self.writeback.offer(shard, marker_key(flight.key), _MARKER_VALUE)
+            values = codec.encode_many(full, self.settings.cache_dtype, truncated)
+            for key, value in zip(keys, values):
+                self.writeback.offer(self.l2.shard_for(key), key, value)
 
     # -- stats ------------------------------------------------------------------------------
     async def cache_stats(self) -> dict:
@@ -331,3 +305,18 @@ class Engine:
             "l2_writes_dropped": s.l2_writes_dropped,
             "mlbase_retries": s.mlbase_retries,
         }
+
+
+async def _wait(waiters: list[asyncio.Future], deadline: float | None) -> list:
+    """The waiters' results in order; DeadlineExceeded when `deadline` passes first.
+
+    Cancelling the caller cancels the waiters (gather and wait_for pass it on),
+    and each waiter's done-callback detaches it from its flight."""
+    if not waiters:
+        return []
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(asyncio.gather(*waiters), timeout)
+    except asyncio.TimeoutError:
+        pending = sum(1 for w in waiters if not w.done())
+        raise DeadlineExceeded(f"deadline exceeded with {pending} text(s) still being computed") from None

@@ -3,7 +3,11 @@ engine, convert the answer. Nothing here knows about caches or replicas.
 
 EmbedStream answers in order but works ahead: up to `stream_window`
 requests of one stream are processed at once, so a bulk client keeps the
-replicas busy while it reads answers.
+replicas busy while it reads answers. A stream's helper tasks are cancelled
+from the RPC's done-callback, which runs however the RPC ends; a stream that
+sends nothing and has nothing outstanding for `stream_idle_s` (an abandoned
+client, or one that stopped reading) is ended by the server, so streams
+cannot pile up on a frontend.
 """
 
 from __future__ import annotations
@@ -53,10 +57,13 @@ def cache_stats_proto(stats: dict) -> pb.GetCacheStatsResponse:
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, engine: Engine, stream_window: int, gate: Gate | None = None) -> None:
+    def __init__(self, engine: Engine, stream_window: int, gate: Gate | None = None,
+                 stream_idle_s: float = 0.0) -> None:
         self._engine = engine
         self._window = stream_window
         self._gate = gate or Gate(engine.settings.access)
+        self._stream_idle_s = stream_idle_s
+        self.open_streams = 0
 
     async def _embed(self, request, deadline: float | None, tenant: str) -> pb.EmbedResponse:
         result = await self._engine.embed(
@@ -68,19 +75,29 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def Embed(self, request, context):
         return await self._embed(request, deadline_of(context), self._gate.tenant(context.invocation_metadata()))
 
+    def _stream_ended(self, _context) -> None:
+        self.open_streams -= 1
+
     async def EmbedStream(self, request_iterator, context):
+        self.open_streams += 1
+        context.add_done_callback(self._stream_ended)
         deadline = deadline_of(context)
         try:
             tenant = self._gate.tenant(context.invocation_metadata())
         except SutraError as exc:
             await context.abort(exc.code, str(exc))
+        loop = asyncio.get_running_loop()
         ahead: asyncio.Queue = asyncio.Queue(maxsize=self._window)
         running: set[asyncio.Future] = set()
         done = object()
+        last_activity = loop.time()
+        idle = False
 
         async def read() -> None:
+            nonlocal last_activity
             try:
                 async for request in request_iterator:
+                    last_activity = loop.time()
                     task = asyncio.ensure_future(self._embed(request, deadline, tenant))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -90,22 +107,49 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 await ahead.put(exc)
 
         reader = asyncio.create_task(read(), name="embed-stream-reader")
+        handler = asyncio.current_task()
+        timer: asyncio.TimerHandle | None = None
+
+        def check_idle() -> None:
+            nonlocal timer, idle
+            quiet = loop.time() - last_activity
+            if quiet >= self._stream_idle_s and not running:
+                idle = True
+                handler.cancel()
+            else:
+                timer = loop.call_later(max(0.05, self._stream_idle_s - quiet), check_idle)
+
+        def release(_context) -> None:
+            if timer is not None:
+                timer.cancel()
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+        context.add_done_callback(release)
+        if self._stream_idle_s > 0:
+            timer = loop.call_later(self._stream_idle_s, check_idle)
         try:
             while (item := await ahead.get()) is not done:
                 if isinstance(item, BaseException):
                     raise item
                 yield pb.EmbedStreamResponse(result=await item)
+                last_activity = loop.time()
         except SutraError as exc:
             await context.abort(exc.code, str(exc))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            if not idle:
+                raise
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"EmbedStream idle for {self._stream_idle_s:g}s (no request, nothing outstanding); "
+                                "the server ended it: open a new stream")
+        except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("unexpected error in EmbedStream")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
-            reader.cancel()
-            for task in running:
-                task.cancel()
+            release(context)
             await asyncio.gather(reader, *running, return_exceptions=True)
 
     @grpc_errors

@@ -62,12 +62,24 @@ class FrontendSettings:
     max_pending: int = 16_384
     l2_timeout_ms: float = 250.0
     l2_reconnect_max_ms: float = 2000.0
+    # Lookups waiting on one shard at once; beyond it a lookup is a miss at once (bounded memory
+    # while a shard hangs).
+    l2_max_waiting: int = 256
+    # Keepalive pings on each shard channel: a shard that stops answering them (SIGSTOP, a
+    # partition without RST) has its connection closed after l2_keepalive_ms + its timeout.
+    l2_keepalive_ms: int = 10_000
     writeback_queue: int = 10_000
     writeback_batch: int = 256
     # Seconds SIGTERM waits for queued L2 write-backs.
     writeback_flush_s: float = 5.0
     # EmbedStream requests processed concurrently (answers stay in order).
     stream_window: int = 4
+    # An EmbedStream with no request and nothing outstanding for this long is ended
+    # (DEADLINE_EXCEEDED), so abandoned streams cannot pile up; 0 = never.
+    stream_idle_s: float = 300.0
+    # Misses pending with no batch finishing for this long: the frontend is wedged, and turns
+    # NOT_SERVING (readiness and liveness) until a batch finishes again.
+    stall_s: float = 30.0
     # HTTP admin port (/cache/stats, /metrics); 0 disables.
     admin_port: int = DEFAULT_ADMIN_PORT
     admin_host: str = "127.0.0.1"
@@ -87,15 +99,15 @@ class FrontendSettings:
         if self.cache_dtype not in codec.DTYPES:
             problems.append(f"--cache-dtype must be one of {', '.join(codec.DTYPES)}")
         for name in ("mlbase_connections", "max_batch", "mlbase_concurrency", "max_inputs", "max_chars",
-                     "max_pending", "writeback_batch", "stream_window", "mlbase_attempts"):
+                     "max_pending", "writeback_batch", "stream_window", "mlbase_attempts", "l2_max_waiting"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("l1_entries", "writeback_queue", "default_width", "admin_port", "batch_window_ms",
-                     "mlbase_wait_s", "writeback_flush_s"):
+                     "mlbase_wait_s", "writeback_flush_s", "stream_idle_s", "l2_keepalive_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must not be negative")
-        if self.mlbase_timeout_s <= 0 or self.l2_timeout_ms <= 0:
-            problems.append("--mlbase-timeout and --l2-timeout-ms must be positive")
+        if self.mlbase_timeout_s <= 0 or self.l2_timeout_ms <= 0 or self.stall_s <= 0:
+            problems.append("--mlbase-timeout, --l2-timeout-ms and --stall-seconds must be positive")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -178,6 +190,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    default=float(e("SUTRA_L2_RECONNECT_MAX_MS", d.l2_reconnect_max_ms)),
                    help="longest backoff between attempts to reopen a failed shard stream "
                         "(env SUTRA_L2_RECONNECT_MAX_MS)")
+    p.add_argument("--l2-max-waiting", type=int, default=int(e("SUTRA_L2_MAX_WAITING", d.l2_max_waiting)),
+                   help="lookups waiting on one shard at once; more are misses at once, so a hung shard "
+                        "cannot grow the frontend's memory (env SUTRA_L2_MAX_WAITING)")
+    p.add_argument("--l2-keepalive-ms", type=int, default=int(e("SUTRA_L2_KEEPALIVE_MS", d.l2_keepalive_ms)),
+                   help="interval of keepalive pings on each shard connection; a shard that does not answer "
+                        "one is disconnected, even when no RST arrives; 0 = no pings (env SUTRA_L2_KEEPALIVE_MS)")
     p.add_argument("--writeback-queue", type=int, default=int(e("SUTRA_WRITEBACK_QUEUE", d.writeback_queue)),
                    help="L2 write-backs waiting to be stored; when full new ones are dropped and counted "
                         "(env SUTRA_WRITEBACK_QUEUE)")
@@ -188,6 +206,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    help="on SIGTERM, seconds to spend storing queued write-backs (env SUTRA_WRITEBACK_FLUSH)")
     p.add_argument("--stream-window", type=int, default=int(e("SUTRA_STREAM_WINDOW", d.stream_window)),
                    help="EmbedStream requests processed at once; answers stay in order (env SUTRA_STREAM_WINDOW)")
+    p.add_argument("--stream-idle-seconds", type=float,
+                   default=float(e("SUTRA_STREAM_IDLE_SECONDS", d.stream_idle_s)),
+                   help="an EmbedStream that sends nothing and waits for nothing this long is ended with "
+                        "DEADLINE_EXCEEDED; 0 = never (env SUTRA_STREAM_IDLE_SECONDS)")
+    p.add_argument("--stall-seconds", type=float, default=float(e("SUTRA_STALL_SECONDS", d.stall_s)),
+                   help="if texts wait for the model and no batch finishes for this long, health turns "
+                        "NOT_SERVING (readiness and the `liveness` service) so an orchestrator restarts the "
+                        "frontend (env SUTRA_STALL_SECONDS)")
     p.add_argument("--admin-port", type=int, default=int(e("SUTRA_ADMIN_PORT", d.admin_port)),
                    help="HTTP port for GET /cache/stats (JSON) and GET /metrics (Prometheus); 0 disables "
                         "(env SUTRA_ADMIN_PORT)")
@@ -241,10 +267,14 @@ def settings_from_args(args: argparse.Namespace) -> FrontendSettings:
         max_pending=args.max_pending,
         l2_timeout_ms=args.l2_timeout_ms,
         l2_reconnect_max_ms=args.l2_reconnect_max_ms,
+        l2_max_waiting=args.l2_max_waiting,
+        l2_keepalive_ms=args.l2_keepalive_ms,
         writeback_queue=args.writeback_queue,
         writeback_batch=args.writeback_batch,
         writeback_flush_s=args.writeback_flush,
         stream_window=args.stream_window,
+        stream_idle_s=args.stream_idle_seconds,
+        stall_s=args.stall_seconds,
         admin_port=args.admin_port,
         admin_host=args.admin_host,
         log_level=args.log_level,

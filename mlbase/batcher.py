@@ -12,7 +12,8 @@ stream of later ones.
 
 The queue is bounded in texts: `reserve` refuses at once (Overloaded ->
 RESOURCE_EXHAUSTED) when admitting a request would exceed it. A request
-whose caller went away (cancelled, deadline) is skipped by the worker.
+whose caller went away (cancelled, deadline) is skipped by the worker: its
+future's done-callback marks it abandoned, however the caller ended.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def _resolve(request: _Request) -> None:
         request.future.set_result(request.out)
 
 
+def _abandon_if_cancelled(request: _Request) -> Callable[[asyncio.Future], None]:
+    def callback(future: asyncio.Future) -> None:
+        if future.cancelled():
+            request.abandoned = True
+    return callback
+
+
 def _fail(request: _Request, exc: BaseException) -> None:
     if not request.future.done():
         request.future.set_exception(exc)
@@ -173,16 +181,15 @@ class Batcher:
                            loop, loop.create_future())
         if not items:
             return request.out
+        # However the caller ends (cancelled, deadline, answered), the worker learns it from the
+        # future itself: no path through this coroutine has to remember to say so.
+        request.future.add_done_callback(_abandon_if_cancelled(request))
         with self._cond:
             if self._closing:
                 raise Unavailable("replica is shutting down; retry on another replica")
             self._pending.extend(_Item(e, request, row) for row, e in enumerate(items))
             self._cond.notify()
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            request.abandoned = True
-            raise
+        return await request.future
 
     async def close(self) -> None:
         """Stop taking requests, finish what is queued, join the thread."""

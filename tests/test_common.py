@@ -65,3 +65,25 @@ def test_codec_round_trip_and_corruption():
             codec.decode(bad)
     with pytest.raises(codec.CorruptValue):
         codec.decode(good, width=256)
+
+
+def test_codec_carries_the_truncation_flag_in_the_value():
+    """A vector and its 'truncated' flag are one value: no separate write can be lost."""
+    vec = np.linspace(-1, 1, 8, dtype=np.float32)
+    for dtype in codec.DTYPES:
+        assert codec.decode_entry(codec.encode(vec, dtype))[1] is False
+        flagged, truncated = codec.decode_entry(codec.encode(vec, dtype, truncated=True), width=8)
+        assert truncated is True
+        np.testing.assert_allclose(flagged, vec, atol=1e-3)
+    rows = codec.encode_many(np.stack([vec, -vec, vec]), truncated={1})
+    assert [codec.decode_entry(r)[1] for r in rows] == [False, True, False]
+    assert len(rows[1]) == len(rows[0]) == codec.HEADER_SIZE + 8 * 2
+    # A version 1 value (written before the flag existed) decodes; its truncation is unknown.
+    v1 = rows[0][:2] + b"\x01" + rows[0][3:]
+    vector, truncated = codec.decode_entry(v1)
+    assert truncated is None and vector[0] == pytest.approx(-1.0, abs=1e-3)
+    # Version 1 never had flag bits; unknown bits in version 2 are corrupt, not ignored.
+    with pytest.raises(codec.CorruptValue):
+        codec.decode(rows[1][:2] + b"\x01" + rows[1][3:])
+    with pytest.raises(codec.CorruptValue):
+        codec.decode(rows[0][:3] + bytes([rows[0][3] | 0x40]) + rows[0][4:])

@@ -11,7 +11,8 @@ import pytest
 
 from deploy import stack
 from deploy.settings import ROOT, StackSettings
-from deploy.supervisor import programs, render_config
+from deploy.supervisor import programs, render_config, shutdown_seconds
+from tests.test_deploy_manifests import program_args, shutdown_budget
 
 
 def test_defaults_are_the_architecture_ports():
@@ -58,6 +59,45 @@ def test_programs_cover_the_stack(tmp_path):
     assert progs["mlbase1"].stop_wait > s.drain_seconds
 
 
+@pytest.mark.parametrize("timings", [{}, {"drain_seconds": 0.0, "grace_seconds": 3.0, "writeback_flush_seconds": 0.0},
+                                     {"drain_seconds": 7.5, "grace_seconds": 45.0, "writeback_flush_seconds": 12.0}])
+def test_stop_waits_outlast_each_programs_shutdown(tmp_path, timings):
+    """supervisord's SIGKILL comes only after drain + grace (+ the frontend's write-back flush),
+    read back from each command line by the program's own parser, so the stop wait can never
+    drift from what the program does. A timing in supervisord's environment changes nothing:
+    every program gets its timings as flags."""
+    s = StackSettings(run_dir=tmp_path, replicas=2, **timings)
+    env = {**stack.CHILD_ENV, "SUTRA_DRAIN_SECONDS": "99", "SUTRA_GRACE_SECONDS": "99", "SUTRA_WRITEBACK_FLUSH": "99"}
+    progs = programs(s)
+    checked = {}
+    for prog in progs:
+        parsed = program_args(prog.command, env)
+        if parsed is None:
+            assert prog.kind == "haproxy"
+            continue
+        module, args = parsed
+        assert prog.stop_wait > shutdown_budget(args), (prog.name, prog.stop_wait, shutdown_budget(args))
+        assert args.grace_seconds == s.grace_seconds
+        checked[module] = args
+    assert set(checked) == {"cacheshard", "mlbase", "embedding"}
+    assert checked["embedding"].drain_seconds == checked["mlbase"].drain_seconds == s.drain_seconds
+    assert checked["embedding"].writeback_flush == s.writeback_flush_seconds
+    # supervisord stops one priority after another; a whole shutdown fits their sum.
+    assert shutdown_seconds(progs) == sum(p.stop_wait for p in progs if p.group is None) + \
+        max(p.stop_wait for p in progs if p.group)
+
+
+def test_up_flags_set_the_shutdown_timings(tmp_path):
+    from deploy.cli import build_parser, settings_from
+
+    args = build_parser().parse_args(["up", "--run-dir", str(tmp_path), "--drain-seconds", "1",
+                                      "--grace-seconds", "4", "--writeback-flush", "2"])
+    s = settings_from(args)
+    assert (s.drain_seconds, s.grace_seconds, s.writeback_flush_seconds) == (1.0, 4.0, 2.0)
+    with pytest.raises(ValueError, match="--grace-seconds"):
+        StackSettings(run_dir=tmp_path, grace_seconds=-1)
+
+
 def test_supervisord_accepts_the_generated_config(tmp_path):
     from supervisor.options import ServerOptions
 
@@ -94,7 +134,8 @@ def test_help_explains_every_up_flag():
     result = run_cli("up", "--help")
     assert result.returncode == 0
     for flag in ("--replicas", "--run-dir", "--frontend-port", "--shard-port", "--lb-port", "--stats-port",
-                 "--replica-base-port", "--threads", "--drain-seconds", "--max-connection-age-ms"):
+                 "--replica-base-port", "--threads", "--drain-seconds", "--grace-seconds", "--writeback-flush",
+                 "--max-connection-age-ms"):
         assert flag in result.stdout
     assert "default" in result.stdout
 

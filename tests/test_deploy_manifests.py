@@ -3,14 +3,22 @@ agree with the local stack's ports and the generated HAProxy configuration."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import yaml
 
+import cacheshard.settings
+import embedding.settings
+import mlbase.settings
 from deploy import manifests
 from deploy.settings import ROOT, StackSettings
+from embedding.server import SERVICE_NAME as EMBEDDING_SERVICE
 
 K8S = ROOT / "deploy" / "k8s"
 D = StackSettings()
@@ -39,6 +47,43 @@ def container(doc) -> dict:
 
 def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
+
+
+# Each program's own parser: its flags, environment and defaults decide what a command line means.
+PARSERS = {"embedding": embedding.settings.build_parser, "mlbase": mlbase.settings.build_parser,
+           "cacheshard": cacheshard.settings.build_parser}
+# What kubelet and Docker wait between SIGTERM and SIGKILL when a manifest says nothing.
+K8S_DEFAULT_GRACE = 30
+COMPOSE_DEFAULT_GRACE = 10
+
+
+def program_args(command: list[str], env: dict[str, str]) -> tuple[str, argparse.Namespace] | None:
+    """(module, parsed flags) for a `python -m <one of ours> ...` command line, parsed by that
+    program's own parser in exactly `env`; None for any other command."""
+    if len(command) < 3 or command[1] != "-m" or command[2] not in PARSERS:
+        return None
+    with mock.patch.dict(os.environ, env, clear=True):
+        return command[2], PARSERS[command[2]]().parse_args(command[3:])
+
+
+def shutdown_budget(args: argparse.Namespace) -> float:
+    """Seconds from SIGTERM to the end of the program's own shutdown: drain, then the grace for
+    in-flight RPCs, then (frontend only) the write-back flush."""
+    return args.drain_seconds + args.grace_seconds + getattr(args, "writeback_flush", 0.0)
+
+
+def seconds(duration: str | int | float) -> float:
+    """A compose duration (`45s`, `1m30s`, `500ms`) in seconds."""
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def container_env(c: dict) -> dict[str, str]:
+    return {e["name"]: str(e.get("value", "")) for e in c.get("env", [])}
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +222,50 @@ def test_compose_file(tmp_path):
         if name != "haproxy":
             assert svc["image"] == "sutra-embed:latest" and svc["build"]["dockerfile"] == "deploy/Dockerfile"
     assert (ROOT / "deploy" / "Dockerfile").exists()
+
+
+def test_pods_get_sigkilled_only_after_their_own_shutdown(docs):
+    """terminationGracePeriodSeconds outlasts drain + grace (+ the frontend's write-back flush)."""
+    checked = set()
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for c in pod["containers"]:
+            parsed = program_args(c["args"], container_env(c))
+            if parsed is None:
+                continue
+            module, args = parsed
+            period = pod.get("terminationGracePeriodSeconds", K8S_DEFAULT_GRACE)
+            assert period > shutdown_budget(args), (doc["metadata"]["name"], period, shutdown_budget(args))
+            checked.add(module)
+    assert checked == set(PARSERS)
+
+
+def test_compose_stops_no_one_before_their_own_shutdown():
+    services = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
+    checked = set()
+    for name, svc in services.items():
+        env = svc.get("environment", {})
+        if isinstance(env, list):
+            env = dict(item.split("=", 1) for item in env)
+        parsed = program_args(svc.get("command", []), {k: str(v) for k, v in env.items()})
+        if parsed is None:
+            continue
+        module, args = parsed
+        period = seconds(svc.get("stop_grace_period", COMPOSE_DEFAULT_GRACE))
+        assert period > shutdown_budget(args), (name, period, shutdown_budget(args))
+        checked.add(module)
+    assert checked == set(PARSERS)
+
+
+def test_frontend_probes_restart_only_on_liveness(docs):
+    c = container(find(docs, "Deployment", "embedding"))
+    # Readiness: the default service (or the API's name), which is NOT_SERVING while starting and draining.
+    assert c["readinessProbe"]["grpc"].get("service", "") in ("", EMBEDDING_SERVICE)
+    # Restarts: only the `liveness` service, SERVING unless the process is wedged.
+    assert c["livenessProbe"]["grpc"]["service"] == "liveness"
+    # Startup gates liveness; on readiness it would restart a frontend waiting for slow replicas.
+    assert c["startupProbe"]["grpc"]["service"] == "liveness"
+    args = c["args"]
+    assert float(flag(args, "--drain-seconds")) > 0

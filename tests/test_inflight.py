@@ -1,0 +1,205 @@
+"""The in-flight owner under the callers we fear: cancelled before their first
+step, cancelled at random moments, followers and leaders leaving in every
+order, a compute that hangs. After each storm nothing may be pending or
+leaked, and a new request must still be computed.
+
+The compute function stands in for the network hop to ML-base (an async
+function with a controllable delay); the owner itself is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import time
+
+import numpy as np
+import pytest
+
+from common.errors import Overloaded, Unavailable
+from embedding.inflight import InFlight
+
+WIDTH = 4
+
+
+def aio(test):
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
+
+
+class Compute:
+    """Counts batches, cancellations and completions; `delay` or `hang` as a test needs."""
+
+    def __init__(self, delay: float = 0.0, hang: bool = False) -> None:
+        self.delay = delay
+        self.hang = hang
+        self.batches: list[list[str]] = []
+        self.cancelled = 0
+        self.finished = 0
+
+    async def __call__(self, texts: list[str], timeout: float):
+        self.batches.append(list(texts))
+        try:
+            if self.hang:
+                await asyncio.Event().wait()  # a peer that neither answers nor fails
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        return np.full((len(texts), WIDTH), float(len(texts)), np.float32), set()
+
+
+def owner(compute: Compute, **overrides) -> tuple[InFlight, list]:
+    done: list = []
+    args = dict(max_batch=64, window_s=0.0, concurrency=1, default_timeout_s=5.0, max_pending=10_000)
+    args.update(overrides)
+    return InFlight(compute, lambda keys, full, trunc: done.append(keys), **args), done
+
+
+async def caller(inflight: InFlight, text: str, deadline: float | None = None):
+    waiters, _ = inflight.request([text.encode()], [text], deadline)
+    try:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return await asyncio.wait_for(asyncio.gather(*waiters), timeout)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def settle_until_idle(inflight: InFlight, tries: int = 3000) -> None:
+    for _ in range(tries):
+        if inflight.idle:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"not idle: pending={inflight.pending} queued={inflight.queued} "
+                         f"running={inflight.running} problems={inflight.check()}")
+
+
+@aio
+async def test_batch_cancelled_before_its_first_step_frees_its_slot():
+    """Issue 10's repro: the only caller is cancelled while its batch task has not run a step.
+    Before, the task's `finally` never ran, its slot leaked, and the next request hung."""
+    compute = Compute()
+    inflight, _ = owner(compute, concurrency=1)
+    first = asyncio.create_task(caller(inflight, "a"))
+    await asyncio.sleep(0)  # `first` has queued its flight and launched the batch task
+    assert inflight.running == 1 and not compute.batches  # ... which has not started yet
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await settle_until_idle(inflight)
+    assert inflight.free_slots == 1
+    second = asyncio.create_task(caller(inflight, "b"))
+    done, _ = await asyncio.wait({second}, timeout=5)
+    assert done, "second request done: False (a slot leaked)"
+    assert second.result()[0][0].shape == (WIDTH,)
+    await settle_until_idle(inflight)
+    assert inflight.check() == []
+
+
+@aio
+async def test_random_cancellation_storm_leaves_nothing_behind():
+    """Hundreds of callers, shared texts, deadlines of 0-20 ms, cancellations at random moments
+    (before the first step, while queued, while computing); then a fresh text still computes."""
+    rng = random.Random(1234)
+    compute = Compute(delay=0.004)
+    inflight, _ = owner(compute, concurrency=3, max_batch=8, window_s=0.001)
+    tasks = []
+    for i in range(600):
+        text = f"t{rng.randrange(40)}"  # shared texts: leaders and followers
+        deadline = time.monotonic() + rng.uniform(0, 0.02) if rng.random() < 0.5 else None
+        tasks.append(asyncio.create_task(caller(inflight, text, deadline)))
+        if rng.random() < 0.4:
+            victim = rng.choice(tasks)
+            if rng.random() < 0.5:
+                victim.cancel()
+            else:
+                asyncio.get_running_loop().call_later(rng.uniform(0, 0.01), victim.cancel)
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.uniform(0, 0.002))
+        assert inflight.check() == []
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert any(isinstance(r, list) for r in results), "some callers must have been answered"
+    assert any(isinstance(r, asyncio.CancelledError) for r in results)
+    await settle_until_idle(inflight)
+    assert inflight.free_slots == 3 and inflight.check() == []
+    answer = await asyncio.wait_for(caller(inflight, "brand new"), 5)
+    assert answer[0][0].shape == (WIDTH,)
+
+
+@aio
+async def test_follower_keeps_work_alive_when_the_leader_leaves_and_the_reverse():
+    compute = Compute(delay=0.05)
+    inflight, done = owner(compute)
+    leader = asyncio.create_task(caller(inflight, "shared"))
+    follower = asyncio.create_task(caller(inflight, "shared"))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    (vector, truncated), = await follower
+    assert vector.shape == (WIDTH,) and truncated is False
+    assert compute.cancelled == 0 and len(compute.batches) == 1 and done == [[b"shared"]]
+    # The reverse: the follower leaves, the leader is answered.
+    leader = asyncio.create_task(caller(inflight, "other"))
+    follower = asyncio.create_task(caller(inflight, "other"))
+    await asyncio.sleep(0.01)
+    follower.cancel()
+    assert (await leader)[0][0].shape == (WIDTH,)
+    # Both leave: the batch is cancelled, and a newcomer starts a fresh computation.
+    a = asyncio.create_task(caller(inflight, "gone"))
+    b = asyncio.create_task(caller(inflight, "gone"))
+    await asyncio.sleep(0.01)
+    a.cancel()
+    b.cancel()
+    await asyncio.gather(a, b, return_exceptions=True)
+    await settle_until_idle(inflight)
+    assert compute.cancelled == 1
+    assert (await caller(inflight, "gone"))[0][0].shape == (WIDTH,)
+    await settle_until_idle(inflight)
+
+
+@aio
+async def test_a_hanging_compute_holds_its_slot_only_until_the_batch_timeout():
+    compute = Compute(hang=True)
+    inflight, _ = owner(compute, concurrency=1, default_timeout_s=0.05)
+    with pytest.raises(Unavailable, match="past the deadline"):
+        await caller(inflight, "stuck")
+    await settle_until_idle(inflight)
+    assert inflight.free_slots == 1 and compute.cancelled == 1
+    compute.hang = False
+    assert (await caller(inflight, "after"))[0][0].shape == (WIDTH,)
+
+
+@aio
+async def test_stall_is_measured_from_the_last_batch_that_ended():
+    compute = Compute(hang=True)
+    inflight, _ = owner(compute, default_timeout_s=30.0)
+    assert inflight.stalled_for() == 0.0
+    task = asyncio.create_task(caller(inflight, "stuck"))
+    await asyncio.sleep(0.05)
+    assert inflight.stalled_for() >= 0.04 and inflight.pending == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await settle_until_idle(inflight)
+    assert inflight.stalled_for() == 0.0
+
+
+@aio
+async def test_pending_bound_and_close_fail_waiters_with_clear_errors():
+    compute = Compute(hang=True)
+    inflight, _ = owner(compute, max_pending=2, concurrency=1)
+    held = asyncio.create_task(caller(inflight, "one"))
+    queued = asyncio.create_task(caller(inflight, "two"))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded, match="limit 2"):
+        inflight.request([b"three"], ["three"], None)
+    assert inflight.pending == 2  # the refused request joined nothing
+    await inflight.close()
+    for task in (held, queued):
+        with pytest.raises(Unavailable, match="shutting down"):
+            await task
+    assert inflight.idle
+    with pytest.raises(Unavailable, match="shutting down"):
+        inflight.request([b"late"], ["late"], None)
