@@ -24,7 +24,7 @@ import psutil
 
 from deploy import probe
 from deploy.settings import StackSettings
-from deploy.supervisor import HAPROXY_BIN, Program, Supervisor, programs, render_config
+from deploy.supervisor import HAPROXY_BIN, Program, Supervisor, programs, render_config, shutdown_seconds
 from lb import render as lb_render
 from lb import runtime
 
@@ -231,7 +231,8 @@ def down(settings: StackSettings, out: Printer = print, timeout: float | None = 
     targets = {name: rec for name, rec in {**records, **live}.items() if same_process(rec)}
     if not targets and not live:
         out(f"nothing running for {settings.run_dir}")
-    wait_for = timeout if timeout is not None else settings.drain_seconds + 60
+    # supervisord stops one priority at a time, each up to its stop wait (drain + grace + flush + margin).
+    wait_for = timeout if timeout is not None else shutdown_seconds(programs(settings)) + 5
     deadline = time.monotonic() + wait_for
     while time.monotonic() < deadline and any(same_process(r) for r in targets.values()):
         time.sleep(0.1)

@@ -269,3 +269,20 @@ def test_frontend_probes_restart_only_on_liveness(docs):
     assert c["startupProbe"]["grpc"]["service"] == "liveness"
     args = c["args"]
     assert float(flag(args, "--drain-seconds")) > 0
+
+
+def test_every_grpc_liveness_probe_asks_the_liveness_service(docs):
+    """A draining or starting process is NOT_SERVING on readiness; liveness on readiness would
+    restart it mid-drain. Every gRPC service publishes `liveness` (common.grpc_server.LIVENESS)."""
+    from common.grpc_server import LIVENESS
+
+    probed = []
+    for doc in docs:
+        if doc.get("kind") not in ("Deployment", "StatefulSet"):
+            continue
+        c = container(doc)
+        grpc_probe = c.get("livenessProbe", {}).get("grpc")
+        if grpc_probe is not None:
+            assert grpc_probe.get("service") == LIVENESS, doc["metadata"]["name"]
+            probed.append(doc["metadata"]["name"])
+    assert len(probed) == 3, probed
