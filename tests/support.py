@@ -3,6 +3,8 @@ run time, readiness by gRPC health (never by sleeping), stop by PID."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import signal
 import socket
@@ -16,6 +18,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def aio(test):
+    """Run an async test function on a fresh event loop (no async pytest plugin needed)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ exercised in tests/test_embedding_integration.py."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import urllib.request
@@ -25,16 +24,11 @@ from embedding.l2_client import rendezvous
 from embedding.mlbase_pool import DeadlineExceeded, ReplicaInfo
 from embedding.settings import FrontendSettings, load_settings
 from embedding.stats import Stats, make_registry
+from tests.support import aio
 
 NATIVE = 16
 
 
-def aio(test):
-    """Run an async test function on a fresh event loop (no async pytest plugin needed)."""
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return run
 
 
 def fake_vector(text: str) -> np.ndarray:

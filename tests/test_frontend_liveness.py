@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import time
 import urllib.request
 import uuid
 

@@ -9,7 +9,6 @@ function with a controllable delay); the owner itself is the real one."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 import time
 
@@ -18,15 +17,9 @@ import pytest
 
 from common.errors import Overloaded, Unavailable
 from embedding.inflight import InFlight
+from tests.support import aio
 
 WIDTH = 4
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return run
 
 
 class Compute:
