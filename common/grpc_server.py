@@ -33,6 +33,29 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # The health service name that answers "is this process wedged?" (see the module docstring).
 LIVENESS = "liveness"
+# Servers accept client keepalive pings this often at most; `keepalive_options` never asks for more.
+MIN_PING_INTERVAL_MS = 500
+# Longest wait for a keepalive ping's answer before a client closes the connection.
+MAX_KEEPALIVE_TIMEOUT_MS = 5000
+
+
+def keepalive_options(interval_ms: int) -> list[tuple[str, object]]:
+    """Client channel options that ping every `interval_ms`, with or without calls, and close the
+    connection when a ping goes unanswered: the only way to notice a peer that hangs without
+    closing its socket (SIGSTOP, a partition that sends no RST). [] when `interval_ms` is 0."""
+    if interval_ms <= 0:
+        return []
+    interval_ms = max(interval_ms, MIN_PING_INTERVAL_MS)
+    timeout_ms = min(interval_ms, MAX_KEEPALIVE_TIMEOUT_MS)
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        # grpc 1.85's core times an unanswered ping out after this (default 60 s), not after
+        # keepalive_timeout_ms: without it a stopped peer goes unnoticed for a minute.
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,7 @@ class ServerOptions:
             # Clients' keepalive pings (the frontend pings its shards to find a hung one) are
             # accepted down to one every 500 ms, even on an idle connection; grpc's default (one
             # per 5 min without data) answers them with GOAWAY "too_many_pings".
-            ("grpc.http2.min_ping_interval_without_data_ms", 500),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         if self.max_connection_age_ms > 0:

@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from common.errors import InvalidInput, SutraError, Unavailable
+from common.grpc_server import keepalive_options
 from common.tls import TlsClientOptions, open_channel
 from embedding.stats import Stats
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
@@ -34,6 +35,7 @@ from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+REPLICA_KEEPALIVE_MS = 10_000
 
 
 class DeadlineExceeded(SutraError):
@@ -90,7 +92,9 @@ class MLBasePool:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
-            ("grpc.keepalive_time_ms", 30_000),
+            # A replica (or balancer) that hangs without closing the connection is found within
+            # about 15 s, and the batches on that connection are retried elsewhere.
+            *keepalive_options(REPLICA_KEEPALIVE_MS),
         ]
         self.address = address
         self._conns = [_Connection(i, address, options, tls=tls, max_message_bytes=max_message_bytes)

@@ -106,6 +106,8 @@ class FrontendSettings:
                      "mlbase_wait_s", "writeback_flush_s", "stream_idle_s", "l2_keepalive_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must not be negative")
+        if 0 < self.l2_keepalive_ms < 1000:
+            problems.append("--l2-keepalive-ms must be 0 (off) or at least 1000")
         if self.mlbase_timeout_s <= 0 or self.l2_timeout_ms <= 0 or self.stall_s <= 0:
             problems.append("--mlbase-timeout, --l2-timeout-ms and --stall-seconds must be positive")
         if problems:

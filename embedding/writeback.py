@@ -3,7 +3,10 @@
 `offer` never waits: entries go into a bounded queue, and when it is full
 they are dropped and counted (a slow or dead shard must not grow the
 frontend's memory). One worker drains the queue in batches of up to
-`batch` entries, grouped per shard, one Store call each. On shutdown
+`batch` entries, grouped per shard, one Store call each. A failed store
+(a shard whose breaker is open fails at once) costs the entries and an error
+count, never the worker; should the worker die anyway, it is logged and
+started again, so write-back never silently stops. On shutdown
 `close(flush_s)` stores what is queued, for at most `flush_s` seconds.
 """
 
@@ -15,7 +18,7 @@ import time
 
 import grpc
 
-from embedding.l2_client import L2Client
+from embedding.l2_client import L2Client, L2Error
 from embedding.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ class WriteBack:
         self._batch = batch
         self._timeout_s = timeout_s
         self._worker: asyncio.Task | None = None
+        self._closing = False
+        self.restarts = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -41,6 +46,16 @@ class WriteBack:
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="l2-writeback")
+        self._worker.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None or self._closing:
+            return
+        log.error("L2 write-back worker died; starting it again", exc_info=task.exception())
+        self.restarts += 1
+        if self._queue.empty():
+            self._idle.set()  # what it held is lost; drained() must not wait for it
+        self.start()
 
     def offer(self, shard: int, key: bytes, value: bytes) -> bool:
         """Queue one entry; False (and counted) if the queue is full."""
@@ -89,10 +104,11 @@ class WriteBack:
             try:
                 await self._l2.shards[shard].store(entries, self._timeout_s)
                 self._stats.l2_writes += len(entries)
-            except grpc.aio.AioRpcError as exc:
+            except Exception as exc:  # noqa: BLE001 - a lost write-back is a future miss, nothing more
                 self._stats.l2.errors += 1
-                log.debug("L2 store of %d entries to %s failed: %s", len(entries),
-                          self._l2.shards[shard].address, exc.code().name)
+                reason = (exc.code().name if isinstance(exc, grpc.aio.AioRpcError)
+                          else str(exc) if isinstance(exc, L2Error) else repr(exc))
+                log.debug("L2 store of %d entries to shard %d failed: %s", len(entries), shard, reason)
 
         await asyncio.gather(*(one(s, e) for s, e in by_shard.items()))
 
@@ -100,6 +116,7 @@ class WriteBack:
         """Store what is queued within `flush_s` seconds, then stop the worker."""
         if self._worker is None:
             return
+        self._closing = True
         deadline = time.monotonic() + flush_s
         try:
             await asyncio.wait_for(self._queue.put(_STOP), max(0.01, flush_s))
@@ -110,6 +127,8 @@ class WriteBack:
         except (asyncio.TimeoutError, asyncio.CancelledError):
             left = self._queue.qsize()
             log.warning("write-back flush ran out of time; %d entries not stored", left)
+        except Exception:  # noqa: BLE001 - died while flushing (not restarted once closing)
+            log.exception("L2 write-back worker failed while flushing; %d entries not stored", self._queue.qsize())
         finally:
             if not self._worker.done():
                 self._worker.cancel()
