@@ -187,6 +187,8 @@ class MLBasePool:
             self._stats.computed += len(texts)
             full = np.frombuffer(reply.vectors, dtype="<f4").reshape(reply.count, reply.width)
             return full, set(reply.truncated_indices)
+        if not tried:  # the callers' deadline passed while the batch waited for a slot
+            raise DeadlineExceeded("deadline exceeded before the batch reached a model replica")
         self._stats.mlbase_errors += 1
         if time.monotonic() >= deadline:
             raise Unavailable(f"no model replica answered within the deadline (last error: {last})")
