@@ -1,0 +1,5 @@
+import sys
+
+from bench.impatient.cli import main
+
+sys.exit(main())
