@@ -133,6 +133,8 @@ async def test_a_stopped_shard_costs_a_timeout_per_backoff_period_not_per_lookup
         waited = sum(t >= WAITED for t in durations)
         # Only a probe waits, and probes are at least a backoff plus a timeout apart.
         allowed = 1 + elapsed / (FIRST_BACKOFF_S + TIMEOUT_S)
+        print(f"stopped shard: {waited} of {len(durations)} lookups waited the {TIMEOUT_S * 1000:.0f} ms timeout "
+              f"in {elapsed:.1f}s (allowed {allowed:.0f}); burst: {sum(t >= WAITED for _, t in burst)} of 200 waited")
         assert waited <= allowed, f"{waited} of 200 lookups waited the timeout in {elapsed:.1f}s"
         assert waited < len(durations) / 4
         assert await sampler.stop() <= MAX_WAITING
