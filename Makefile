@@ -5,6 +5,7 @@
 #   make status    health of each process and HAProxy's view of each replica
 #   make test      lint protos, check generated code, run the whole suite
 #   make bench     benchmarks (QUICK=1 for the short version)
+#   make bench-redis  the cache shard against Redis (installs Debian's redis-server, service left disabled)
 #   make validate  the seed's phase 0/1/2 validation against a running stack
 
 SHELL := /bin/bash
@@ -20,8 +21,10 @@ DEPS_STAMP := $(VENV)/.deps-installed
 GEN_STAMP := sutra/.generated
 BUF := node_modules/.bin/buf
 SYSTEM_STAMP := $(VENV)/.system-installed
+REDIS_STAMP := $(VENV)/.redis-installed
+APT_INSTALL := tools/install_debian_packages.sh
 
-.PHONY: setup up down status test bench validate lint gen clean
+.PHONY: setup up down status test bench bench-redis validate lint gen clean
 
 setup: $(DEPS_STAMP) $(GEN_STAMP) $(BUF) $(SYSTEM_STAMP)
 
@@ -39,12 +42,15 @@ $(BUF): package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-# Debian packages the stack and the benchmarks need (haproxy; redis-server for the shard benchmark).
-$(SYSTEM_STAMP):
-	@if ! command -v haproxy >/dev/null || ! command -v redis-server >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy redis-server; \
-	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy redis-server; fi; \
-	fi
+# Debian packages, each installed by the target that needs it and no other: haproxy for the stack
+# (and the tests), redis-server for bench-redis only. Never a system service: the script keeps the
+# packages' services stopped and disabled; our processes run these programs on ports of their own.
+$(SYSTEM_STAMP): $(APT_INSTALL)
+	$(APT_INSTALL) haproxy
+	touch $@
+
+$(REDIS_STAMP): $(APT_INSTALL)
+	$(APT_INSTALL) redis-server
 	touch $@
 
 gen: $(GEN_STAMP)
@@ -70,6 +76,9 @@ validate: setup
 
 bench: setup
 	$(PY) -m bench $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
+bench-redis: setup $(REDIS_STAMP)
+	$(PY) -m bench.shard_vs_redis $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
 clean:
 	rm -rf sutra .run build *.egg-info

@@ -6,7 +6,7 @@ Starts its own stack (cache shard, replicas, HAProxy, frontend) on free
 ports in a temporary run directory, measures cold, L1, L2 and mixed
 traffic, memory and bytes on disk (see `bench.stack_bench`), checks the
 figures against the issue's goals, prints a table, and writes
-bench/results/latest.json plus throughput.png and latency_cdf.png next to
+results/latest.json plus throughput.png and latency_cdf.png next to
 it. The single-purpose scripts (bench.frontend_bench, bench.scaling_bench,
 bench.shard_vs_redis, bench.backend_speed, bench.quality) go deeper on one
 question each.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench import plots, report, stack_bench, workloads
 from deploy.settings import StackSettings
+from harness.results import RESULTS_DIR
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # (cold texts, cold rounds, mixed draws, 1-text requests, 64-text requests) per hit row
 FULL = (1536, 6, 6000, 1500, 200)
 QUICK = (256, 2, 1200, 300, 40)
@@ -57,7 +57,7 @@ def build_parser(defaults: tuple[str, str]) -> argparse.ArgumentParser:
     ap.add_argument("--data", type=Path, default=None,
                     help=f"folder holding corpus.txt (default: ${workloads.DATA_ENV}, else <repo>/../shared/data)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR,
-                    help="folder for latest.json and the PNG plots (default bench/results)")
+                    help="folder for latest.json and the PNG plots (default results/ at the repository root)")
     return ap
 
 

@@ -18,7 +18,7 @@ machine hits every row alike; texts/s is reported as the median and the best
 round, with ratios to torch, and so is texts per CPU-second of this process
 (its CPU time barely depends on what else the machine runs; for several
 threads it includes time spent spinning). Prints a table and writes
-bench/results/backend_speed.json; `bench.quality` runs this too, so that
+results/backend_speed.json; `bench.quality` runs this too, so that
 speed and quality come from one run.
 
     .venv/bin/python -m bench.backend_speed [--texts 1000] [--rounds 5] [--threads 2] [--quick]
@@ -37,14 +37,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.datasets import CORPUS_FILE, data_file
+from harness.results import results_path
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 from mlbase.backends.onnx_backend import DEFAULT_FUSED
 from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR
-from mlbase.settings import bundled_model_path
+from common.settings import item
+from mlbase.settings import MLBaseSettings, bundled_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
 # The first layer's weights: of the layer choices tried (README), the best STS-B recovered per CPU spent.
 DEFAULT_KEEP_FP32 = (("layer.0.",),)
 
@@ -170,8 +171,9 @@ def environment(threads: int) -> dict:
 def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=bundled_model_path(), help="sentence-transformers model folder (default: bundled)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for every backend")
-    p.add_argument("--onnx-cache-dir", default=os.environ.get("SUTRA_ONNX_CACHE", DEFAULT_CACHE_DIR),
-                   help="exported-graph cache, as for the replica (env SUTRA_ONNX_CACHE)")
+    cache_env = item(MLBaseSettings, "onnx_cache_dir").env  # the replica's own declaration
+    p.add_argument("--onnx-cache-dir", default=os.environ.get(cache_env, DEFAULT_CACHE_DIR),
+                   help=f"exported-graph cache, as for the replica (env {cache_env})")
     p.add_argument("--keep-fp32", default=";".join(",".join(k) for k in DEFAULT_KEEP_FP32),
                    help="extra 'int8 with layers kept in fp32' rows: sets of comma-separated module-name "
                         "patterns, separated by ';' (e.g. 'layer.0.;layer.4.,layer.5.'); empty = no such rows")
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--quick", action="store_true", help="300 texts, 2 rounds")
-    p.add_argument("--out", default=str(RESULTS / "backend_speed.json"), help="where to write the JSON results")
+    p.add_argument("--out", default=str(results_path("backend_speed.json")), help="where to write the JSON results")
     args = p.parse_args(argv)
     if args.quick:
         args.texts, args.rounds = 300, 2

@@ -1,4 +1,4 @@
-"""Render the fault table from bench/results/faults.jsonl.
+"""Render the fault table from results/faults.jsonl.
 
     python -m bench.faults_table [--file PATH] [--all]
 
@@ -18,7 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT = Path(__file__).resolve().parent / "results" / "faults.jsonl"
+from harness.results import results_path
+
+DEFAULT = results_path("faults.jsonl")
 COLUMNS = [("fault", "fault"), ("requests_sent", "requests sent"), ("failed", "failed"),
            ("refused", "refused (RESOURCE_EXHAUSTED)"),
            ("p99_before_ms", "p99 before (ms)"), ("p99_during_fault_ms", "p99 during fault (ms)"),

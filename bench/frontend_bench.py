@@ -19,7 +19,7 @@ For l1 and l2: embeddings/s (CONCURRENCY requests in flight) and p50/p99
 latency (one request at a time) for 1-text and 64-text requests, with the
 float (`repeated float`) and packed encodings. The client is Python
 grpc.aio on the same 2-core machine, so it shares the CPU with the servers.
-Prints a table and writes bench/results/frontend.json.
+Prints a table and writes results/frontend.json.
 
     .venv/bin/python -m bench.frontend_bench [--cold 768] [--rounds 2] [--threads 2] [--quick]
 """
@@ -45,9 +45,11 @@ from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
 from bench.datasets import CORPUS_FILE, corpus_lines, data_file
-from tests.support import Proc, free_port
+from harness.procs import Proc
+from harness.results import results_path
+from harness.stack import service
 
-RESULTS = Path(__file__).resolve().parent / "results" / "frontend.json"
+RESULTS = results_path("frontend.json")
 REQUEST = 64
 COLD_INFLIGHT = 8
 CONCURRENCY = 8
@@ -162,11 +164,11 @@ def cpu_seconds(proc: Proc) -> float:
     return t.user + t.system
 
 
-def start_frontend(workdir: Path, replica: str, shard: str, name: str, *extra: str) -> Proc:
-    port = free_port()
-    return Proc("embedding", ["--port", str(port), "--mlbase", replica, "--cache-shard", shard,
-                              "--admin-port", "0", "--log-level", "WARNING", *extra],
-                workdir / f"{name}.log", port).start().wait_serving(120)
+def start_frontend(workdir: Path, replica: str, shard: str, name: str, **values) -> Proc:
+    """A serving frontend; `values` are further FrontendSettings fields (e.g. l1_entries=0)."""
+    return service("embedding", workdir / f"{name}.log",
+                   {"mlbase_address": replica, "cache_shards": (shard,), "admin_port": 0,
+                    "server.log_level": "WARNING", **values}).start().wait_serving(120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="frontend-bench-"))
     procs: list[Proc] = []
     try:
-        rport, sport = free_port(), free_port()
-        replica = Proc("mlbase", ["--port", str(rport), "--threads", str(args.threads), "--log-level", "WARNING"],
-                       workdir / "mlbase.log", rport).start()
-        shard = Proc("cacheshard", ["--port", str(sport), "--path", str(workdir / "db"), "--log-level", "WARNING"],
-                     workdir / "shard.log", sport).start()
+        replica = service("mlbase", workdir / "mlbase.log",
+                          {"threads": args.threads, "server.log_level": "WARNING"}).start()
+        shard = service("cacheshard", workdir / "shard.log",
+                        {"path": workdir / "db", "server.log_level": "WARNING"}).start()
         procs += [replica, shard]
         baseline = InProcess(args.threads)
         replica.wait_serving(300)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         l1 = asyncio.run(level_table(frontend.address, warm_texts, args.quick))
         assert frontend.stop() == 0  # SIGTERM: write-backs are flushed to the shard
         procs.remove(frontend)
-        frontend = start_frontend(workdir, replica.address, shard.address, "frontend-l2", "--l1-entries", "0")
+        frontend = start_frontend(workdir, replica.address, shard.address, "frontend-l2", l1_entries=0)
         procs.append(frontend)
         l2 = asyncio.run(level_table(frontend.address, warm_texts, args.quick))
         for row in l1.values():

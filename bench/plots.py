@@ -3,7 +3,7 @@
 Drawn from the result document alone (latency CDFs use the 101 quantiles
 stored per workload), so a saved latest.json can be re-plotted:
 
-    .venv/bin/python -m bench.plots bench/results/latest.json
+    .venv/bin/python -m bench.plots results/latest.json
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Decisions, by the rule in issue 7:
               CPU-bound replicas serves per core) whose Spearman at every width, with
               float16 storage and the chosen layer-norm mode, is within 0.5% of torch's
 
-Prints the tables and writes bench/results/quality.json. Backends run in-process
+Prints the tables and writes results/quality.json. Backends run in-process
 (mlbase.backends.registry), no server needed.
 
     .venv/bin/python -m bench.quality [--quick] [--no-speed] [--threads 2]
@@ -44,6 +44,7 @@ import numpy as np
 from bench.datasets import data_file
 from bench import backend_speed
 from common import codec, matryoshka
+from harness.results import results_path
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-texts", type=int, default=1000, help="texts for the speed section")
     p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     p.add_argument("--quick", action="store_true", help="500 pairs; speed on 300 texts, 2 rounds")
-    p.add_argument("--out", default=str(backend_speed.RESULTS / "quality.json"), help="where to write the JSON")
+    p.add_argument("--out", default=str(results_path("quality.json")), help="where to write the JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.pairs, args.speed_texts, args.rounds = args.pairs or 500, 300, 2

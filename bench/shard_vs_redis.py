@@ -17,9 +17,10 @@ noise hits all alike; keys/s figures are medians over rounds, latencies are
 percentiles over every batch. CPU time per batch is also recorded for the
 server process and the client (this) process: unlike wall time it is not
 inflated by other work on a shared machine. Prints a table and writes
-bench/results/shard_vs_redis.json. All servers are stopped by PID.
+results/shard_vs_redis.json. All servers are stopped by PID.
 
     .venv/bin/python -m bench.shard_vs_redis [--keys 20000] [--batches 300] [--rounds 10] [--quick]
+    make bench-redis [QUICK=1]     (installs redis-server first, its service left disabled)
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ from common.cache_key import cache_key
 from common.malloc_tuning import tune_malloc
 from sutra.cache.v1 import cache_shard_service_pb2 as pb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
-from tests.support import Proc, free_port
+from harness.procs import Proc, free_port
+from harness.results import results_path
+from harness.stack import service
 
-RESULTS = Path(__file__).resolve().parent / "results" / "shard_vs_redis.json"
+RESULTS = results_path("shard_vs_redis.json")
 REDIS_SERVER = "/usr/bin/redis-server"
 BATCH = 256
 WIDTH = 384
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.keys, args.batches, args.rounds = 5000, 100, 4
     if not Path(REDIS_SERVER).exists():
-        raise SystemExit(f"{REDIS_SERVER} not found: `apt-get install redis-server` (make setup does it)")
+        raise SystemExit(f"{REDIS_SERVER} not found: `make bench-redis` installs it (its service left disabled)")
 
     keys, values = make_data(args.keys)
     batches = make_batches(keys, args.batches)
@@ -236,15 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="shard-vs-redis-"))
     shards = {
         # The default shard: memory tier in front of RocksDB.
-        "shard": [],
+        "shard": {},
         # Every lookup is a RocksDB multi-get (memory tier off, RocksDB row cache on).
-        "rocksdb": ["--memory-entries", "0", "--row-cache-mb", "128"],
+        "rocksdb": {"memory_entries": 0, "row_cache_mb": 128},
     }
-    procs = {}
-    for name, extra in shards.items():
-        port = free_port()
-        procs[name] = Proc("cacheshard", ["--port", str(port), "--path", str(work / name), "--log-level", "WARNING",
-                                          *extra], work / f"{name}.log", port)
+    procs: dict[str, Proc] = {}
+    for name, settings in shards.items():
+        procs[name] = service("cacheshard", work / f"{name}.log",
+                              {"path": work / name, "server.log_level": "WARNING", **settings})
     server = RedisServer(work / "redis.log")
     me = os.getpid()
     runs: dict[str, list[float]] = {k: [] for k in KINDS}

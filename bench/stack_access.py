@@ -19,19 +19,19 @@ import grpc
 import numpy as np
 import psutil
 
-from bench import frontend_bench, scaling_bench
+from bench import frontend_bench
 from common import codec
 from common.cache_key import cache_key
 from deploy import stack
 from deploy.settings import StackSettings
 from deploy.supervisor import Supervisor
+from harness.procs import Proc, free_port
 from sutra.cache.v1 import cache_shard_service_pb2 as cpb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
-from tests.support import Proc
 
 Printer = Callable[[str], None]
 
@@ -52,10 +52,19 @@ def replica_environment(backend: str, precision: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def stack_settings(run_dir: Path, replicas: int) -> StackSettings:
+    """A stack on free loopback ports in `run_dir` (replicas on consecutive free ports), admin HTTP off."""
+    base = free_port()
+    while any(not stack.probe.port_free("127.0.0.1", base + i) for i in range(1, replicas)):
+        base = free_port()
+    return StackSettings(run_dir=run_dir, replicas=replicas, frontend_port=free_port(), shard_port=free_port(),
+                         lb_port=free_port(), stats_port=free_port(), admin_port=0, replica_base_port=base)
+
+
 def start_stack(run_dir: Path, replicas: int, backend: str, precision: str,
                 out: Printer) -> tuple[StackSettings, float]:
-    """`stack.up` on free ports in `run_dir` (scaling_bench's port choice); (settings, seconds to healthy)."""
-    settings = scaling_bench.stack_settings(run_dir, replicas)
+    """`stack.up` on free ports in `run_dir` (`stack_settings`); (settings, seconds to healthy)."""
+    settings = stack_settings(run_dir, replicas)
     started = time.perf_counter()
     with replica_environment(backend, precision):
         stack.up(settings, out=lambda line: None)

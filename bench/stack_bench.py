@@ -52,23 +52,23 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench import frontend_bench, scaling_bench, workloads
+from bench import frontend_bench, workloads
 from bench.stack_access import (cache_stats, cpu_seconds, disk_phase, extra_frontend, replica_info, rss_snapshot,
                                 stack_pids, start_stack, wait_shard_entries)
 from deploy import stack
 from deploy.settings import StackSettings
+from harness.procs import Proc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.support import Proc
 
 Printer = Callable[[str], None]
 HIT_SIZES = (1, frontend_bench.REQUEST)
 ENCODINGS = (("float", pb.ENCODING_FLOAT), ("packed", pb.ENCODING_PACKED))
-# Mixed traffic as a serving workload: scaling_bench's 8-text requests, with as many texts in
+# Mixed traffic as a serving workload: 8-text requests (as bench.scaling_bench), with as many texts in
 # flight as the cold client (32 x 4). The cold client itself is run on the stream too ("bulk").
-SERVING_CLIENT = (scaling_bench.MIXED_REQUEST,
-                  scaling_bench.REQUEST * scaling_bench.INFLIGHT // scaling_bench.MIXED_REQUEST)
-BULK_CLIENT = (scaling_bench.REQUEST, scaling_bench.INFLIGHT)
+SERVING_CLIENT = (workloads.MIXED_REQUEST,
+                  workloads.REQUEST * workloads.INFLIGHT // workloads.MIXED_REQUEST)
+BULK_CLIENT = (workloads.REQUEST, workloads.INFLIGHT)
 
 
 def saturating_client(repeat_share: float) -> tuple[int, int]:
@@ -78,9 +78,9 @@ def saturating_client(repeat_share: float) -> tuple[int, int]:
     misses, not the stack's capacity: with 85% repeats, 128 texts in flight hold about
     19 misses, so the replicas sit mostly idle. Keeping the replicas as busy as in the
     cold run (128 misses in flight) is what makes the two throughputs comparable."""
-    misses = scaling_bench.REQUEST * scaling_bench.INFLIGHT
-    return scaling_bench.REQUEST, max(scaling_bench.INFLIGHT,
-                                      round(misses / max(0.05, 1.0 - repeat_share) / scaling_bench.REQUEST))
+    misses = workloads.REQUEST * workloads.INFLIGHT
+    return workloads.REQUEST, max(workloads.INFLIGHT,
+                                      round(misses / max(0.05, 1.0 - repeat_share) / workloads.REQUEST))
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class BenchConfig:
 def cold_phase(cfg: BenchConfig, address: str, texts: list[str], baselines: list[workloads.Baseline],
                pids: dict[str, int], out: Printer) -> dict:
     """Alternate in-process encode and the stack on the same slices; ratios are sum/sum."""
-    per_round = max(scaling_bench.REQUEST, len(texts) // cfg.rounds)
+    per_round = max(workloads.REQUEST, len(texts) // cfg.rounds)
     slices = workloads.chunks(texts, per_round)
     enc_s = {b.name: [] for b in baselines}
     enc_cpu = {b.name: 0.0 for b in baselines}
@@ -119,8 +119,8 @@ def cold_phase(cfg: BenchConfig, address: str, texts: list[str], baselines: list
             enc_cpu[b.name] += cpu
             row[f"in_process {b.name} texts/s"] = round(len(part) / took, 1)
         cpu_before = cpu_seconds(pids)
-        rate, lat, usage = scaling_bench.drive(address, scaling_bench.chunks(part, scaling_bench.REQUEST),
-                                               scaling_bench.INFLIGHT)
+        rate, lat, usage = workloads.drive(address, workloads.chunks(part, workloads.REQUEST),
+                                               workloads.INFLIGHT)
         stack_cpu += cpu_seconds(pids) - cpu_before
         stack_s.append(len(part) / rate)
         latencies += lat
@@ -135,7 +135,7 @@ def cold_phase(cfg: BenchConfig, address: str, texts: list[str], baselines: list
         if b.engine not in best or ratio < best[b.engine]["stack_ratio"]:
             best[b.engine] = {"baseline": b.name, "texts_per_s": n / sum(enc_s[b.name]), "stack_ratio": ratio}
     result = {
-        "texts": n, "rounds": rounds, "request_texts": scaling_bench.REQUEST, "inflight": scaling_bench.INFLIGHT,
+        "texts": n, "rounds": rounds, "request_texts": workloads.REQUEST, "inflight": workloads.INFLIGHT,
         "computed": computed, "all_misses": computed == n,
         "stack_texts_per_s": n / sum(stack_s), "latency": workloads.latency_summary(latencies),
         "stack_cpu_ms_per_text": 1000 * stack_cpu / n,
@@ -201,8 +201,8 @@ def level_stats_delta(before: pb.GetCacheStatsResponse, after: pb.GetCacheStatsR
 
 def cold_reference(address: str, texts: list[str]) -> tuple[float, int]:
     """(seconds, texts) of never-seen texts sent by the cold client."""
-    rate, _lat, usage = scaling_bench.drive(address, scaling_bench.chunks(texts, scaling_bench.REQUEST),
-                                            scaling_bench.INFLIGHT)
+    rate, _lat, usage = workloads.drive(address, workloads.chunks(texts, workloads.REQUEST),
+                                            workloads.INFLIGHT)
     return len(texts) / rate, usage["computed"]
 
 
@@ -210,7 +210,7 @@ def mixed_phase(address: str, stream: workloads.MixedStream, client: tuple[int, 
                 cold_texts_per_s: float, title: str, out: Printer) -> dict:
     size, inflight = client
     before = cache_stats(address)
-    rate, lat, usage = scaling_bench.drive(address, workloads.chunks(stream.texts, size), inflight)
+    rate, lat, usage = workloads.drive(address, workloads.chunks(stream.texts, size), inflight)
     stats = level_stats_delta(before, cache_stats(address))
     n = usage["texts"]
     result = {
@@ -239,7 +239,7 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
     cores = os.cpu_count() or 1
     lines = workloads.corpus_lines(cfg.data_dir)
     # Cold references around the mixed runs: 4 waves of the cold client's texts in flight on each side.
-    split = workloads.split_corpus(lines, cfg.cold_texts, spare=2 * 4 * scaling_bench.REQUEST * scaling_bench.INFLIGHT)
+    split = workloads.split_corpus(lines, cfg.cold_texts, spare=2 * 4 * workloads.REQUEST * workloads.INFLIGHT)
     streams = {name: workloads.mixed_stream(split.mixed_pool[i::4], cfg.mixed_draws)
                for i, name in enumerate(("serving", "bulk", "small_l1", "saturating"))}
     small_l1 = max(16, int(streams["small_l1"].distinct * cfg.mixed_l1_fraction))
@@ -252,7 +252,7 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
     if (cfg.backend, cfg.precision) != ("torch", "fp32"):
         # The first one also exports/optimises the graph into the shared ONNX cache, before replicas start.
         for threads in sorted({cores, 1}, reverse=True):
-            baselines.append(workloads.BackendBaseline(cfg.backend, cfg.precision, threads, scaling_bench.REQUEST))
+            baselines.append(workloads.BackendBaseline(cfg.backend, cfg.precision, threads, workloads.REQUEST))
     same = baselines[-1].engine
 
     workdir = Path(tempfile.mkdtemp(prefix="sutra-bench-"))
@@ -269,7 +269,7 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
             raise RuntimeError(f"the same-backend baseline runs {same}, the replicas {info.backend} {info.precision}")
         front = settings.frontend_address
         # Warm every replica's code paths (and connections) on texts no phase measures.
-        scaling_bench.drive(front, workloads.chunks(split.warmup, 16), 2 * cfg.replicas)
+        workloads.drive(front, workloads.chunks(split.warmup, 16), 2 * cfg.replicas)
 
         t = time.perf_counter()
         out("cold (all misses) vs in-process encode...")
@@ -333,7 +333,7 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
         "config": {**dataclasses.asdict(cfg), "data_dir": str(cfg.data_dir), "cores": cores,
                    "torch_threads_per_replica": settings.torch_threads,
                    "frontend_connections": settings.frontend_connections,
-                   "in_process_threads": cores, "in_process_batch": scaling_bench.REQUEST},
+                   "in_process_threads": cores, "in_process_batch": workloads.REQUEST},
         "stack": {"startup_s": startup_s, "backend": info.backend, "precision": info.precision,
                   "model_id": info.model_id, "fingerprint": info.fingerprint, "replicas": cfg.replicas},
         "same_backend_engine": same,

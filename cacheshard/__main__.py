@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from cacheshard.settings import DEFAULT_PORT, build_parser, settings_from
+from cacheshard.settings import DEFAULT_PORT, load_settings
 
 log = logging.getLogger("cacheshard")
 
@@ -27,23 +27,18 @@ def serve(argv: list[str]) -> int:
     from common.malloc_tuning import tune_malloc
 
     tune_malloc()  # before gRPC allocates anything; see the module for the numbers
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    settings = load_settings(argv)
     from common.grpc_server import configure_logging
 
-    configure_logging(args.log_level)
-    try:
-        settings = settings_from(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    configure_logging(settings.server.log_level)
     return asyncio.run(_serve(settings))
 
 
 async def _serve(settings) -> int:
-    from cacheshard.server import ShardServer
+    from cacheshard.server import SERVICE_NAME, add_to_server
     from cacheshard.shard import Shard
     from cacheshard.store import ShardStore, StartupError
-    from common.grpc_server import run_until_signalled
+    from common.grpc_server import ServiceServer, run_until_signalled
 
     try:
         store = await asyncio.to_thread(ShardStore, settings)
@@ -56,13 +51,14 @@ async def _serve(settings) -> int:
              settings.budget_bytes, settings.sst_limit_bytes, settings.memtable_bytes, settings.memory_entries,
              "sync (fsync before ack)" if settings.sync else "WAL")
     try:
-        server = ShardServer(settings.server, shard)
+        server = ServiceServer(settings.server, [SERVICE_NAME])
     except Exception as exc:
         await shard.close()
         print(f"cacheshard: cannot listen on {settings.server.host}:{settings.server.port}: {exc}",
               file=sys.stderr, flush=True)
         return EXIT_STARTUP
-    await run_until_signalled(server, cleanup=shard.close)
+    servicer = add_to_server(shard, server.server)
+    await run_until_signalled(server, cleanup=shard.close, pre_stop=servicer.close_idle_streams)
     return 0
 
 
@@ -81,7 +77,7 @@ def checkpoint(argv: list[str]) -> int:
     from common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
     from common.tls import add_client_tls_flags, client_tls_from, open_channel
 
-    add_client_tls_flags(parser, os.environ, prefix="", env_prefix="SUTRA_CLIENT_", what="the shard")
+    add_client_tls_flags(parser, os.environ, prefix="", what="the shard")
     args = parser.parse_args(argv)
 
     import grpc

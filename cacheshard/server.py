@@ -12,17 +12,13 @@ ends the same way once it has answered the batches it already read.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import grpc
 
 from cacheshard.shard import Shard
-from common.errors import SutraError, grpc_errors
-from common.grpc_server import ServerOptions, ServiceServer
+from common.errors import Unavailable, grpc_errors
 from sutra.cache.v1 import cache_shard_service_pb2 as pb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheShardService"].full_name
 _SHUTTING_DOWN = "the cache shard is shutting down; reconnect later"
@@ -57,6 +53,7 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
         for task in list(self._waiting):
             task.cancel()
 
+    @grpc_errors
     async def Lookup(self, request_iterator, context):
         # A reader task parses the next requests while this task answers the
         # current one, so a pipelining client keeps the shard busy (measured:
@@ -71,17 +68,11 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
         except asyncio.CancelledError:
             if not self._closing:
                 raise
-        except SutraError as exc:
-            await context.abort(exc.code, str(exc))
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in Lookup")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the shard's log")
+            # close_idle_streams cancelled us while we waited: end with "shutting down" below.
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+        raise Unavailable(_SHUTTING_DOWN)
 
     async def _answer(self, context, requests: asyncio.Queue, reader: asyncio.Future) -> bool:
         """Answer queued requests in order. True when the client ended the
@@ -131,17 +122,10 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
         return pb.CheckpointResponse(path=await self.shard.checkpoint(request.path))
 
 
-class ShardServer(ServiceServer):
-    """The common server life cycle, plus ending idle Lookup streams before the grace period."""
-
-    def __init__(self, options: ServerOptions, shard: Shard) -> None:
-        super().__init__(options, [SERVICE_NAME])
-        self.servicer = CacheShardServicer(shard)
-        pb_grpc.add_CacheShardServiceServicer_to_server(self.servicer, self.server)
-
-    async def drain_and_stop(self) -> None:
-        await self.set_serving(False)
-        if self.options.drain_seconds > 0:
-            await asyncio.sleep(self.options.drain_seconds)
-        self.servicer.close_idle_streams()
-        await self.server.stop(self.options.grace_seconds)
+def add_to_server(shard: Shard, server: grpc.aio.Server) -> CacheShardServicer:
+    """Serve `shard` on `server`; run the returned servicer's `close_idle_streams` as the server's
+    pre-stop hook (`run_until_signalled(..., pre_stop=...)`), so open Lookup streams end before the
+    grace period instead of holding it open."""
+    servicer = CacheShardServicer(shard)
+    pb_grpc.add_CacheShardServiceServicer_to_server(servicer, server)
+    return servicer

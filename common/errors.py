@@ -1,12 +1,22 @@
-"""Domain errors and the one table that maps them to gRPC status codes.
+"""Domain errors and the one path that turns them into gRPC status.
 
-Engines raise these; transports translate them with `status_for`. Anything
-else that escapes a handler is logged and reported as INTERNAL.
+Engines raise these; every handler, unary or streaming, goes through
+`grpc_errors`, which hands whatever escapes to `abort_for`: a domain error
+becomes its own code and message, an abort or a cancellation passes through,
+and anything else is logged with its traceback and reported as INTERNAL.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
+import logging
+from typing import NoReturn
+
 import grpc
+
+INTERNAL_MESSAGE = "internal error; see the server log"
 
 
 class SutraError(Exception):
@@ -37,30 +47,53 @@ class Unauthenticated(SutraError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-def status_for(exc: BaseException) -> grpc.StatusCode:
+class DeadlineExceeded(SutraError):
+    """The caller's deadline (or a stream's idle limit) passed before the work was done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext, where: str,
+                    log: logging.Logger) -> NoReturn:
+    """End the RPC with the status `exc` stands for; `where` names the handler in the log.
+
+    SutraError: its code and message. An abort already under way, a cancellation, or any
+    BaseException that is not an Exception: raised again unchanged. Anything else: logged with its
+    traceback, INTERNAL with a fixed message (the details stay in the log, not on the wire)."""
     if isinstance(exc, SutraError):
-        return exc.code
-    return grpc.StatusCode.INTERNAL
+        await context.abort(exc.code, str(exc))
+    if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)) or not isinstance(exc, Exception):
+        raise exc
+    log.error("unexpected error in %s", where, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
 def grpc_errors(handler):
-    """Wrap a unary grpc.aio handler: domain errors become their status code,
-    anything unexpected is logged with its traceback and becomes INTERNAL."""
-    import functools
-    import logging
-
+    """Wrap a grpc.aio handler, a coroutine (unary, or a stream handled with context.read/write) or
+    an async generator (a response stream), so that whatever escapes it goes through `abort_for`."""
     log = logging.getLogger(handler.__module__)
+    where = handler.__qualname__
+
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def stream_wrapper(self, request, context):
+            responses = handler(self, request, context)
+            try:
+                async for response in responses:
+                    yield response
+            except Exception as exc:  # noqa: BLE001 - abort_for decides, and re-raises what it does not map
+                await abort_for(exc, context, where, log)
+            finally:
+                await responses.aclose()  # closed with us, not later by the garbage collector
+
+        return stream_wrapper
 
     @functools.wraps(handler)
     async def wrapper(self, request, context):
         try:
             return await handler(self, request, context)
-        except SutraError as exc:
-            await context.abort(exc.code, str(exc))
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", handler.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        except Exception as exc:  # noqa: BLE001 - abort_for decides, and re-raises what it does not map
+            await abort_for(exc, context, where, log)
 
     return wrapper

@@ -26,7 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.malformed import MalformedRequests
-from common.tls import TlsServerOptions, add_server_tls_flags, server_tls_from
+from common.settings import Settings, group, setting
+from common.tls import TlsServerOptions, server_tls_group
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,32 @@ def keepalive_options(interval_ms: int) -> list[tuple[str, object]]:
 
 
 @dataclass(frozen=True)
-class ServerOptions:
-    """Transport knobs common to all services."""
+class ServerOptions(Settings):
+    """Transport knobs common to all services; each service mounts them with `server_settings`."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    host: str = setting("127.0.0.1", "address to bind")
+    # Each service names its own port variable (server_settings).
+    port: int = setting(0, "port to bind, 0 = any free port")
+    max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted or sent")
     # 0 disables; replicas set it so connections re-spread after a restart.
-    max_connection_age_ms: int = 0
-    max_connection_age_grace_ms: int = 0
+    max_connection_age_ms: int = setting(0, "close client connections after this long (GOAWAY) so that they "
+                                            "re-spread over replicas behind a TCP balancer; 0 = never")
+    max_connection_age_grace_ms: int = setting(0, "time RPCs on an aged connection get to finish")
     # Seconds between NOT_SERVING and closing the listener on SIGTERM.
-    drain_seconds: float = 0.0
+    drain_seconds: float = setting(0.0, "on SIGTERM, seconds to report NOT_SERVING before closing the port, so "
+                                        "a balancer can notice")
     # Seconds in-flight RPCs get to finish once the listener closes.
-    grace_seconds: float = 30.0
+    grace_seconds: float = setting(30.0, "seconds in-flight RPCs get to finish after the port closes")
+    # Not a transport knob, but every server process has it.
+    log_level: str = setting("INFO", "logging level")
     # None = plaintext; see common/tls.py (client_ca set = mutual TLS).
-    tls: TlsServerOptions | None = None
+    tls: TlsServerOptions | None = server_tls_group()
+
+    def problems(self) -> list[str]:
+        wrong = [f"--{name.replace('_', '-')} must not be negative" for name in
+                 ("port", "max_connection_age_ms", "max_connection_age_grace_ms", "drain_seconds", "grace_seconds")
+                 if getattr(self, name) < 0]
+        return wrong + ([] if self.max_message_bytes > 0 else ["--max-message-bytes must be positive"])
 
     def channel_args(self) -> list[tuple[str, int]]:
         args = [
@@ -142,12 +154,15 @@ class ServiceServer:
         await self.set_serving(False)
         await self.server.start()
 
-    async def drain_and_stop(self) -> None:
-        """NOT_SERVING, wait for the balancer to notice, then finish in-flight work."""
+    async def drain_and_stop(self, pre_stop: Callable[[], None] | None = None) -> None:
+        """NOT_SERVING, wait for the balancer to notice, run `pre_stop` (end what would hold the
+        grace period open, such as long-lived streams), then finish in-flight work."""
         self._draining = True
         await self.set_serving(False)
         if self.options.drain_seconds > 0:
             await asyncio.sleep(self.options.drain_seconds)
+        if pre_stop is not None:
+            pre_stop()
         await self.server.stop(self.options.grace_seconds)
 
 
@@ -155,8 +170,10 @@ async def run_until_signalled(
     server: ServiceServer,
     ready: Callable[[], Awaitable[None]] | None = None,
     cleanup: Callable[[], Awaitable[None]] | None = None,
+    pre_stop: Callable[[], None] | None = None,
 ) -> None:
-    """Start, run `ready` (loading, warming), go SERVING, wait for SIGTERM/SIGINT, drain."""
+    """Start, run `ready` (loading, warming), go SERVING, wait for SIGTERM/SIGINT, drain
+    (`pre_stop` runs after the drain period, before the grace period), then `cleanup`."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,7 +201,7 @@ async def run_until_signalled(
                      tls.describe() if tls is not None else "plaintext")
             await stop.wait()
             log.info("signal received: draining for %.1fs", server.options.drain_seconds)
-            await server.drain_and_stop()
+            await server.drain_and_stop(pre_stop)
     finally:
         await server.server.stop(0)
         if cleanup is not None:
@@ -192,43 +209,12 @@ async def run_until_signalled(
     log.info("stopped cleanly")
 
 
-def add_server_flags(parser, *, default_port: int, port_env: str, env=None) -> None:
-    """Flags every service has; environment variables mirror them. `env` (a
-    mapping, default os.environ) lets settings be built from an explicit
-    environment, as the services' `build_parser(env)` do."""
-    import os
-
-    env = os.environ if env is None else env
-
-    parser.add_argument("--host", default=env.get("SUTRA_HOST", "127.0.0.1"),
-                        help="address to bind (env SUTRA_HOST; default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(env.get(port_env, default_port)),
-                        help=f"port to bind, 0 = any free port (env {port_env}; default %(default)s)")
-    parser.add_argument("--max-message-bytes", type=int,
-                        default=int(env.get("SUTRA_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
-                        help="largest gRPC message accepted or sent (env SUTRA_MAX_MESSAGE_BYTES; default %(default)s)")
-    parser.add_argument("--drain-seconds", type=float, default=float(env.get("SUTRA_DRAIN_SECONDS", 0.0)),
-                        help="on SIGTERM, seconds to report NOT_SERVING before closing the port, so a balancer "
-                             "can notice (env SUTRA_DRAIN_SECONDS; default %(default)s)")
-    parser.add_argument("--grace-seconds", type=float, default=float(env.get("SUTRA_GRACE_SECONDS", 30.0)),
-                        help="seconds in-flight RPCs get to finish after the port closes "
-                             "(env SUTRA_GRACE_SECONDS; default %(default)s)")
-    parser.add_argument("--log-level", default=env.get("SUTRA_LOG_LEVEL", "INFO"),
-                        help="logging level (env SUTRA_LOG_LEVEL; default %(default)s)")
-    add_server_tls_flags(parser, env)
-
-
-def server_options_from(args, **extra) -> ServerOptions:
-    """ServerOptions from add_server_flags' flags; ValueError on a half-given TLS setup."""
-    return ServerOptions(
-        host=args.host,
-        port=args.port,
-        max_message_bytes=args.max_message_bytes,
-        drain_seconds=args.drain_seconds,
-        grace_seconds=args.grace_seconds,
-        tls=server_tls_from(args),
-        **extra,
-    )
+def server_settings(*, port: int, port_env: str, connection_age: bool = False, **defaults: object):
+    """The `server` field of a service's settings: ServerOptions' flags, this service's port and
+    port variable, and its own defaults; the connection-age flags only where `connection_age`."""
+    overrides = {"port": {"default": port, "env": port_env}, **{k: {"default": v} for k, v in defaults.items()}}
+    omit = () if connection_age else ("max_connection_age_ms", "max_connection_age_grace_ms")
+    return group(ServerOptions, overrides=overrides, omit=omit)
 
 
 def configure_logging(level: str) -> None:

@@ -23,8 +23,11 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+
+from common.settings import Settings, add_flags, from_args, group, setting
 
 
 def _read(path: str, what: str) -> bytes:
@@ -34,13 +37,26 @@ def _read(path: str, what: str) -> bytes:
         raise ValueError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from exc
 
 
+def _missing(**paths: str) -> list[str]:
+    """A clear startup error for each certificate path that is not a readable file."""
+    return [f"{what} {path}: no such file" for what, path in paths.items()
+            if path and not Path(path).expanduser().is_file()]
+
+
 @dataclass(frozen=True)
-class TlsServerOptions:
+class TlsServerOptions(Settings):
     """A server's certificate chain and key (PEM); `client_ca` turns on mutual TLS."""
 
-    cert: str
-    key: str
-    client_ca: str = ""
+    cert: str = setting("", "PEM certificate chain this server presents; with --{prefix}key, the port speaks TLS "
+                            "only", shown="plaintext")
+    key: str = setting("", "PEM private key of --{prefix}cert")
+    client_ca: str = setting("", "PEM CA bundle; when set, clients must present a certificate it signed "
+                                 "(mutual TLS)", shown="no client certificates")
+
+    def problems(self) -> list[str]:
+        if not (self.cert and self.key):
+            return ["--tls-cert and --tls-key go together (and --tls-client-ca needs both)"]
+        return _missing(**{"--tls-cert": self.cert, "--tls-key": self.key, "--tls-client-ca": self.client_ca})
 
     @property
     def mutual(self) -> bool:
@@ -58,17 +74,18 @@ class TlsServerOptions:
 
 
 @dataclass(frozen=True)
-class TlsClientOptions:
+class TlsClientOptions(Settings):
     """How a client trusts a server and, for mutual TLS, proves who it is (PEM paths)."""
 
-    ca: str = ""  # "" = the system trust store
-    cert: str = ""
-    key: str = ""
-    server_name: str = ""  # "" = the host part of the address
+    ca: str = setting("", "PEM CA bundle that signed {what}'s certificate; empty = the system trust store")
+    cert: str = setting("", "PEM client certificate presented to {what}, for mutual TLS")
+    key: str = setting("", "PEM private key of --{prefix}cert")
+    server_name: str = setting("", "name to check {what}'s certificate against instead of the dialled host")
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
         if bool(self.cert) != bool(self.key):
-            raise ValueError("a client certificate needs its key and a key needs its certificate")
+            return ["a client certificate needs its key and a key needs its certificate"]
+        return _missing(**{"TLS CA": self.ca, "TLS client certificate": self.cert, "TLS client key": self.key})
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
@@ -99,57 +116,35 @@ def open_channel(address: str, tls: TlsClientOptions | None, *, max_message_byte
 
 # -- flags ------------------------------------------------------------------------------------
 
-def add_server_tls_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """--tls-cert/--tls-key/--tls-client-ca on a server (env SUTRA_TLS_CERT/KEY/CLIENT_CA)."""
-    parser.add_argument("--tls-cert", default=env.get("SUTRA_TLS_CERT", ""),
-                        help="PEM certificate chain this server presents; with --tls-key, the port speaks TLS "
-                             "only (env SUTRA_TLS_CERT; default: plaintext)")
-    parser.add_argument("--tls-key", default=env.get("SUTRA_TLS_KEY", ""),
-                        help="PEM private key of --tls-cert (env SUTRA_TLS_KEY)")
-    parser.add_argument("--tls-client-ca", default=env.get("SUTRA_TLS_CLIENT_CA", ""),
-                        help="PEM CA bundle; when set, clients must present a certificate it signed "
-                             "(mutual TLS) (env SUTRA_TLS_CLIENT_CA; default: no client certificates)")
+def server_tls_group() -> Any:
+    """The `tls` field of ServerOptions: --tls-cert/--tls-key/--tls-client-ca (env SUTRA_TLS_*)."""
+    return group(TlsServerOptions, prefix="tls-", optional=True)
 
 
-def _check_files(**flags: str) -> None:
-    """A clear startup error for a certificate path that is not a readable file."""
-    for flag, path in flags.items():
-        if path and not Path(path).expanduser().is_file():
-            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+def client_tls_group(what: str | None, prefix: str = "") -> Any:
+    """A settings field for one upstream `what`: a --{prefix}tls switch and --{prefix}tls-ca/-cert/-key/
+    -server-name (None: `what` comes from add_flags' words)."""
+    return group(TlsClientOptions, prefix=f"{prefix}tls-", words={"what": what} if what else {},
+                 switch="connect to {what} over TLS; implied by any --{prefix}* flag")
 
 
-def server_tls_from(args: argparse.Namespace) -> TlsServerOptions | None:
-    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
-        return None
-    if not (args.tls_cert and args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together (and --tls-client-ca needs both)")
-    _check_files(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
-    return TlsServerOptions(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+@dataclass(frozen=True)
+class ClientTlsFlags(Settings):
+    """Lets a client command mount one upstream's TLS flags on its own parser (see add_client_tls_flags)."""
+
+    tls: TlsClientOptions | None = client_tls_group(None)
 
 
-def add_client_tls_flags(parser: argparse.ArgumentParser, env: Mapping[str, str], *, prefix: str,
-                         env_prefix: str, what: str) -> None:
+# Client commands (embed, checkpoint) read their TLS settings from SUTRA_CLIENT_TLS, SUTRA_CLIENT_TLS_CA...
+CLIENT_ENV_PREFIX = "SUTRA_CLIENT_"
+
+
+def add_client_tls_flags(parser: argparse.ArgumentParser, env: Mapping[str, str], *, prefix: str, what: str,
+                         env_prefix: str = CLIENT_ENV_PREFIX) -> None:
     """--{prefix}tls, --{prefix}tls-ca/-cert/-key/-server-name for one upstream (env {env_prefix}TLS...)."""
-    dest = prefix.replace("-", "_")
-    parser.add_argument(f"--{prefix}tls", dest=f"{dest}tls", action=argparse.BooleanOptionalAction,
-                        default=env.get(f"{env_prefix}TLS", "").strip().lower() in ("1", "true", "yes", "on"),
-                        help=f"connect to {what} over TLS; implied by any --{prefix}tls-* flag below "
-                             f"(env {env_prefix}TLS; default: plaintext)")
-    for name, help_text in (
-        ("ca", f"PEM CA bundle that signed {what}'s certificate; empty = the system trust store"),
-        ("cert", f"PEM client certificate presented to {what}, for mutual TLS"),
-        ("key", f"PEM private key of --{prefix}tls-cert"),
-        ("server-name", f"name to check {what}'s certificate against instead of the dialled host"),
-    ):
-        var = f"{env_prefix}TLS_{name.upper().replace('-', '_')}"
-        parser.add_argument(f"--{prefix}tls-{name}", dest=f"{dest}tls_{name.replace('-', '_')}",
-                            default=env.get(var, ""), help=f"{help_text} (env {var}; default empty)")
+    add_flags(parser, ClientTlsFlags, env, prefix=prefix, env_prefix=env_prefix, words={"what": what})
 
 
 def client_tls_from(args: argparse.Namespace, prefix: str) -> TlsClientOptions | None:
-    dest = prefix.replace("-", "_")
-    ca, cert, key, name = (getattr(args, f"{dest}tls_{n}") for n in ("ca", "cert", "key", "server_name"))
-    if not (getattr(args, f"{dest}tls") or ca or cert or key or name):
-        return None
-    _check_files(**{f"{dest}tls_ca": ca, f"{dest}tls_cert": cert, f"{dest}tls_key": key})
-    return TlsClientOptions(ca=ca, cert=cert, key=key, server_name=name)
+    """The options add_client_tls_flags' flags describe (`what` only shapes their help text)."""
+    return from_args(ClientTlsFlags, args, prefix=prefix, words={"what": "the server"}).tls

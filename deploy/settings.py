@@ -1,8 +1,11 @@
 """The local stack's one settings object: ports, replica count, run directory.
 
-Built once in the CLI from flags and environment (the environment mirrors the
-flags), written to `<run dir>/stack.json` by `up`, and read back by `status`,
-`down` and `validate`, so those need no flags to find what `up` started.
+Built once in the CLI from flags and environment (declared here once, see
+common/settings.py); a setting that is also a service's reads that service's
+own variable (`_as`), so the frontend's port variable means the same to
+`sutra up` and to the frontend and is written only where the frontend declares it.
+Written to `<run dir>/stack.json` by `up`, and read back by `status`, `down`
+and `validate`, so those need no flags to find what `up` started.
 """
 
 from __future__ import annotations
@@ -12,68 +15,96 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from cacheshard.settings import ShardSettings
 from common.grpc_server import ServerOptions
+from common.settings import Settings, at_least, item, setting
 from embedding.settings import FrontendSettings
+from lb.render import LbSettings
+from mlbase.settings import MLBaseSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_FILE = "stack.json"
 
 
+def _as(cls: type, key: str) -> str:
+    """The environment variable a service declares for `key`: the stack reads the same one."""
+    return item(cls, key).env
+
+
 @dataclass(frozen=True)
-class StackSettings:
+class StackSettings(Settings):
     """What `sutra up` starts and where."""
 
-    run_dir: Path = ROOT / ".run"
-    host: str = "127.0.0.1"
-    replicas: int = 3
-    frontend_port: int = 50051
-    shard_port: int = 50052
-    lb_port: int = 50060
+    run_dir: Path = setting(ROOT / ".run", "directory for configs, logs, PID files, sockets and the shard's data")
+    host: str = setting("127.0.0.1", "address every process binds", env=_as(ServerOptions, "host"))
+    replicas: int = setting(3, "ML-base replicas behind HAProxy", check=at_least(1))
+    frontend_port: int = setting(50051, "embedding frontend gRPC port", env=_as(FrontendSettings, "server.port"))
+    shard_port: int = setting(50052, "cache shard gRPC port", env=_as(ShardSettings, "server.port"))
+    lb_port: int = setting(50060, "HAProxy port the frontend sends batches to", env=_as(LbSettings, "port"))
     # Replica i (1-based) listens on replica_base_port + i - 1.
-    replica_base_port: int = 50061
-    stats_port: int = 9999
+    replica_base_port: int = setting(50061, "port of the first replica; replica i uses base + i - 1")
+    stats_port: int = setting(9999, "HAProxy stats page (/stats) and Prometheus exporter (/metrics)",
+                              env=_as(LbSettings, "stats_port"))
     # Frontend's HTTP admin port (/cache/stats, /metrics); 0 disables it.
-    admin_port: int = 9100
+    admin_port: int = setting(9100, "frontend HTTP admin port (/cache/stats, /metrics); 0 disables",
+                              env=_as(FrontendSettings, "admin_port"))
     # Torch threads per replica; 0 = max(1, cores // replicas).
-    threads: int = 0
+    threads: int = setting(0, "inference threads per replica (onnxruntime or torch intra-op); 0 = max(1, cores // "
+                              "replicas)", env="SUTRA_TORCH_THREADS")
     # SIGTERM budget, passed to each program as flags (supervisor.py derives
     # every stop wait from these). A stopping frontend or replica stays
     # NOT_SERVING this long first, so HAProxy (about 1.5 s to notice) takes a
     # replica out and health checkers see the frontend go before its port closes.
-    drain_seconds: float = 2.0
+    drain_seconds: float = setting(
+        2.0, "seconds a stopping replica or frontend reports NOT_SERVING before closing its port, so HAProxy "
+        "(about 1.5 s) takes a replica out first", env=_as(ServerOptions, "drain_seconds"))
     # Then in-flight RPCs (open EmbedStreams included) get this long to finish
     # (every gRPC process; the programs' own default).
-    grace_seconds: float = ServerOptions.grace_seconds
+    grace_seconds: float = setting(
+        ServerOptions.grace_seconds, "seconds in-flight RPCs (open EmbedStreams too) get to finish once a stopping "
+        "process closes its port; supervisord waits drain + grace (+ the frontend's write-back flush) + a margin "
+        "before SIGKILL", env=_as(ServerOptions, "grace_seconds"))
     # Then the frontend stores queued L2 write-backs for up to this long.
-    writeback_flush_seconds: float = FrontendSettings.writeback_flush_s
+    writeback_flush_seconds: float = setting(
+        FrontendSettings.writeback_flush_s, "seconds a stopping frontend spends storing queued L2 write-backs, after "
+        "the grace", flag="writeback-flush", env=_as(FrontendSettings, "writeback_flush_s"))
     # Replicas close connections older than this (plus grace) so that traffic
     # re-spreads after a replica comes back.
-    max_connection_age_ms: int = 30_000
-    max_connection_age_grace_ms: int = 10_000
+    max_connection_age_ms: int = setting(
+        30_000, "replicas close connections older than this so traffic re-spreads after a replica returns",
+        env=_as(MLBaseSettings, "server.max_connection_age_ms"))
+    max_connection_age_grace_ms: int = setting(
+        10_000, "time in-flight RPCs get on an aged-out connection",
+        env=_as(MLBaseSettings, "server.max_connection_age_grace_ms"))
     # Frontend connections to HAProxy (each is pinned to one replica).
-    mlbase_connections: int = 0
+    mlbase_connections: int = setting(0, "frontend connections to HAProxy; 0 = max(4, 2 x replicas)",
+                                      env=_as(FrontendSettings, "mlbase_connections"))
     # Frontend's in-process LRU (L1) size in entries.
-    l1_entries: int = 10_000
+    l1_entries: int = setting(10_000, "frontend's in-process LRU (L1) size in entries; 0 disables L1",
+                              env=_as(FrontendSettings, "l1_entries"))
     # Seconds `up` waits for every process to be SERVING (model loading).
-    wait_seconds: float = 300.0
-    shard_sync: bool = False
+    wait_seconds: float = setting(300.0, "how long `up` waits for everything to be healthy")
+    shard_sync: bool = setting(False, "cache shard fsyncs before acknowledging writes (the shard's own variable)",
+                               env=_as(ShardSettings, "sync"))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
         if "%" in str(self.run_dir):
             # supervisord expands %(name)s, twice for log paths; keep paths plain.
-            raise ValueError("--run-dir must not contain '%'")
+            return ["--run-dir must not contain '%'"]
         if self.replicas < 1:
-            raise ValueError("--replicas must be at least 1")
-        for flag, value in (("--drain-seconds", self.drain_seconds), ("--grace-seconds", self.grace_seconds),
-                            ("--writeback-flush", self.writeback_flush_seconds)):
-            if value < 0:
-                raise ValueError(f"{flag} must not be negative")
+            return []  # the per-setting check said it
+        problems = [f"{flag} must not be negative" for flag, value in (
+            ("--drain-seconds", self.drain_seconds), ("--grace-seconds", self.grace_seconds),
+            ("--writeback-flush", self.writeback_flush_seconds)) if value < 0]
         ports = self.ports()
         if len(set(ports.values())) != len(ports):
-            raise ValueError(f"ports overlap: {ports}")
-        for name, port in ports.items():
-            if not 0 < port < 65536:
-                raise ValueError(f"{name} port {port} out of range")
+            problems.append(f"ports overlap: {ports}")
+        problems += [f"{name} port {port} out of range" for name, port in ports.items() if not 0 < port < 65536]
+        return problems
 
     # --- derived values ---
 

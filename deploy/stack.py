@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from deploy import probe
-from deploy.settings import StackSettings
+from deploy.settings import ROOT, StackSettings
 from deploy.supervisor import HAPROXY_BIN, Program, Supervisor, programs, render_config, shutdown_seconds
 from lb import render as lb_render
 from lb import runtime
@@ -44,14 +44,12 @@ def haproxy_binary(out: Printer) -> str:
     found = shutil.which("haproxy") or (HAPROXY_BIN if Path(HAPROXY_BIN).exists() else None)
     if found:
         return found
-    out("haproxy not found: installing Debian's package (apt-get install haproxy)")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "haproxy"], check=True, env=env)
+    out("haproxy not found: installing Debian's package (tools/install_debian_packages.sh haproxy)")
+    # One installer for every command: it also leaves the package's system service disabled.
+    subprocess.run(["bash", str(ROOT / "tools" / "install_debian_packages.sh"), "haproxy"], check=True)
     found = shutil.which("haproxy") or HAPROXY_BIN
     if not Path(found).exists():
-        raise StackError("apt-get install haproxy finished but no haproxy binary was found")
+        raise StackError("installing haproxy finished but no haproxy binary was found")
     return found
 
 

@@ -20,9 +20,13 @@ from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from cacheshard import settings as shard_recipe
+from common.settings import evolve
 from deploy.settings import ROOT, StackSettings
+from embedding import settings as frontend_recipe
+from lb.render import HAPROXY_BIN, haproxy_command
+from mlbase import settings as replica_recipe
 
-HAPROXY_BIN = "/usr/sbin/haproxy"
 MLBASE_GROUP = "mlbase"
 # Seconds past a program's own shutdown budget before supervisord sends SIGKILL:
 # room for cleanup after the grace (closing channels, RocksDB, inference
@@ -66,36 +70,44 @@ def shutdown_seconds(progs: list[Program]) -> int:
     return sum(by_priority.values())
 
 
+def _launch(recipe, values: dict, python: str) -> list[str]:
+    """A child's argv from its own settings object: the service's defaults with `values` (dotted
+    names) set, rendered by the service's launch recipe. Exactly those flags are passed, so what the
+    stack does not set (a backend, say) still comes from the child's environment."""
+    return recipe.command(evolve(recipe.load_settings([], {}), values), python, only=values)
+
+
 def programs(settings: StackSettings, python: str = sys.executable, haproxy: str = HAPROXY_BIN) -> list[Program]:
     """Every process of the stack, in start order. Each gRPC program gets its SIGTERM timings as
     flags from `settings`, and a stop wait derived from the same numbers."""
     drain, grace = settings.drain_seconds, settings.grace_seconds
-    shard = [python, "-m", "cacheshard", "--host", settings.host, "--port", str(settings.shard_port),
-             "--path", str(settings.shard_path),
-             "--drain-seconds", str(SHARD_DRAIN_SECONDS), "--grace-seconds", str(grace)]
-    if settings.shard_sync:
-        shard.append("--sync")
+    shard = _launch(shard_recipe, {
+        "server.host": settings.host, "server.port": settings.shard_port, "path": settings.shard_path,
+        "server.drain_seconds": SHARD_DRAIN_SECONDS, "server.grace_seconds": grace, "sync": settings.shard_sync,
+    }, python)
     found = [Program("cacheshard", shard, 10, stop_wait(SHARD_DRAIN_SECONDS, grace), "grpc", settings.shard_port)]
     # Replica stop: drain (NOT_SERVING while HAProxy notices), then in-flight work finishes.
     for i, name in enumerate(settings.replica_names(), start=1):
-        found.append(Program(name, [
-            python, "-m", "mlbase", "--host", settings.host, "--port", str(settings.replica_port(i)),
-            "--threads", str(settings.torch_threads), "--drain-seconds", str(drain), "--grace-seconds", str(grace),
-            "--max-connection-age-ms", str(settings.max_connection_age_ms),
-            "--max-connection-age-grace-ms", str(settings.max_connection_age_grace_ms),
-        ], 20, stop_wait(drain, grace), "grpc", settings.replica_port(i), group=MLBASE_GROUP))
-    found.append(Program("haproxy", [haproxy, "-db", "-f", str(settings.haproxy_config)], 30, HAPROXY_STOP_WAIT,
+        replica = _launch(replica_recipe, {
+            "server.host": settings.host, "server.port": settings.replica_port(i), "threads": settings.torch_threads,
+            "server.drain_seconds": drain, "server.grace_seconds": grace,
+            "server.max_connection_age_ms": settings.max_connection_age_ms,
+            "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms,
+        }, python)
+        found.append(Program(name, replica, 20, stop_wait(drain, grace), "grpc", settings.replica_port(i),
+                             group=MLBASE_GROUP))
+    found.append(Program("haproxy", haproxy_command(settings.haproxy_config, haproxy), 30, HAPROXY_STOP_WAIT,
                          "haproxy", settings.lb_port))
     # Frontend stop: drain, in-flight RPCs (open EmbedStreams too) finish, then queued L2
     # write-backs are stored; SIGKILL before the end would lose them.
     flush = settings.writeback_flush_seconds
-    found.append(Program("embedding", [
-        python, "-m", "embedding", "--host", settings.host, "--port", str(settings.frontend_port),
-        "--mlbase", settings.lb_address, "--cache-shard", settings.shard_address,
-        "--admin-port", str(settings.admin_port), "--mlbase-connections", str(settings.frontend_connections),
-        "--l1-entries", str(settings.l1_entries),
-        "--drain-seconds", str(drain), "--grace-seconds", str(grace), "--writeback-flush", str(flush),
-    ], 40, stop_wait(drain, grace, flush), "grpc", settings.frontend_port))
+    frontend = _launch(frontend_recipe, {
+        "server.host": settings.host, "server.port": settings.frontend_port, "mlbase_address": settings.lb_address,
+        "cache_shards": (settings.shard_address,), "admin_port": settings.admin_port,
+        "mlbase_connections": settings.frontend_connections, "l1_entries": settings.l1_entries,
+        "server.drain_seconds": drain, "server.grace_seconds": grace, "writeback_flush_s": flush,
+    }, python)
+    found.append(Program("embedding", frontend, 40, stop_wait(drain, grace, flush), "grpc", settings.frontend_port))
     return found
 
 

@@ -42,7 +42,9 @@ from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 Printer = Callable[[str], None]
 SAMPLE_WIDTHS = (32, 64, 128, 256, 384)
-CORPUS = Path("/work/shared/data/corpus.txt")
+# Realistic texts to tag: the corpus committed with the benchmarks, found from this checkout,
+# so no machine path is involved; any readable file of lines would do.
+CORPUS = Path(__file__).resolve().parent.parent / "bench" / "data" / "corpus.txt"
 
 
 @dataclass
@@ -59,11 +61,11 @@ class PhaseResult:
         return bool(self.checks) and all(ok for _, ok, _ in self.checks)
 
 
-def sample_sentences(count: int, tag: str) -> list[str]:
-    """`count` distinct texts, tagged so no cache has seen them."""
+def sample_sentences(count: int, tag: str, corpus: Path = CORPUS) -> list[str]:
+    """`count` distinct texts, tagged so no cache has seen them; a fixed sentence if `corpus` is missing."""
     lines: list[str] = []
-    if CORPUS.exists():
-        with CORPUS.open(errors="replace") as f:
+    if corpus.exists():
+        with corpus.open(errors="replace") as f:
             for line in f:
                 line = line.strip()
                 if line:

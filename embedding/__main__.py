@@ -15,7 +15,7 @@ import sys
 from common.grpc_server import ServiceServer, configure_logging, run_until_signalled
 from embedding.admin import AdminServer
 from embedding.auth import AuthInterceptor
-from embedding.engine import Engine
+from embedding.engine import FrontendEngine
 from embedding.l2_client import L2Client
 from embedding.mlbase_pool import MLBasePool
 from embedding.server import SERVICE_NAME, EmbeddingServicer, add_to_server
@@ -38,7 +38,7 @@ async def serve(settings: FrontendSettings) -> None:
                       max_message_bytes=settings.server.max_message_bytes,
                       reconnect_max_s=settings.l2_reconnect_max_ms / 1000.0, max_waiting=settings.l2_max_waiting,
                       keepalive_ms=settings.l2_keepalive_ms, tls=settings.shard_tls)
-    engine = Engine(settings, stats, pool.embed_full, l2)
+    engine = FrontendEngine(settings, stats, pool.embed_full, l2)
     gate = Gate(settings.access)
     server = ServiceServer(settings.server, [SERVICE_NAME],
                            interceptors=[AuthInterceptor(gate)] if gate.auth_enabled else [])
@@ -66,7 +66,8 @@ async def serve(settings: FrontendSettings) -> None:
     admin = None
     if settings.admin_port:
         admin = AdminServer(settings.admin_host, settings.admin_port, engine.cache_stats,
-                            make_registry(stats, gauges), ready=lambda: engine.model is not None)
+                            make_registry(stats, gauges), ready=lambda: engine.model is not None,
+                            refresh=engine.refresh_l2_stats)
         await admin.start()
 
     async def ready() -> None:

@@ -26,11 +26,15 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Re
 
 class AdminServer:
     def __init__(self, host: str, port: int, cache_stats: Callable[[], Awaitable[dict]],
-                 registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
+                 registry: CollectorRegistry, ready: Callable[[], bool],
+                 refresh: Callable[[], Awaitable[object]] | None = None) -> None:
+        """`refresh` runs before each /metrics scrape, to update counts kept elsewhere (the
+        shards' evictions) in the Stats that the registry renders."""
         self._host = host
         self._port = port
         self._cache_stats = cache_stats
         self._registry = registry
+        self._refresh = refresh
         self._ready = ready
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -79,6 +83,8 @@ class AdminServer:
             body = json.dumps(await self._cache_stats(), indent=2).encode() + b"\n"
             return 200, "application/json", body
         if path == "/metrics":
+            if self._refresh is not None:
+                await self._refresh()
             return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
         if path == "/healthz":
             return (200, "text/plain", b"ok\n") if self._ready() else (503, "text/plain", b"starting\n")

@@ -27,8 +27,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from common.settings import item
 from common.tls import add_client_tls_flags, client_tls_from
 from embedding.client import DEFAULT_ADDRESS, Client
+from embedding.settings import FrontendSettings
 
 
 def _address_flag(parser: argparse.ArgumentParser) -> None:
@@ -36,15 +38,15 @@ def _address_flag(parser: argparse.ArgumentParser) -> None:
                         help="frontend HOST:PORT (env SUTRA_EMBEDDING_ADDRESS; default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds per call, retries included (default %(default)s)")
-    # Read from the environment here, never shown as a default in --help.
-    parser.set_defaults(token_env=os.environ.get("SUTRA_AUTH_TOKEN", ""))
+    # The frontend's token variable; read from the environment here, never shown as a default in --help.
+    token_env = item(FrontendSettings, "auth_tokens").env
+    parser.set_defaults(token_env=os.environ.get(token_env, ""))
     parser.add_argument("--token", default="",
-                        help="bearer token sent as `authorization: Bearer TOKEN` (env SUTRA_AUTH_TOKEN; "
-                             "default none)")
+                        help=f"bearer token sent as `authorization: Bearer TOKEN` (env {token_env}; default none)")
     parser.add_argument("--tenant", default=os.environ.get("SUTRA_TENANT", ""),
                         help="x-sutra-tenant header, for a frontend that isolates tenants without tokens "
                              "(env SUTRA_TENANT; default none)")
-    add_client_tls_flags(parser, os.environ, prefix="", env_prefix="SUTRA_CLIENT_", what="the frontend")
+    add_client_tls_flags(parser, os.environ, prefix="", what="the frontend")
 
 
 def client_from(args: argparse.Namespace) -> Client:

@@ -87,22 +87,67 @@ def _backoff(attempt: int, base: float) -> float:
     return base * (2 ** attempt) * (0.5 + random.random())
 
 
-class Client:
-    """Blocking client. Thread-safe (one gRPC channel)."""
+def _time_left(deadline: float) -> float:
+    return max(0.001, deadline - time.monotonic())
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 60.0, retries: int = 5,
-                 backoff: float = 0.1, batch_size: int | None = None, tls: TlsClientOptions | None = None,
-                 token: str | None = None, tenant: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+
+class _ClientBase:
+    """What Client and AsyncClient share: settings, call metadata, the retry policy, and how a
+    large input is split into requests and the answers joined; each adds only the I/O."""
+
+    def __init__(self, address: str, *, timeout: float, retries: int, backoff: float, batch_size: int | None,
+                 token: str | None, tenant: str | None) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self._batch_size = batch_size
         self._metadata = call_metadata(token, tenant)
+        self._info: pb.GetInfoResponse | None = None
+
+    def _retry_pause(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before attempt `attempt + 1` after `exc`; None: give up and raise it."""
+        pause = _backoff(attempt, self.backoff)
+        if exc.code() not in RETRYABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
+            return None
+        return pause
+
+    def _batch_limit(self, info: pb.GetInfoResponse) -> int:
+        limit = info.max_inputs or 2048
+        return min(self._batch_size, limit) if self._batch_size else limit
+
+    @staticmethod
+    def _empty(info: pb.GetInfoResponse, dimensions: int) -> EmbedOutput:
+        width = dimensions or info.default_width
+        return EmbedOutput(np.zeros((0, width), dtype=np.float32), info.model_id, width)
+
+    @staticmethod
+    def _request(chunk: list[str], dimensions: int, truncation: int) -> pb.EmbedRequest:
+        return pb.EmbedRequest(inputs=chunk, dimensions=dimensions, encoding=pb.ENCODING_PACKED,
+                               truncation=truncation)
+
+    @staticmethod
+    def _join(chunks: list[list[str]], responses: Sequence[pb.EmbedResponse]) -> EmbedOutput:
+        out = EmbedOutput(np.empty(0), responses[0].model, responses[0].dimensions)
+        parts = []
+        for chunk, response in zip(chunks, responses):
+            out.add_usage(response.usage)
+            parts.append(decode(response, len(chunk)))
+        out.vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out
+
+
+class Client(_ClientBase):
+    """Blocking client. Thread-safe (one gRPC channel)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.1, batch_size: int | None = None, tls: TlsClientOptions | None = None,
+                 token: str | None = None, tenant: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        super().__init__(address, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size,
+                         token=token, tenant=tenant)
         self._channel = open_channel(address, tls, max_message_bytes=max_message_bytes, aio=False)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
-        self._info: pb.GetInfoResponse | None = None
 
     def __enter__(self) -> "Client":
         return self
@@ -118,10 +163,10 @@ class Client:
         attempt = 0
         while True:
             try:
-                return method(request, timeout=max(0.001, deadline - time.monotonic()), metadata=self._metadata)
+                return method(request, timeout=_time_left(deadline), metadata=self._metadata)
             except grpc.RpcError as exc:
-                pause = _backoff(attempt, self.backoff)
-                if exc.code() not in RETRYABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
+                pause = self._retry_pause(exc, attempt, deadline)
+                if pause is None:
                     raise
                 attempt += 1
                 time.sleep(pause)
@@ -135,8 +180,7 @@ class Client:
         return self._call(self._stub.GetCacheStats, pb.GetCacheStatsRequest())
 
     def batch_size(self) -> int:
-        limit = self.info().max_inputs or 2048
-        return min(self._batch_size, limit) if self._batch_size else limit
+        return self._batch_limit(self.info())
 
     def embed(self, texts: str | Sequence[str], dimensions: int = 0) -> np.ndarray:
         """(len(texts), dimensions) float32, unit rows; dimensions=0 = the server's default."""
@@ -146,19 +190,10 @@ class Client:
                        truncation: int = pb.TRUNCATION_TRUNCATE) -> EmbedOutput:
         items = _as_list(texts)
         if not items:
-            width = dimensions or self.info().default_width
-            return EmbedOutput(np.zeros((0, width), dtype=np.float32), self.info().model_id, width)
-        parts: list[np.ndarray] = []
-        out: EmbedOutput | None = None
-        for chunk in _chunks(items, self.batch_size() if len(items) > 1 else 1):
-            response = self._call(self._stub.Embed, pb.EmbedRequest(
-                inputs=chunk, dimensions=dimensions, encoding=pb.ENCODING_PACKED, truncation=truncation))
-            if out is None:
-                out = EmbedOutput(np.empty(0), response.model, response.dimensions)
-            out.add_usage(response.usage)
-            parts.append(decode(response, len(chunk)))
-        out.vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return out
+            return self._empty(self.info(), dimensions)
+        chunks = _chunks(items, self.batch_size() if len(items) > 1 else 1)
+        return self._join(chunks, [self._call(self._stub.Embed, self._request(c, dimensions, truncation))
+                                   for c in chunks])
 
     def stream(self, batches: Iterable[Sequence[str]], dimensions: int = 0) -> Iterator[tuple[np.ndarray, pb.EmbedResponse]]:
         """Bulk ingestion over EmbedStream: yields (vectors, response) per batch, in order.
@@ -178,23 +213,19 @@ class Client:
             yield decode(reply.result, sizes[i]), reply.result
 
 
-class AsyncClient:
+
+class AsyncClient(_ClientBase):
     """asyncio client with the same API; chunks of a large input go out concurrently."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 60.0, retries: int = 5,
                  backoff: float = 0.1, batch_size: int | None = None, concurrency: int = 4,
                  tls: TlsClientOptions | None = None, token: str | None = None, tenant: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self._batch_size = batch_size
+        super().__init__(address, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size,
+                         token=token, tenant=tenant)
         self._concurrency = concurrency
-        self._metadata = call_metadata(token, tenant)
         self._channel = open_channel(address, tls, max_message_bytes=max_message_bytes)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
-        self._info: pb.GetInfoResponse | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -210,11 +241,10 @@ class AsyncClient:
         attempt = 0
         while True:
             try:
-                return await method(request, timeout=max(0.001, deadline - time.monotonic()),
-                                    metadata=self._metadata)
+                return await method(request, timeout=_time_left(deadline), metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
-                pause = _backoff(attempt, self.backoff)
-                if exc.code() not in RETRYABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
+                pause = self._retry_pause(exc, attempt, deadline)
+                if pause is None:
                     raise
                 attempt += 1
                 await asyncio.sleep(pause)
@@ -228,8 +258,7 @@ class AsyncClient:
         return await self._call(self._stub.GetCacheStats, pb.GetCacheStatsRequest())
 
     async def batch_size(self) -> int:
-        limit = (await self.info()).max_inputs or 2048
-        return min(self._batch_size, limit) if self._batch_size else limit
+        return self._batch_limit(await self.info())
 
     async def embed(self, texts: str | Sequence[str], dimensions: int = 0) -> np.ndarray:
         return (await self.embed_detailed(texts, dimensions)).vectors
@@ -238,22 +267,12 @@ class AsyncClient:
                              truncation: int = pb.TRUNCATION_TRUNCATE) -> EmbedOutput:
         items = _as_list(texts)
         if not items:
-            info = await self.info()
-            width = dimensions or info.default_width
-            return EmbedOutput(np.zeros((0, width), dtype=np.float32), info.model_id, width)
+            return self._empty(await self.info(), dimensions)
         chunks = _chunks(items, await self.batch_size() if len(items) > 1 else 1)
         slots = asyncio.Semaphore(self._concurrency)
 
         async def one(chunk: list[str]) -> pb.EmbedResponse:
             async with slots:
-                return await self._call(self._stub.Embed, pb.EmbedRequest(
-                    inputs=chunk, dimensions=dimensions, encoding=pb.ENCODING_PACKED, truncation=truncation))
+                return await self._call(self._stub.Embed, self._request(chunk, dimensions, truncation))
 
-        responses = await asyncio.gather(*(one(c) for c in chunks))
-        out = EmbedOutput(np.empty(0), responses[0].model, responses[0].dimensions)
-        parts = []
-        for chunk, response in zip(chunks, responses):
-            out.add_usage(response.usage)
-            parts.append(decode(response, len(chunk)))
-        out.vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return out
+        return self._join(chunks, await asyncio.gather(*(one(c) for c in chunks)))

@@ -1,8 +1,8 @@
 """The frontend's core: validate → de-duplicate → L1 → L2 → single-flight →
 batch to ML-base → fill L1 → write back to L2.
 
-Transports (gRPC, the admin HTTP server) stay thin and call `Engine.embed`
-and `Engine.cache_stats`. The engine works on full-width vectors throughout;
+Transports (gRPC, the admin HTTP server) stay thin and call `FrontendEngine.embed`
+and `FrontendEngine.cache_stats`. The engine works on full-width vectors throughout;
 the requested Matryoshka width is produced once, on the way out, with the
 shared `common.matryoshka.reduce`, so one cache entry serves every width and
 a cached vector reduces exactly like a freshly computed one.
@@ -29,13 +29,13 @@ import numpy as np
 
 from common import codec
 from common.cache_key import cache_key
-from common.errors import InvalidInput, Overloaded, Unavailable
+from common.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 from common.limits import check_texts
 from common.matryoshka import WidthPolicy, reduce
 from embedding.inflight import Compute, InFlight
 from embedding.l1 import LRUCache
 from embedding.l2_client import L2Client
-from embedding.mlbase_pool import DeadlineExceeded, ReplicaInfo
+from embedding.mlbase_pool import ReplicaInfo
 from embedding.settings import FrontendSettings
 from embedding.stats import Stats
 from embedding.writeback import WriteBack
@@ -55,7 +55,9 @@ class Usage:
 
 
 @dataclass
-class EmbedResult:
+class EmbedReply:
+    """What one Embed call answers: the vectors at the requested width, and how they were found."""
+
     vectors: np.ndarray  # (n, width) float32, unit rows
     width: int
     model: str
@@ -96,12 +98,14 @@ class ModelConfig:
         return window <= 0 or len(text.encode("utf-8", "surrogatepass")) + _SPECIAL_TOKENS > window
 
 
-class Engine:
+class FrontendEngine:
+    """The frontend's call path (caches, single-flight, write-back) behind every transport."""
+
     def __init__(self, settings: FrontendSettings, stats: Stats, compute: Compute,
                  l2: L2Client | None = None) -> None:
         self.settings = settings
         self.stats = stats
-        self.l1 = LRUCache(settings.l1_entries) if settings.l1_enabled else None
+        self.l1 = LRUCache(settings.l1_entries, stats.l1) if settings.l1_enabled else None
         self.l2 = l2 if settings.l2_enabled else None
         self.writeback = (WriteBack(l2, stats, capacity=settings.writeback_queue, batch=settings.writeback_batch)
                           if self.l2 is not None else None)
@@ -140,7 +144,7 @@ class Engine:
         check_texts(texts, field="inputs", max_inputs=m.max_inputs, max_chars=m.max_chars)
 
     async def embed(self, texts: list[str], dimensions: int = 0, *, reject_truncation: bool = False,
-                    deadline: float | None = None, tenant: str = "") -> EmbedResult:
+                    deadline: float | None = None, tenant: str = "") -> EmbedReply:
         """Vectors for `texts` at `dimensions` (0 = the tenant's default); `deadline` is absolute
         time.monotonic(). With tenant isolation the tenant is part of every key, so L1, L2 and the
         single-flight table never hand one tenant's entry (or its timing) to another."""
@@ -216,7 +220,7 @@ class Engine:
         self.stats.inputs += len(texts)
         self.stats.duplicates += usage.duplicates
         self.stats.truncated += usage.truncated
-        return EmbedResult(vectors, width, m.info.model_id, usage, truncated_indices)
+        return EmbedReply(vectors, width, m.info.model_id, usage, truncated_indices)
 
     def _from_l1(self, keys, full, truncated, usage: Usage, which, recheck: bool = False) -> list[int]:
         if self.l1 is None:
@@ -282,22 +286,28 @@ class Engine:
                 self.writeback.offer(self.l2.shard_for(key), key, value)
 
     # -- stats ------------------------------------------------------------------------------
+    async def refresh_l2_stats(self) -> int:
+        """Ask the shards for their counts: their evictions become `stats.l2.evictions` (read by
+        GetCacheStats and /metrics alike, as L1's are counted straight into `stats.l1`); returns
+        their entries. Shards that do not answer count 0."""
+        if self.l2 is None:
+            return 0
+        entries, self.stats.l2.evictions = await self.l2.entries_and_evictions()
+        return entries
+
     async def cache_stats(self) -> dict:
         """GetCacheStats content, as a dict with the proto's field names."""
         s = self.stats
-        l2_entries = l2_evictions = 0
-        if self.l2 is not None:
-            l2_entries, l2_evictions = await self.l2.entries_and_evictions()
+        l2_entries = await self.refresh_l2_stats()
 
-        def level(c, entries: int, evictions: int) -> dict:
+        def level(c, entries: int) -> dict:
             return {"hits": c.hits, "misses": c.misses, "hit_rate": c.hit_rate, "entries": entries,
-                    "evictions": evictions, "errors": c.errors,
+                    "evictions": c.evictions, "errors": c.errors,
                     "lookup_p50_ms": c.latency.percentile_ms(50), "lookup_p99_ms": c.latency.percentile_ms(99)}
 
         return {
-            "l1": level(s.l1, len(self.l1) if self.l1 is not None else 0,
-                        self.l1.evictions if self.l1 is not None else 0),
-            "l2": level(s.l2, l2_entries, l2_evictions),
+            "l1": level(s.l1, len(self.l1) if self.l1 is not None else 0),
+            "l2": level(s.l2, l2_entries),
             "computed": s.computed,
             "coalesced": s.coalesced,
             "mlbase_p50_ms": s.mlbase_latency.percentile_ms(50),

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from embedding.stats import LevelCounters
+
 
 class Cached(NamedTuple):
     vector: np.ndarray  # (native_width,) float32, read-only
@@ -20,10 +22,16 @@ class Cached(NamedTuple):
 
 
 class LRUCache:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, counters: LevelCounters | None = None) -> None:
+        """`counters`: where evictions are counted (the frontend passes `Stats.l1`, which
+        GetCacheStats and /metrics both read); a private one when None."""
         self.capacity = capacity
         self._items: OrderedDict[bytes, Cached] = OrderedDict()
-        self.evictions = 0
+        self.counters = counters if counters is not None else LevelCounters()
+
+    @property
+    def evictions(self) -> int:
+        return self.counters.evictions
 
     def __len__(self) -> int:
         return len(self._items)
@@ -44,7 +52,7 @@ class LRUCache:
         self._items.move_to_end(key)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
-            self.evictions += 1
+            self.counters.evictions += 1
 
     def clear(self) -> None:
         self._items.clear()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from common.errors import InvalidInput, SutraError, Unavailable
+from common.errors import DeadlineExceeded, InvalidInput, Unavailable
 from common.grpc_server import keepalive_options
 from common.tls import TlsClientOptions, open_channel
 from embedding.stats import Stats
@@ -36,12 +36,6 @@ log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 REPLICA_KEEPALIVE_MS = 10_000
-
-
-class DeadlineExceeded(SutraError):
-    """The caller's deadline passed before the work was done."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,16 @@ cannot pile up on a frontend.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import grpc
 import numpy as np
 
-from common.errors import SutraError, Unavailable, grpc_errors
-from embedding.engine import EmbedResult, Engine
+from common.errors import DeadlineExceeded, Unavailable, grpc_errors
+from embedding.engine import EmbedReply, FrontendEngine
 from embedding.tenants import Gate
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
@@ -35,7 +32,7 @@ def deadline_of(context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def to_response(result: EmbedResult, encoding: int) -> pb.EmbedResponse:
+def to_response(result: EmbedReply, encoding: int) -> pb.EmbedResponse:
     u = result.usage
     response = pb.EmbedResponse(
         model=result.model, dimensions=result.width, truncated_indices=result.truncated_indices,
@@ -57,7 +54,7 @@ def cache_stats_proto(stats: dict) -> pb.GetCacheStatsResponse:
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, engine: Engine, stream_window: int, gate: Gate | None = None,
+    def __init__(self, engine: FrontendEngine, stream_window: int, gate: Gate | None = None,
                  stream_idle_s: float = 0.0) -> None:
         self._engine = engine
         self._window = stream_window
@@ -78,14 +75,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def _stream_ended(self, _context) -> None:
         self.open_streams -= 1
 
+    @grpc_errors
     async def EmbedStream(self, request_iterator, context):
         self.open_streams += 1
         context.add_done_callback(self._stream_ended)
         deadline = deadline_of(context)
-        try:
-            tenant = self._gate.tenant(context.invocation_metadata())
-        except SutraError as exc:
-            await context.abort(exc.code, str(exc))
+        tenant = self._gate.tenant(context.invocation_metadata())
         loop = asyncio.get_running_loop()
         ahead: asyncio.Queue = asyncio.Queue(maxsize=self._window)
         running: set[asyncio.Future] = set()
@@ -135,19 +130,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     raise item
                 yield pb.EmbedStreamResponse(result=await item)
                 last_activity = loop.time()
-        except SutraError as exc:
-            await context.abort(exc.code, str(exc))
         except asyncio.CancelledError:
             if not idle:
                 raise
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"EmbedStream idle for {self._stream_idle_s:g}s (no request, nothing outstanding); "
-                                "the server ended it: open a new stream")
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in EmbedStream")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            # Our own idle timer cancelled us: end the stream with a status, not a cancellation.
+            raise DeadlineExceeded(
+                f"EmbedStream idle for {self._stream_idle_s:g}s (no request, nothing outstanding); "
+                "the server ended it: open a new stream") from None
         finally:
             release(context)
             await asyncio.gather(reader, *running, return_exceptions=True)

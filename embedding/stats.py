@@ -20,6 +20,8 @@ from common.latency import LatencyWindow
 class LevelCounters:
     hits: int = 0
     misses: int = 0
+    # L1: counted by the LRU itself. L2: the shards' own counts, summed by
+    # FrontendEngine.refresh_l2_stats before each GetCacheStats and /metrics scrape.
     evictions: int = 0
     errors: int = 0
     latency: LatencyWindow = field(default_factory=LatencyWindow)

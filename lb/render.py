@@ -12,38 +12,48 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.settings import Settings, at_least, setting
 from lb import h2check
 
 TEMPLATE = Path(__file__).with_name("haproxy.cfg.tmpl")
 
 DEFAULT_PORT = 50060
 DEFAULT_STATS_PORT = 9999
+DEFAULT_SOCKET = ".run/haproxy.sock"
 BACKEND = "mlbase"
+# Debian's package; `haproxy_command` runs it.
+HAPROXY_BIN = "/usr/sbin/haproxy"
 
 
 @dataclass(frozen=True)
-class LbSettings:
-    """Everything the generated configuration depends on."""
+class LbSettings(Settings):
+    """Everything the generated configuration depends on; `python -m lb render` exposes the declared ones."""
 
-    replicas: tuple[str, ...]
-    socket: str
+    ENV_PREFIX = "SUTRA_LB_"
+
+    replicas: tuple[str, ...] = setting((), "an ML-base replica; repeat for each (this or --dns-name is required)",
+                                        flag="replica", env=None, repeat=True, metavar="HOST:PORT", shown="none")
+    socket: str = setting(DEFAULT_SOCKET, "path of the runtime API socket")
     # DNS discovery instead of a fixed list (Kubernetes headless Service,
     # compose service with several replicas): `server-template` fills up to
     # `dns_slots` servers from the A records of `dns_name` (HOST:PORT).
-    dns_name: str = ""
-    dns_slots: int = 10
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    stats_host: str = "127.0.0.1"
-    stats_port: int = DEFAULT_STATS_PORT
+    dns_name: str = setting("", "discover replicas from the A records of HOST (a Kubernetes headless Service or a "
+                                "scaled compose service) instead of --replica", metavar="HOST:PORT", shown="none")
+    dns_slots: int = setting(10, "most replicas DNS discovery can fill")
+    host: str = setting("127.0.0.1", "address the balancer binds")
+    port: int = setting(DEFAULT_PORT, "port clients connect to")
+    stats_host: str = setting("127.0.0.1", "address of the stats page and /metrics")
+    stats_port: int = setting(DEFAULT_STATS_PORT, "port of the stats page (/stats) and Prometheus exporter (/metrics)")
     # Health-check service name; "" asks for the server's overall status.
-    health_service: str = ""
+    health_service: str = setting("", "service name sent in the health check; empty asks for the server's overall "
+                                      "status")
     authority: str = "sutra-lb-health"
-    inter_ms: int = 1000
-    fastinter_ms: int = 500
+    inter_ms: int = setting(1000, "milliseconds between health checks", check=at_least(1))
+    fastinter_ms: int = setting(500, "milliseconds between checks while a state change is pending",
+                                check=at_least(1))
     downinter_ms: int = 1000
-    fall: int = 2
-    rise: int = 2
+    fall: int = setting(2, "failed checks in a row that mark a replica DOWN", check=at_least(1))
+    rise: int = setting(2, "passed checks in a row that mark a replica UP", check=at_least(1))
     check_timeout_ms: int = 1000
     connect_timeout_ms: int = 1000
     # Longer than gRPC's 30-minute client idle timeout.
@@ -59,25 +69,28 @@ class LbSettings:
     # without it). `check_ca_file` verifies the replica's certificate
     # (empty = not verified); `check_crt` (certificate + key in one PEM) is
     # presented to replicas that require client certificates.
-    check_ssl: bool = False
-    check_ca_file: str = ""
-    check_crt: str = ""
+    check_ssl: bool = setting(False, "replicas serve TLS: run the health check over TLS with ALPN h2 (traffic passes "
+                                     "through, TLS end to end); implied by --check-ca-file and --check-crt")
+    check_ca_file: str = setting("", "with --check-ssl, PEM CA that signed the replicas' certificates; empty = the "
+                                     "check does not verify them")
+    check_crt: str = setting("", "with --check-ssl, one PEM file with a client certificate and its key, for "
+                                 "replicas that require client certificates (mutual TLS)")
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
         if bool(self.replicas) == bool(self.dns_name):
-            raise ValueError("give either replica addresses or a DNS name, not both or neither")
+            return ["give either replica addresses or a DNS name, not both or neither"]
+        problems = []
         if self.dns_name and (":" not in self.dns_name or self.dns_slots < 1):
-            raise ValueError("the DNS name must be HOST:PORT and dns_slots at least 1")
+            problems.append("the DNS name must be HOST:PORT and dns_slots at least 1")
         for address in self.replicas:
             host, sep, port = address.rpartition(":")
             if not sep or not host or not port.isdigit():
-                raise ValueError(f"replica {address!r} is not HOST:PORT")
+                problems.append(f"replica {address!r} is not HOST:PORT")
         if self.server_names and len(self.server_names) != len(self.replicas):
-            raise ValueError("server_names must name every replica")
-        if self.fall < 1 or self.rise < 1:
-            raise ValueError("fall and rise must be at least 1")
+            problems.append("server_names must name every replica")
         if (self.check_ca_file or self.check_crt) and not self.check_ssl:
-            raise ValueError("a check CA file or client certificate needs check_ssl")
+            problems.append("a check CA file or client certificate needs check_ssl")
+        return problems
 
     def names(self) -> tuple[str, ...]:
         """Server names as HAProxy shows them: replica1, replica2, ..."""
@@ -144,6 +157,11 @@ def render(settings: LbSettings) -> str:
         "resolvers": RESOLVERS if settings.dns_name else "",
     }
     return string.Template(TEMPLATE.read_text()).substitute(values)
+
+
+def haproxy_command(config: Path, haproxy: str = HAPROXY_BIN) -> list[str]:
+    """The launch recipe for HAProxy in the foreground (-db) on a rendered configuration."""
+    return [haproxy, "-db", "-f", str(config)]
 
 
 def write(settings: LbSettings, path: Path) -> Path:

@@ -137,7 +137,7 @@ def _fail(request: _Request, exc: BaseException) -> None:
         request.future.set_exception(exc)
 
 
-class Batcher:
+class InferenceBatcher:
     """Owns the inference thread; `embed` is the backend's forward pass."""
 
     def __init__(self, embed: Callable[[Sequence[Encoded]], np.ndarray], width: int, limits: BatchLimits) -> None:

@@ -23,7 +23,7 @@ from common import matryoshka
 from common.errors import InvalidInput, Unavailable
 from common.limits import check_texts
 from mlbase.backends.base import Backend, ModelDescription
-from mlbase.batcher import Batcher
+from mlbase.batcher import InferenceBatcher
 from mlbase.settings import MLBaseSettings
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,17 @@ _WARMUP_TEXTS = ["warm up", "a replica warms up before it reports SERVING " * 4,
 
 
 @dataclass(frozen=True)
-class EmbedResult:
+class ComputedVectors:
+    """A replica's answer to one Embed call: the model's vectors (full width or reduced)."""
+
     vectors: np.ndarray  # float32 (n, width)
     width: int
     truncated: list[int]
     fingerprint: str
 
 
-class Engine:
-    """Owns the backend, the tokenizer thread and the batcher."""
+class ReplicaEngine:
+    """The replica's core: owns the backend, the tokenizer thread and the inference batcher."""
 
     def __init__(self, backend: Backend, settings: MLBaseSettings) -> None:
         self.backend = backend
@@ -49,7 +51,7 @@ class Engine:
         self.description: ModelDescription | None = None
         self.fingerprint = ""
         self.policy: matryoshka.WidthPolicy | None = None
-        self.batcher: Batcher | None = None
+        self.batcher: InferenceBatcher | None = None
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbase-tokenize")
         self.ready = False
 
@@ -65,7 +67,7 @@ class Engine:
                                                  default_width=s.default_width, allowed=s.allowed_widths)
         except ValueError as exc:
             raise ValueError(f"width settings do not fit this model ({self.description.native_width} wide): {exc}")
-        self.batcher = Batcher(self.backend.embed, self.description.native_width, s.batch)
+        self.batcher = InferenceBatcher(self.backend.embed, self.description.native_width, s.batch)
         self.batcher.start()
         await self._embed(_WARMUP_TEXTS, 0, True, False)
         self.ready = True
@@ -84,13 +86,13 @@ class Engine:
         check_texts(texts, field="texts", max_inputs=s.max_inputs, max_chars=s.max_chars)
 
     async def embed(self, texts: Sequence[str], dimensions: int, full_width: bool,
-                    reject_truncation: bool) -> EmbedResult:
+                    reject_truncation: bool) -> ComputedVectors:
         if not self.ready:
             raise Unavailable("model is not loaded yet; retry on another replica")
         return await self._embed(texts, dimensions, full_width, reject_truncation)
 
     async def _embed(self, texts: Sequence[str], dimensions: int, full_width: bool,
-                     reject_truncation: bool) -> EmbedResult:
+                     reject_truncation: bool) -> ComputedVectors:
         assert self.policy is not None and self.batcher is not None and self.description is not None
         self._validate(texts)
         width = self.description.native_width if full_width else self.policy.resolve(dimensions)
@@ -108,4 +110,4 @@ class Engine:
             vectors = full
         else:
             vectors = matryoshka.reduce(full, width, self.settings.layer_norm)
-        return EmbedResult(vectors, width, truncated, self.fingerprint)
+        return ComputedVectors(vectors, width, truncated, self.fingerprint)

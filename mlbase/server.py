@@ -8,7 +8,7 @@ import logging
 from common.errors import Unavailable, grpc_errors
 from common.grpc_server import ServiceServer, run_until_signalled
 from mlbase.backends import registry
-from mlbase.engine import Engine
+from mlbase.engine import ReplicaEngine
 from mlbase.settings import MLBaseSettings
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
@@ -19,7 +19,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MLBaseService"].full_name
 
 
 class MLBaseServicer(pb_grpc.MLBaseServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: ReplicaEngine) -> None:
         self.engine = engine
 
     @grpc_errors
@@ -62,7 +62,7 @@ class MLBaseServicer(pb_grpc.MLBaseServiceServicer):
 
 async def serve(settings: MLBaseSettings) -> None:
     """Bind, load and warm the model while NOT_SERVING, serve until SIGTERM, drain."""
-    engine = Engine(registry.create(settings.backend_name, settings.backend), settings)
+    engine = ReplicaEngine(registry.create(settings.backend_name, settings.backend), settings)
     server = ServiceServer(settings.server, [SERVICE_NAME])
     pb_grpc.add_MLBaseServiceServicer_to_server(MLBaseServicer(engine), server.server)
     log.info("listening on %s:%d; loading %s", settings.server.host, server.port, settings.backend.model_path)

@@ -19,17 +19,18 @@ from cacheshard.settings import TRANSIENT_MARGIN, ShardSettings
 from cacheshard.store import ShardStore
 from common import codec
 from common.grpc_server import ServerOptions
+from harness.procs import ROOT, SERVING, Proc, free_port, health_status
+from harness.stack import service
 from sutra.cache.v1 import cache_shard_service_pb2 as pb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
-from tests.support import ROOT, SERVING, Proc, free_port, health_status
 
 SERVICE = "sutra.cache.v1.CacheShardService"
 
 
-def start_shard(tmp_path, path, *flags: str, name: str = "shard") -> Proc:
+def start_shard(tmp_path, path, name: str = "shard", **values) -> Proc:
+    """A started shard on `path`; `values` are further ShardSettings fields (e.g. sync=True)."""
     port = free_port()
-    return Proc("cacheshard", ["--port", str(port), "--path", str(path), *flags],
-                tmp_path / f"{name}-{port}.log", port).start()
+    return service("cacheshard", tmp_path / f"{name}-{port}.log", {"server.port": port, "path": path, **values}).start()
 
 
 def make_entries(n: int, seed: int) -> tuple[list[bytes], list[bytes]]:
@@ -75,9 +76,9 @@ def shard(tmp_path):
 
 @pytest.mark.parametrize("mode", ["wal", "sync"])
 def test_acknowledged_entries_survive_kill_9(tmp_path, mode):
-    flags = ["--sync"] if mode == "sync" else []
+    durability = {"sync": True} if mode == "sync" else {}
     path = tmp_path / "db"
-    proc = start_shard(tmp_path, path, *flags).wait_serving(60)
+    proc = start_shard(tmp_path, path, **durability).wait_serving(60)
     client = Client(proc.address)
     assert client.stats().sync == (mode == "sync")
     acked_keys: list[bytes] = []
@@ -104,7 +105,7 @@ def test_acknowledged_entries_survive_kill_9(tmp_path, mode):
     assert len(acked_keys) >= 21 * 50
     proc.stop()
 
-    again = start_shard(tmp_path, path, *flags, name="restarted").wait_serving(60)
+    again = start_shard(tmp_path, path, name="restarted", **durability).wait_serving(60)
     client = Client(again.address)
     try:
         found, values = client.lookup(acked_keys)
@@ -183,7 +184,7 @@ def test_interleaved_batches_answered_in_order_on_concurrent_streams(shard):
 
 
 def test_memory_tier_and_rocksdb_answer_one_batch_together(tmp_path):
-    proc = start_shard(tmp_path, tmp_path / "db", "--memory-entries", "100").wait_serving(60)
+    proc = start_shard(tmp_path, tmp_path / "db", memory_entries=100).wait_serving(60)
     client = Client(proc.address)
     try:
         keys, values = make_entries(300, seed=8)
@@ -208,7 +209,7 @@ def test_memory_tier_and_rocksdb_answer_one_batch_together(tmp_path):
 def test_size_bound_holds_after_storing_five_times_the_budget(tmp_path):
     budget = 2000
     settings = ShardSettings(server=ServerOptions(), path=tmp_path / "db", max_entries=budget)
-    proc = start_shard(tmp_path, settings.path, "--max-entries", str(budget), "--memory-entries", "0").wait_serving(60)
+    proc = start_shard(tmp_path, settings.path, max_entries=budget, memory_entries=0).wait_serving(60)
     client = Client(proc.address)
     all_keys: list[bytes] = []
     worst_entries = worst_bytes = 0

@@ -11,7 +11,7 @@ import rocksdict
 from hypothesis import given, settings as hsettings, strategies as st
 
 from cacheshard.memory import MemoryTier
-from cacheshard.settings import TRANSIENT_MARGIN, ShardSettings, build_parser, settings_from
+from cacheshard.settings import TRANSIENT_MARGIN, ShardSettings, load_settings
 from cacheshard.store import FORMAT, MARKER, ShardStore, StartupError
 from cacheshard.values import ValueChecker
 from common import codec
@@ -78,14 +78,12 @@ def test_memory_tier_off_holds_nothing():
 
 # --- settings -------------------------------------------------------------
 
-def test_settings_from_flags_and_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("SUTRA_CACHE_SHARD_PORT", "50999")
-    monkeypatch.setenv("SUTRA_CACHE_SHARD_PATH", str(tmp_path / "env-db"))
-    monkeypatch.setenv("SUTRA_CACHE_SHARD_SYNC", "1")
-    monkeypatch.setenv("SUTRA_CACHE_SHARD_MAX_ENTRIES", "5000")
-    s = settings_from(build_parser().parse_args([]))
+def test_settings_from_flags_and_environment(tmp_path):
+    env = {"SUTRA_CACHE_SHARD_PORT": "50999", "SUTRA_CACHE_SHARD_PATH": str(tmp_path / "env-db"),
+           "SUTRA_CACHE_SHARD_SYNC": "1", "SUTRA_CACHE_SHARD_MAX_ENTRIES": "5000"}
+    s = load_settings([], env)
     assert (s.server.port, s.path, s.sync, s.max_entries) == (50999, tmp_path / "env-db", True, 5000)
-    s = settings_from(build_parser().parse_args(["--port", "1", "--max-entries", "7000"]))
+    s = load_settings(["--port", "1", "--max-entries", "7000"], env)
     assert (s.server.port, s.max_entries) == (1, 7000)
 
 

@@ -88,11 +88,10 @@ def test_stop_waits_outlast_each_programs_shutdown(tmp_path, timings):
 
 
 def test_up_flags_set_the_shutdown_timings(tmp_path):
-    from deploy.cli import build_parser, settings_from
+    from deploy.cli import load_settings
 
-    args = build_parser().parse_args(["up", "--run-dir", str(tmp_path), "--drain-seconds", "1",
-                                      "--grace-seconds", "4", "--writeback-flush", "2"])
-    s = settings_from(args)
+    s = load_settings(["--run-dir", str(tmp_path), "--drain-seconds", "1", "--grace-seconds", "4",
+                       "--writeback-flush", "2"], {})
     assert (s.drain_seconds, s.grace_seconds, s.writeback_flush_seconds) == (1.0, 4.0, 2.0)
     with pytest.raises(ValueError, match="--grace-seconds"):
         StackSettings(run_dir=tmp_path, grace_seconds=-1)

@@ -12,7 +12,7 @@ import psutil
 
 from deploy import probe
 from deploy.settings import ROOT, StackSettings
-from tests.support import free_port
+from harness.procs import free_port
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -28,15 +28,17 @@ import psutil
 import pytest
 
 from common.cache_key import cache_key
+from common.flags import split_csv
 from common.matryoshka import reduce
 from embedding.client import AsyncClient, Client
+from harness.procs import ROOT, SERVING, Proc, free_port, health_status
+from harness.stack import service
 from sutra.cache.v1 import cache_shard_service_pb2 as cpb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
-from tests.support import ROOT, SERVING, Proc, free_port, health_status
 
 
 @dataclass
@@ -68,23 +70,25 @@ class Frontend:
             return r.read()
 
 
-def start_replica(workdir: Path, name: str, *extra: str) -> Proc:
-    port = free_port()
-    return Proc("mlbase", ["--port", str(port), "--threads", "1", "--drain-seconds", "0", *extra],
-                workdir / f"{name}.log", port).start()
+def start_replica(workdir: Path, name: str, **values) -> Proc:
+    """A started replica with one torch thread and no drain; `values` are further MLBaseSettings fields."""
+    return service("mlbase", workdir / f"{name}.log",
+                   {"threads": 1, "server.drain_seconds": 0.0, **values}).start()
 
 
 def start_shard(workdir: Path, path: Path, name: str = "shard", port: int | None = None) -> Proc:
     port = port or free_port()
-    return Proc("cacheshard", ["--port", str(port), "--path", str(path)], workdir / f"{name}.log", port).start()
+    return service("cacheshard", workdir / f"{name}.log", {"server.port": port, "path": path}).start()
 
 
-def start_frontend(workdir: Path, name: str, mlbase: str, shards: str, *extra: str, port: int | None = None) -> Frontend:
+def start_frontend(workdir: Path, name: str, mlbase: str, shards: str, port: int | None = None,
+                   **values) -> Frontend:
+    """A serving frontend; `values` are further FrontendSettings fields (e.g. l1_entries=0)."""
     port = port or free_port()
     admin = free_port()
-    proc = Proc("embedding", ["--port", str(port), "--mlbase", mlbase, "--cache-shard", shards,
-                              "--admin-port", str(admin), "--mlbase-connections", "2", *extra],
-                workdir / f"{name}.log", port).start()
+    proc = service("embedding", workdir / f"{name}.log",
+                   {"server.port": port, "mlbase_address": mlbase, "cache_shards": split_csv(shards),
+                    "admin_port": admin, "mlbase_connections": 2, **values}).start()
     proc.wait_serving(60)
     return Frontend(proc, admin)
 
@@ -215,14 +219,16 @@ def test_twenty_concurrent_identical_requests_make_one_computation(stack):
 
 
 def test_stats_are_exact_for_a_scripted_sequence(stack):
-    fe = start_frontend(stack.workdir, "frontend-stats", stack.replica.address, stack.shard.address)
+    # Two L1 entries: the third text evicts the least recently used (b).
+    fe = start_frontend(stack.workdir, "frontend-stats", stack.replica.address, stack.shard.address,
+                        l1_entries=2)
     try:
         a, b, c = texts(3, "scripted")
         fe.embed([a, b])          # L1 miss x2, L2 miss x2, computed 2
         fe.embed([a])             # L1 hit
         fe.embed([a, c, c], 64)   # L1 hit (a), L1 miss + L2 miss + computed (c), one duplicate
         s = fe.stats()
-        assert (s.l1.hits, s.l1.misses, s.l1.entries) == (2, 3, 3)
+        assert (s.l1.hits, s.l1.misses, s.l1.entries, s.l1.evictions) == (2, 3, 2, 1)
         assert (s.l2.hits, s.l2.misses, s.l2.errors) == (0, 3, 0)
         assert (s.computed, s.coalesced, s.mlbase_retries, s.l2_writes_dropped) == (3, 0, 0, 0)
         assert abs(s.l1.hit_rate - 0.4) < 1e-9 and s.l2.hit_rate == 0.0
@@ -234,6 +240,9 @@ def test_stats_are_exact_for_a_scripted_sequence(stack):
         metrics = fe.http("/metrics").decode()
         assert 'sutra_embedding_cache_lookups_total{level="l1",result="hit"} 2.0' in metrics
         assert "sutra_embedding_computed_total 3.0" in metrics
+        # /metrics and GetCacheStats read the same eviction counts (L2: the shard's own).
+        assert 'sutra_embedding_cache_evictions_total{level="l1"} 1.0' in metrics
+        assert f'sutra_embedding_cache_evictions_total{{level="l2"}} {float(fe.stats().l2.evictions)}' in metrics
     finally:
         assert fe.proc.stop() == 0
 
@@ -277,7 +286,7 @@ def test_shard_killed_fails_open_and_recovers_without_a_frontend_restart(stack):
     shard_dir = stack.workdir / "kill-db"
     shard = start_shard(stack.workdir, shard_dir, "shard-kill")
     shard.wait_serving(60)
-    fe = start_frontend(stack.workdir, "frontend-kill", stack.replica.address, shard.address, "--l1-entries", "0")
+    fe = start_frontend(stack.workdir, "frontend-kill", stack.replica.address, shard.address, l1_entries=0)
     try:
         stored, later = texts(2, "kill")
         assert fe.embed([stored]).usage.computed == 1
@@ -304,12 +313,12 @@ def test_shard_killed_fails_open_and_recovers_without_a_frontend_restart(stack):
 @pytest.fixture(scope="module")
 def second_model(stack):
     """A replica with a 128-token window (so another fingerprint) and its own frontend on the same shard."""
-    other = start_replica(stack.workdir, "mlbase-128", "--max-seq-length", "128")
+    other = start_replica(stack.workdir, "mlbase-128", max_seq_length=128)
     fe = None
     try:
         other.wait_serving(240)
         fe = start_frontend(stack.workdir, "frontend-128", other.address, stack.shard.address,
-                            "--mlbase-attempts", "3")
+                            mlbase_attempts=3)
         yield other, fe
     finally:
         if fe is not None:
@@ -465,7 +474,7 @@ def test_cli_embed_and_embed_file(stack, tmp_path):
 
 def test_cache_disabled_frontend_always_computes(stack):
     fe = start_frontend(stack.workdir, "frontend-nocache", stack.replica.address, stack.shard.address,
-                        "--cache-enabled", "false")
+                        cache_enabled=False)
     try:
         [text] = texts(1, "nocache")
         assert fe.embed([text]).usage.computed == 1
@@ -480,8 +489,9 @@ def test_cache_disabled_frontend_always_computes(stack):
 
 def test_not_serving_until_mlbase_answers_and_sigterm_while_waiting(tmp_path):
     port, admin, missing = free_port(), free_port(), free_port()
-    proc = Proc("embedding", ["--port", str(port), "--mlbase", f"127.0.0.1:{missing}", "--cache-shard", "",
-                              "--admin-port", str(admin)], tmp_path / "waiting.log", port).start()
+    proc = service("embedding", tmp_path / "waiting.log",
+                   {"server.port": port, "mlbase_address": f"127.0.0.1:{missing}", "cache_shards": (),
+                    "admin_port": admin}).start()
     try:
         assert eventually(lambda: health_status(proc.address) is not None, 30)
         assert health_status(proc.address) != SERVING

@@ -14,14 +14,14 @@ import urllib.request
 import numpy as np
 import pytest
 
-from common.errors import InvalidInput, Overloaded, Unavailable
+from common.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 from common.grpc_server import ServerOptions
 from common.matryoshka import reduce
 from embedding.admin import AdminServer
-from embedding.engine import Engine
+from embedding.engine import FrontendEngine
 from embedding.l1 import LRUCache
 from embedding.l2_client import rendezvous
-from embedding.mlbase_pool import DeadlineExceeded, ReplicaInfo
+from embedding.mlbase_pool import ReplicaInfo
 from embedding.settings import FrontendSettings, load_settings
 from embedding.stats import Stats, make_registry
 from tests.support import aio
@@ -80,9 +80,9 @@ async def until(condition, tries: int = 2000) -> None:
     raise AssertionError("condition never held")
 
 
-def make_engine(backend: Backend, **overrides) -> Engine:
+def make_engine(backend: Backend, **overrides) -> FrontendEngine:
     settings = FrontendSettings(server=ServerOptions(), cache_shards=(), **{"batch_window_ms": 1.0, **overrides})
-    engine = Engine(settings, Stats(), backend, l2=None)
+    engine = FrontendEngine(settings, Stats(), backend, l2=None)
     engine.configure(INFO)
     return engine
 
@@ -328,6 +328,38 @@ async def test_admin_http_serves_stats_json_and_metrics():
         text = body.decode()
         assert 'sutra_embedding_cache_lookups_total{level="l1",result="hit"} 1.0' in text
         assert "sutra_embedding_l1_entries 1.0" in text
+    finally:
+        await admin.close()
+        await engine.close(0)
+
+
+@aio
+async def test_metrics_and_cache_stats_report_the_same_evictions():
+    engine = make_engine(Backend(), l1_entries=3)
+    registry = make_registry(engine.stats, lambda: {})
+    refreshed = []
+
+    async def refresh() -> None:
+        refreshed.append(1)
+        await engine.refresh_l2_stats()
+
+    admin = AdminServer("127.0.0.1", 0, engine.cache_stats, registry, ready=lambda: True, refresh=refresh)
+    await admin.start()
+    try:
+        await engine.embed([f"text {i}" for i in range(10)], 8)
+        await engine.embed(["text 0", "text 1"], 8)  # evicted: computed again, evicting two more
+
+        def fetch() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin.port}/metrics", timeout=5) as r:
+                return r.read().decode()
+
+        stats = await engine.cache_stats()
+        assert stats["l1"]["evictions"] == 9 and stats["l1"]["entries"] == 3
+        assert registry.get_sample_value("sutra_embedding_cache_evictions_total", {"level": "l1"}) == 9
+        text = await asyncio.to_thread(fetch)
+        assert 'sutra_embedding_cache_evictions_total{level="l1"} 9.0' in text and refreshed
+        assert registry.get_sample_value("sutra_embedding_cache_evictions_total", {"level": "l2"}) == \
+            stats["l2"]["evictions"] == 0
     finally:
         await admin.close()
         await engine.close(0)

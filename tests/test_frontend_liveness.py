@@ -22,10 +22,10 @@ import grpc
 import pytest
 
 from common.grpc_server import LIVENESS
+from harness.procs import NOT_SERVING, SERVING, Proc, free_port, health_status, wait_until
+from harness.stack import service
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.faults.stack import wait_until
-from tests.support import NOT_SERVING, SERVING, Proc, free_port, health_status
 
 CONCURRENCY = 2  # few batch slots: a leaked slot would wedge the frontend within the test
 IDLE = {"pending_flights": 0, "queued_flights": 0, "batches_inflight": 0, "free_batch_slots": CONCURRENCY,
@@ -35,11 +35,8 @@ IDLE = {"pending_flights": 0, "queued_flights": 0, "batches_inflight": 0, "free_
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("liveness")
-    port, shard_port = free_port(), free_port()
-    replica = Proc("mlbase", ["--port", str(port), "--threads", "1", "--drain-seconds", "0"],
-                   workdir / "mlbase.log", port)
-    shard = Proc("cacheshard", ["--port", str(shard_port), "--path", str(workdir / "db")], workdir / "shard.log",
-                 shard_port)
+    replica = service("mlbase", workdir / "mlbase.log", {"threads": 1, "server.drain_seconds": 0.0})
+    shard = service("cacheshard", workdir / "shard.log", {"path": workdir / "db"})
     procs = [replica.start(), shard.start()]
     try:
         shard.wait_serving(60)
@@ -52,11 +49,12 @@ def backends(tmp_path_factory):
             proc.stop()
 
 
-def frontend(workdir, replica: Proc, shard: Proc, name: str, *extra: str) -> tuple[Proc, int]:
-    port, admin = free_port(), free_port()
-    proc = Proc("embedding", ["--port", str(port), "--mlbase", replica.address, "--cache-shard", shard.address,
-                              "--admin-port", str(admin), "--mlbase-concurrency", str(CONCURRENCY),
-                              "--mlbase-connections", "2", *extra], workdir / f"{name}.log", port)
+def frontend(workdir, replica: Proc, shard: Proc, name: str, **values) -> tuple[Proc, int]:
+    """A serving frontend and its admin port; `values` are further FrontendSettings fields."""
+    admin = free_port()
+    proc = service("embedding", workdir / f"{name}.log",
+                   {"mlbase_address": replica.address, "cache_shards": (shard.address,), "admin_port": admin,
+                    "mlbase_concurrency": CONCURRENCY, "mlbase_connections": 2, **values})
     return proc.start().wait_serving(60), admin
 
 
@@ -117,7 +115,7 @@ async def impatient_storm(address: str, seed: int, calls: int, cancelled: int, a
 
 def test_impatient_clients_leave_the_frontend_computing_and_idle(backends):
     workdir, replica, shard = backends
-    fe, admin = frontend(workdir, replica, shard, "impatient", "--stream-idle-seconds", "2")
+    fe, admin = frontend(workdir, replica, shard, "impatient", stream_idle_s=2.0)
     try:
         async def run() -> dict:
             storm = await impatient_storm(fe.address, seed=10, calls=400, cancelled=60, abandoned=8)
@@ -141,7 +139,7 @@ def test_impatient_clients_leave_the_frontend_computing_and_idle(backends):
 
 def test_stalled_misses_turn_readiness_and_liveness_not_serving_until_progress_resumes(backends):
     workdir, replica, shard = backends
-    fe, admin = frontend(workdir, replica, shard, "stall", "--stall-seconds", "2", "--mlbase-timeout", "60")
+    fe, admin = frontend(workdir, replica, shard, "stall", stall_s=2.0, mlbase_timeout_s=60.0)
     pending = None
     try:
         assert health_status(fe.address, LIVENESS) == SERVING

@@ -22,10 +22,10 @@ import pytest
 from common import codec, matryoshka
 from common.cache_key import cache_key
 from embedding.settings import FrontendSettings
+from harness.procs import Proc
+from harness.stack import ShardClient, fingerprint, frontend, replica, shard
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.faults.stack import ShardClient, fingerprint, frontend, replica, shard
-from tests.support import Proc
 
 DRAIN_SECONDS = 0.5
 GRACE_SECONDS = 3.0

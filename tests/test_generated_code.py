@@ -2,7 +2,7 @@
 
 import filecmp
 
-from tests.support import ROOT
+from harness.procs import ROOT
 from tools.gen_protos import generate
 
 

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from common.grpc_server import ServerOptions, ServiceServer
+from harness.procs import free_port
 from lb import h2check, render, runtime
-from tests.support import free_port
 
 HAPROXY = "/usr/sbin/haproxy"
 

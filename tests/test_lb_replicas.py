@@ -30,10 +30,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from harness.procs import Proc, free_port
+from harness.stack import service
 from lb import render, runtime
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.support import Proc, free_port
 
 HAPROXY = "/usr/sbin/haproxy"
 ONE_VECTOR = 4 * 384
@@ -42,10 +43,10 @@ CONNECTION_AGE_MS = 3000
 
 
 def replica(name: str, port: int, tmp: Path) -> Proc:
-    return Proc("mlbase", ["--port", str(port), "--threads", "1", "--drain-seconds", str(DRAIN_SECONDS),
-                           "--grace-seconds", "5", "--max-connection-age-ms", str(CONNECTION_AGE_MS),
-                           "--max-connection-age-grace-ms", "2000"],
-                tmp / f"{name}.log", port)
+    return service("mlbase", tmp / f"{name}.log",
+                   {"server.port": port, "threads": 1, "server.drain_seconds": DRAIN_SECONDS,
+                    "server.grace_seconds": 5.0, "server.max_connection_age_ms": CONNECTION_AGE_MS,
+                    "server.max_connection_age_grace_ms": 2000})
 
 
 class Cluster:
@@ -57,11 +58,9 @@ class Cluster:
             replicas=tuple(f"127.0.0.1:{p}" for p in self.ports.values()), server_names=tuple(self.ports),
             socket=str(tmp / "haproxy.sock"), port=free_port(), stats_port=free_port())
         self.haproxy: subprocess.Popen | None = None
-        self.frontend = Proc("embedding", [
-            "--port", str(free_port()), "--mlbase", f"127.0.0.1:{self.lb.port}", "--cache-enabled", "false",
-            "--cache-shard", "", "--admin-port", "0", "--mlbase-connections", "4", "--mlbase-timeout", "30",
-        ], tmp / "embedding.log", 0)
-        self.frontend.port = int(self.frontend.args[1])
+        self.frontend = service("embedding", tmp / "embedding.log", {
+            "mlbase_address": f"127.0.0.1:{self.lb.port}", "cache_enabled": False, "cache_shards": (),
+            "admin_port": 0, "mlbase_connections": 4, "mlbase_timeout_s": 30.0})
 
     @property
     def sock(self) -> str:

@@ -16,7 +16,7 @@ import pytest
 
 from common.errors import Overloaded, Unavailable
 from mlbase.backends.tokens import Encoded
-from mlbase.batcher import Batcher, BatchLimits, _Item, plan_batches
+from mlbase.batcher import BatchLimits, InferenceBatcher, _Item, plan_batches
 
 WIDTH = 4
 
@@ -115,7 +115,7 @@ def test_limits_are_validated():
 
 
 async def _with_batcher(embed, limits, body):
-    batcher = Batcher(embed, WIDTH, limits)
+    batcher = InferenceBatcher(embed, WIDTH, limits)
     batcher.start()
     try:
         return await body(batcher)
@@ -161,7 +161,7 @@ def test_token_budget_splits_one_request_and_rows_come_back_in_request_order():
 
 
 def test_reserve_refuses_at_once_when_the_queue_is_full():
-    batcher = Batcher(RecordingEmbed(), WIDTH, BatchLimits(max_queue=10))
+    batcher = InferenceBatcher(RecordingEmbed(), WIDTH, BatchLimits(max_queue=10))
     with batcher.reserve(6):
         assert batcher.admitted == 6
         with pytest.raises(Overloaded, match="--max-queue 10"):
@@ -209,7 +209,7 @@ def test_cancelled_request_is_skipped_and_close_finishes_queued_work():
         await closing
         return results
 
-    batcher = Batcher(embed, WIDTH, limits)
+    batcher = InferenceBatcher(embed, WIDTH, limits)
     batcher.start()
     first, kept = asyncio.run(body(batcher))
     assert first[0, 0] == 1 and kept[0, 0] == 4

@@ -16,9 +16,10 @@ import grpc
 import numpy as np
 import pytest
 
+from harness.procs import NOT_SERVING, SERVING, health_status
+from harness.stack import service
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
-from tests.support import NOT_SERVING, SERVING, Proc, free_port, health_status
 
 MAX_QUEUE = 100
 DRAIN_SECONDS = 1.5
@@ -29,10 +30,8 @@ BUSY_TEXT = "replicas finish the work they accepted before they exit " * 20
 @pytest.fixture(scope="module")
 def started(tmp_path_factory):
     """Start the replica and record what health said (and what Embed said) while it loaded."""
-    port = free_port()
-    proc = Proc("mlbase", ["--port", str(port), "--threads", "2", "--max-queue", str(MAX_QUEUE),
-                           "--drain-seconds", str(DRAIN_SECONDS)],
-                tmp_path_factory.mktemp("mlbase") / "mlbase.log", port)
+    proc = service("mlbase", tmp_path_factory.mktemp("mlbase") / "mlbase.log",
+                   {"threads": 2, "max_queue": MAX_QUEUE, "server.drain_seconds": DRAIN_SECONDS})
     proc.start()
     seen: list[int] = []
     embed_while_loading = None

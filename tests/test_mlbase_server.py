@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from common import matryoshka
+from harness.procs import ROOT, SERVING, health_status
+from harness.stack import service
 from mlbase.settings import bundled_model_path
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
-from tests.support import ROOT, SERVING, Proc, free_port, health_status
 
 CORPUS = Path(__file__).resolve().parents[1] / "bench" / "data" / "corpus.txt"
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -36,10 +37,9 @@ TEXTS = corpus_texts(20) + ["", "hello", "Ünïcödé 🙂 中文", LONG]
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
-    port = free_port()
     # torch explicitly: these tests compare with sentence-transformers' own encode.
-    proc = Proc("mlbase", ["--backend", "torch", "--port", str(port), "--threads", "2", "--drain-seconds", "0"],
-                tmp_path_factory.mktemp("mlbase") / "mlbase.log", port)
+    proc = service("mlbase", tmp_path_factory.mktemp("mlbase") / "mlbase.log",
+                   {"backend_name": "torch", "threads": 2, "server.drain_seconds": 0.0})
     proc.start()
     try:
         proc.wait_serving()

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from common import matryoshka
+from harness.procs import ROOT
+from harness.stack import service
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 from mlbase.backends.onnx_backend import OnnxBackend, pool, pooling_modes, read_layout
@@ -27,7 +29,6 @@ from mlbase.backends.onnx_export import GraphCache, GraphSpec, select_nodes
 from mlbase.settings import bundled_model_path, load_settings
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
-from tests.support import ROOT, Proc, free_port
 
 MODEL = bundled_model_path()
 TEXTS = [
@@ -243,10 +244,9 @@ def test_precision_and_cache_settings(tmp_path):
 
 @pytest.fixture(scope="module")
 def replica(cache_dir, fp32, tmp_path_factory):
-    port = free_port()
-    proc = Proc("mlbase", ["--backend", "onnx", "--precision", "fp32", "--port", str(port), "--threads", "1", "--drain-seconds", "0",
-                           "--onnx-cache-dir", str(cache_dir)],
-                tmp_path_factory.mktemp("onnx-replica") / "mlbase.log", port)
+    proc = service("mlbase", tmp_path_factory.mktemp("onnx-replica") / "mlbase.log",
+                   {"backend_name": "onnx", "precision": "fp32", "threads": 1, "server.drain_seconds": 0.0,
+                    "onnx_cache_dir": str(cache_dir)})
     proc.start()
     try:
         proc.wait_serving()

@@ -29,11 +29,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from common.cache_key import cache_key
 from embedding.client import Client
+from harness.procs import ROOT, SERVING, Proc, health_status
+from harness.stack import service
 from sutra.cache.v1 import cache_shard_service_pb2 as cpb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.support import ROOT, SERVING, Proc, free_port, health_status
 
 TOKENS = {"acme": "acme-7d1f9c", "beta": "beta-41ab02", "": "anon-93c5e1"}
 MAX_MESSAGE = 1 << 20
@@ -49,25 +50,23 @@ tenants:
 """
 
 
-def frontend(tmp, name: str, replica: Proc, shard: Proc, *extra: str) -> Proc:
-    port = free_port()
-    return Proc("embedding", ["--port", str(port), "--mlbase", replica.address, "--cache-shard", shard.address,
-                              "--admin-port", "0", "--mlbase-connections", "1", "--isolate-tenants", *extra],
-                tmp / f"{name}.log", port)
+def frontend(tmp, name: str, replica: Proc, shard: Proc, values: dict) -> Proc:
+    """An isolating frontend on `replica` and `shard`; `values` are further FrontendSettings fields."""
+    return service("embedding", tmp / f"{name}.log",
+                   {"mlbase_address": replica.address, "cache_shards": (shard.address,), "admin_port": 0,
+                    "mlbase_connections": 1, "isolate_tenants": True, **values})
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("access")
     (tmp / "tenants.yaml").write_text(TENANTS_YAML)
-    port = free_port()
-    replica = Proc("mlbase", ["--port", str(port), "--threads", "1", "--drain-seconds", "0"],
-                   tmp / "mlbase.log", port)
-    port = free_port()
-    shard = Proc("cacheshard", ["--port", str(port), "--path", str(tmp / "db")], tmp / "shard.log", port)
-    authed = frontend(tmp, "authed", replica, shard, "--tenants-file", str(tmp / "tenants.yaml"),
-                      "--auth-token", TOKENS[""], "--max-message-bytes", str(MAX_MESSAGE))
-    header = frontend(tmp, "header", replica, shard, "--l1-entries", "0")
+    replica = service("mlbase", tmp / "mlbase.log", {"threads": 1, "server.drain_seconds": 0.0})
+    shard = service("cacheshard", tmp / "shard.log", {"path": tmp / "db"})
+    authed = frontend(tmp, "authed", replica, shard, {"tenants_file": str(tmp / "tenants.yaml"),
+                                                      "auth_tokens": (TOKENS[""],),
+                                                      "server.max_message_bytes": MAX_MESSAGE})
+    header = frontend(tmp, "header", replica, shard, {"l1_entries": 0})
     procs = [replica, shard, authed, header]
     try:
         for p in procs:

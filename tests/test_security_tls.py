@@ -25,11 +25,12 @@ import pytest
 
 from common.tls import TlsClientOptions, open_channel
 from embedding.client import Client
+from harness.procs import ROOT, SERVING, free_port, health_status
+from harness.stack import service
 from lb import render, runtime
 from sutra.cache.v1 import cache_shard_service_pb2 as cpb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from tests.certs import Pki, make_pki
-from tests.support import ROOT, SERVING, Proc, free_port, health_status
 
 HAPROXY = "/usr/sbin/haproxy"
 
@@ -70,21 +71,18 @@ def credentials(pki: Pki) -> grpc.ChannelCredentials:
 def chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tls")
     pki = make_pki(tmp / "pki")
-    port = free_port()
-    replica = Proc("mlbase", ["--port", str(port), "--threads", "1", "--drain-seconds", "0", *server_flags(pki)],
-                   tmp / "mlbase.log", port, credentials=credentials(pki))
-    port = free_port()
-    shard = Proc("cacheshard", ["--port", str(port), "--path", str(tmp / "db"), *server_flags(pki)],
-                 tmp / "shard.log", port, credentials=credentials(pki))
+    # The TLS flags stay raw flags: paths of this test's own PKI, given to the launch recipe last.
+    replica = service("mlbase", tmp / "mlbase.log", {"threads": 1, "server.drain_seconds": 0.0}, *server_flags(pki))
+    shard = service("cacheshard", tmp / "shard.log", {"path": tmp / "db"}, *server_flags(pki))
     lb = render.LbSettings(replicas=(replica.address,), socket=str(tmp / "haproxy.sock"), port=free_port(),
                            stats_port=free_port(), check_ssl=True, check_ca_file=str(pki.ca),
                            check_crt=str(pki.client_pem))
-    port = free_port()
-    frontend = Proc("embedding", ["--port", str(port), "--mlbase", f"127.0.0.1:{lb.port}",
-                                  "--cache-shard", shard.address, "--l1-entries", "0", "--admin-port", "0",
-                                  "--mlbase-connections", "2", *server_flags(pki),
-                                  *client_flags("mlbase-", pki), *client_flags("shard-", pki)],
-                    tmp / "embedding.log", port, credentials=credentials(pki))
+    frontend = service("embedding", tmp / "embedding.log",
+                       {"mlbase_address": f"127.0.0.1:{lb.port}", "cache_shards": (shard.address,), "l1_entries": 0,
+                        "admin_port": 0, "mlbase_connections": 2},
+                       *server_flags(pki), *client_flags("mlbase-", pki), *client_flags("shard-", pki))
+    for proc in (replica, shard, frontend):
+        proc.credentials = credentials(pki)  # wait_serving's health checks speak mTLS
     haproxy = None
     try:
         replica.start()

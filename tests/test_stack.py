@@ -17,8 +17,8 @@ import pytest
 from deploy import probe
 from deploy.settings import ROOT, StackSettings
 from deploy.supervisor import Supervisor
+from harness.procs import free_port
 from lb import runtime
-from tests.support import free_port
 
 
 def sutra(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 
 The real stack (cache shard, 2 ML-base replicas, HAProxy, frontend with an
 admin port, --stream-idle-seconds 5, --stall-seconds 10) takes TRAFFIC_S
-seconds of `python -m bench.impatient` with a chaos mix: deadlines from 1 ms
+seconds of `python -m harness.impatient` with a chaos mix: deadlines from 1 ms
 to 1 s (log-uniform, so a third are under 10 ms), calls cancelled at random moments, streams cancelled mid-way, streams
 abandoned (held open by the client after the traffic, so only the server's
 idle timeout can end them), leader/follower groups, oversized messages. While
@@ -24,7 +24,7 @@ After the traffic (ARCHITECTURE.md, "Liveness"):
   RESOURCE_EXHAUSTED (the generator's post-conditions).
 
 The seed comes from SUTRA_CHAOS_SEED (default: random, printed); the figures
-go to bench/results/chaos.json and stdout. Replay a failure with
+go to results/chaos.json and stdout. Replay a failure with
 `SUTRA_CHAOS_SEED=<seed> pytest tests/chaos`. Timing on a shared 2-core
 machine is noisy, so every time bound here is a generous polling limit, never
 a latency assertion.
@@ -47,12 +47,13 @@ import psutil
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.procs import ROOT, SERVING, free_port, health_status
+from harness.results import results_path
+from harness.stack import Stack
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.faults.stack import Stack
-from tests.support import ROOT, SERVING, free_port, health_status
 
-RESULTS = ROOT / "bench" / "results" / "chaos.json"
+RESULTS = results_path("chaos.json")
 TRAFFIC_S = 90.0
 STREAM_IDLE_S = 5.0
 STALL_S = 10.0
@@ -140,7 +141,7 @@ def test_chaos_soak(tmp_path):
         baseline = fe.memory_info().rss
         bound = min(baseline + RSS_GROWTH_BOUND, RSS_CAP)
         peak = baseline
-        argv = [sys.executable, "-m", "bench.impatient", "--target", stack.frontend.address,
+        argv = [sys.executable, "-m", "harness.impatient", "--target", stack.frontend.address,
                 "--metrics-url", metrics_url, "--seed", str(seed), "--deadline-ms", "1,1000", "--deadline-dist", "log",
                 "--cancel-after-ms", "0,200", "--duration-s", str(TRAFFIC_S), "--concurrency", "128",
                 "--hold-abandoned-s", str(IDLE_TIMEOUT_S + 5), "--idle-timeout-s", str(IDLE_TIMEOUT_S),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.stack import Stack
+from harness.stack import Stack
 
 
 @pytest.fixture(scope="package")

@@ -28,11 +28,12 @@ import numpy as np
 
 from common import codec
 from common.cache_key import cache_key
+from harness.disk import NsProc, PrivateDisk
+from harness.load import Load, measure
+from harness.procs import SERVING, free_port, health_status, wait_until
+from harness.stack import ShardClient, cache_stats, fingerprint, frontend, service
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.faults.load import Load, measure
-from tests.faults.stack import NsProc, PrivateDisk, ShardClient, cache_stats, fingerprint, frontend, wait_until
-from tests.support import SERVING, free_port, health_status
 
 
 def embed(address: str, texts: list[str]) -> pb.EmbedResponse:
@@ -127,9 +128,9 @@ def test_full_disk_refuses_writes_counts_them_and_keeps_lookups(healthy, tmp_pat
     disk = PrivateDisk(tmp_path / "disk", size_mb=8)
     port = free_port()
     # Memory tier off: every lookup below is a RocksDB read on the full disk.
-    args = ["--port", str(port), "--path", str(disk.mountpoint / "db"), "--sync", "--memory-entries", "0",
-            "--max-entries", "2000"]
-    shard = NsProc("cacheshard", args, tmp_path / "shard.log", port, disk=disk).start()
+    launch = service("cacheshard", tmp_path / "shard.log", {"server.port": port, "path": disk.mountpoint / "db",
+                                                             "sync": True, "memory_entries": 0, "max_entries": 2000})
+    shard = NsProc.inside(disk, launch).start()
     fe_proc = frontend(tmp_path, stack.lb.address, f"127.0.0.1:{port}", "frontend-disk", "--l1-entries", "0")
     procs = [shard, fe_proc]
     try:
@@ -174,7 +175,7 @@ def test_full_disk_refuses_writes_counts_them_and_keeps_lookups(healthy, tmp_pat
         freed = time.monotonic()
         stop_code = shard.stop()
         stop_log = shard.log()
-        shard = NsProc("cacheshard", args, tmp_path / "shard-2.log", port, disk=disk).start()
+        shard = NsProc.inside(disk, launch, tmp_path / "shard-2.log").start()
         procs.append(shard)
         shard.wait_serving(60)
         with ShardClient(shard.address) as sc:

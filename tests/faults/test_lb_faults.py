@@ -14,9 +14,10 @@ import time
 
 import pytest
 
+from harness.load import Load, measure
+from harness.procs import wait_until
+from harness.stack import cache_stats
 from lb import runtime
-from tests.faults.load import Load, measure
-from tests.faults.stack import cache_stats, wait_until
 
 
 @pytest.mark.parametrize("down_s", [0.0, 1.0], ids=["immediate", "down-1s"])

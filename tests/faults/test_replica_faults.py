@@ -21,14 +21,14 @@ import time
 
 import grpc
 
+from harness.load import Load, measure
+from harness.procs import NOT_SERVING, health_status, wait_until
+from harness.stack import DRAIN_SECONDS, cache_stats
+from lb import runtime
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
-from lb import runtime
-from tests.faults.load import Load, measure
-from tests.faults.stack import DRAIN_SECONDS, cache_stats, wait_until
-from tests.support import NOT_SERVING, health_status
 
 DEADLINE = 30.0
 # A text well over the model window (256 tokens): every one costs a full window.

@@ -30,7 +30,7 @@ import pytest
 from common import codec
 from embedding.l2_client import FIRST_BACKOFF_S, L2Client
 from embedding.stats import Stats
-from tests.faults.stack import ShardClient, shard
+from harness.stack import ShardClient, shard
 from tests.support import aio
 
 TIMEOUT_S = 0.25

@@ -23,11 +23,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from harness.procs import SERVING, health_status
+from harness.stack import frontend, replica, shard
 from lb.h2check import proto_varint
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.faults.stack import frontend, replica, shard
-from tests.support import SERVING, health_status
 
 MAX_MESSAGE = 8 * 1024 * 1024
 # Generous: L1 (10,000 full-width vectors is ~20 MB) plus allocator slack.

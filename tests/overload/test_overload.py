@@ -29,11 +29,11 @@ import numpy as np
 import psutil
 import pytest
 
+from harness.load import record
+from harness.procs import SERVING, health_status
+from harness.stack import frontend, replica
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.faults.load import record
-from tests.faults.stack import frontend, replica
-from tests.support import SERVING, health_status
 
 MAX_PENDING = 32
 TEXTS_PER_CALL = 4

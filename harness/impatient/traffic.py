@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.impatient.mix import CHANNEL_OPTIONS, ROUTINE, Op
+from harness.impatient.mix import CHANNEL_OPTIONS, ROUTINE, Op
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 

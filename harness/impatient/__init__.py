@@ -1,6 +1,6 @@
 """Impatient clients: a seeded storm of the traffic that wedged the frontend (issue 10).
 
-    python -m bench.impatient --target HOST:PORT [--metrics-url URL] --seed N [mix flags]
+    python -m harness.impatient --target HOST:PORT [--metrics-url URL] --seed N [mix flags]
 
 Everything the generator sends is drawn from `--seed` (texts, deadlines,
 cancel delays, which kind comes when), so a failing run can be replayed
@@ -32,6 +32,6 @@ post-condition holds.
 Defaults are the issue's "Done when" profile: 1500 single-text calls with
 1-12 ms deadlines, 200 cancelled calls, 40 abandoned streams, their start
 times spread over 15 s. A steady arrival matters: the same calls sent as one
-burst mostly expire before the server reaches them. This module does not
-import from tests/.
+burst mostly expire before the server reaches them. The chaos soak
+(tests/chaos) runs this same command against its stack.
 """

@@ -1,4 +1,4 @@
-"""Real processes for the fault, fuzz and overload suites.
+"""The whole request path as real processes, and its launchers.
 
 `Stack` is the whole request path on loopback ports chosen at run time: a
 RocksDB cache shard (--sync), ML-base replicas (--threads 1), HAProxy from
@@ -6,33 +6,35 @@ the generated configuration (lb.render) and the embedding frontend. Every
 piece can be killed and started again on the same port, so a test injects a
 fault into one process and watches the others cope.
 
-`PrivateDisk` gives a cache shard a small tmpfs of its own, mounted in a
-private mount namespace that a holder process keeps alive: a real
-filesystem that really returns ENOSPC, invisible to the rest of the
-machine, gone when the holder exits.
-
-The launchers (`replica`, `shard`, `frontend`) are shared with the fuzz and
-overload suites, which start smaller stacks.
+The launchers (`replica`, `shard`, `frontend`) build each command line with
+the service's own launch recipe (`command(settings)`, the one deploy uses),
+and also serve the fuzz, overload and shutdown tests, which start smaller
+stacks. A disk that fills
+up is in `harness.disk`.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from cacheshard import settings as shard_settings
+from common.flags import split_csv
+from common.settings import evolve
+from embedding import settings as frontend_settings
+from harness.procs import Proc, free_port, wait_until
+from mlbase import settings as mlbase_settings
 from lb import render, runtime
 from sutra.cache.v1 import cache_shard_service_pb2 as cpb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.support import ROOT, Proc, free_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 # Long enough for HAProxy (inter 1 s, fastinter 500 ms, fall 2) to see NOT_SERVING.
@@ -42,28 +44,46 @@ CONNECTION_AGE_MS = 5000
 CONNECTION_AGE_GRACE_MS = 30_000
 
 
+# Each service's settings class and launch recipe: the same `command()` deploy uses.
+RECIPES = {
+    "mlbase": (mlbase_settings.MLBaseSettings, mlbase_settings.command),
+    "cacheshard": (shard_settings.ShardSettings, shard_settings.command),
+    "embedding": (frontend_settings.FrontendSettings, frontend_settings.command),
+}
+
+
+def service(module: str, log_path: Path, values: Mapping[str, Any], *extra: str) -> Proc:
+    """`python -m module` started with `values` (dotted setting names, e.g. "server.port") through
+    the service's own launch recipe; settings not named keep the service's defaults (and the
+    environment's, as in production). `extra` flags go last, as a test's deliberate additions.
+    A port is chosen at run time unless `values` names "server.port"."""
+    values = {"server.port": free_port(), **values}
+    cls, command = RECIPES[module]
+    _python, _dash_m, name, *flags = command(evolve(cls(), values), only=values)
+    return Proc(name, [*flags, *extra], log_path, values["server.port"])
+
+
 def replica(workdir: Path, name: str, port: int | None = None, *extra: str) -> Proc:
     """An ML-base replica with one torch thread and a drain the balancer can see."""
     port = port or free_port()
-    return Proc("mlbase", ["--port", str(port), "--threads", "1", "--drain-seconds", str(DRAIN_SECONDS),
-                           "--grace-seconds", "30", "--max-connection-age-ms", str(CONNECTION_AGE_MS),
-                           "--max-connection-age-grace-ms", str(CONNECTION_AGE_GRACE_MS), *extra],
-                workdir / f"{name}.log", port)
+    values = {"server.port": port, "threads": 1, "server.drain_seconds": DRAIN_SECONDS,
+              "server.grace_seconds": 30.0, "server.max_connection_age_ms": CONNECTION_AGE_MS,
+              "server.max_connection_age_grace_ms": CONNECTION_AGE_GRACE_MS}
+    return service("mlbase", workdir / f"{name}.log", values, *extra)
 
 
 def shard(workdir: Path, path: Path, name: str = "shard", port: int | None = None, *extra: str) -> Proc:
     """A cache shard that fsyncs before acknowledging (--sync)."""
     port = port or free_port()
-    return Proc("cacheshard", ["--port", str(port), "--path", str(path), "--sync", *extra],
-                workdir / f"{name}.log", port)
+    values = {"server.port": port, "path": path, "sync": True}
+    return service("cacheshard", workdir / f"{name}.log", values, *extra)
 
 
 def frontend(workdir: Path, mlbase: str, shards: str, name: str = "frontend", *extra: str) -> Proc:
     """The embedding frontend, admin HTTP off, 4 connections to ML-base."""
-    port = free_port()
-    return Proc("embedding", ["--port", str(port), "--mlbase", mlbase, "--cache-shard", shards,
-                              "--admin-port", "0", "--mlbase-connections", "4", "--mlbase-timeout", "30", *extra],
-                workdir / f"{name}.log", port)
+    values = {"mlbase_address": mlbase, "cache_shards": split_csv(shards), "admin_port": 0,
+              "mlbase_connections": 4, "mlbase_timeout_s": 30.0}
+    return service("embedding", workdir / f"{name}.log", values, *extra)
 
 
 def fingerprint(address: str) -> str:
@@ -105,17 +125,6 @@ class ShardClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.05):
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"not within {timeout}s: {what}")
 
 
 class HAProxy:
@@ -248,75 +257,3 @@ class Stack:
         before = self.lb.views()[name].bytes_out
         wait_until(lambda: load.ok and self.lb.views()[name].bytes_out - before >= 4 * 384, timeout,
                    f"traffic on {name}", poll=0.1)
-
-
-class PrivateDisk:
-    """A tmpfs of `size_mb` at `mountpoint`, visible only to processes started with `command()`.
-
-    The holder (`sleep`) owns a private mount namespace; processes join it
-    with nsenter; this side reads and writes the files through
-    /proc/<holder>/root. Root uses a plain mount namespace; other users a
-    user namespace in which they are root (unprivileged user namespaces).
-    """
-
-    def __init__(self, mountpoint: Path, size_mb: int) -> None:
-        self.mountpoint = mountpoint
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        self.rootless = os.geteuid() != 0
-        ns = ["--user", "--map-root-user"] if self.rootless else []
-        script = f'mount -t tmpfs -o size={size_mb}m sutra-fault-disk "$0" && echo mounted && exec sleep 3600'
-        self.holder = subprocess.Popen(["unshare", *ns, "--mount", "--propagation", "private", "sh", "-c",
-                                        script, str(mountpoint)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
-        line = self.holder.stdout.readline().strip()
-        if line != "mounted":
-            self.holder.wait(10)
-            raise RuntimeError(f"cannot mount a private tmpfs (unshare/mount refused): {self.holder.stderr.read()}")
-
-    def command(self, argv: list[str]) -> list[str]:
-        """`argv` run inside the namespace (nsenter execs it: the PID stays the same)."""
-        user = ["--user", "--preserve-credentials"] if self.rootless else []
-        return ["nsenter", f"--target={self.holder.pid}", *user, "--mount", "--", *argv]
-
-    def path(self, inside: Path | str) -> Path:
-        """Where a path inside the namespace can be reached from here."""
-        return Path(f"/proc/{self.holder.pid}/root") / Path(inside).relative_to("/")
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.path(self.mountpoint))
-        return st.f_bavail * st.f_frsize
-
-    def fill(self, name: str = "filler") -> int:
-        """Write a file until the filesystem says ENOSPC; returns the bytes written."""
-        written = 0
-        with open(self.path(self.mountpoint / name), "wb", buffering=0) as f:
-            for chunk in (1 << 16, 1 << 10, 64):
-                try:
-                    while True:
-                        written += f.write(b"\0" * chunk)
-                except OSError as exc:
-                    if exc.errno != 28:  # ENOSPC
-                        raise
-        return written
-
-    def free(self, name: str = "filler") -> None:
-        self.path(self.mountpoint / name).unlink()
-
-    def close(self) -> None:
-        if self.holder.poll() is None:
-            self.holder.kill()
-        self.holder.wait(10)
-
-
-@dataclass
-class NsProc(Proc):
-    """A `python -m <module>` process started inside a PrivateDisk's namespace."""
-
-    disk: PrivateDisk | None = None
-
-    def start(self) -> "NsProc":
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **self.env)
-        self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.disk.command([sys.executable, "-m", self.module, *self.args]),
-                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        return self

@@ -19,11 +19,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from harness.results import results_path
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.support import ROOT
 
-RESULTS = ROOT / "bench" / "results" / "faults.jsonl"
+FAULTS = results_path("faults.jsonl")
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,8 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def record(row: dict, path: Path = RESULTS) -> None:
-    """Append one JSON line (with the time) to bench/results/faults.jsonl and print it."""
+def record(row: dict, path: Path = FAULTS) -> None:
+    """Append one JSON line (with the time) to results/faults.jsonl and print it."""
     row = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **row}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:

@@ -1,4 +1,4 @@
-"""`python -m bench.impatient`: flags, the run, the post-conditions and the JSON summary."""
+"""`python -m harness.impatient`: flags, the run, the post-conditions and the JSON summary."""
 
 from __future__ import annotations
 
@@ -9,31 +9,31 @@ import sys
 import time
 from collections import Counter
 
-from bench.impatient import __doc__ as DESCRIPTION
-from bench.impatient.metrics import gauge_view, poll_idle, sample_metrics, scrape
-from bench.impatient.mix import CRASH_CODES, OVERSIZE_CODES, plan
-from bench.impatient.traffic import Run
+from harness.impatient import __doc__ as DESCRIPTION
+from harness.impatient.metrics import gauge_view, poll_idle, sample_metrics, scrape
+from harness.impatient.mix import CRASH_CODES, OVERSIZE_CODES, plan
+from harness.impatient.traffic import Run
+
+
+def _range(text: str, kind: type, lowest: float, unit: str) -> tuple:
+    """'LO,HI' -> (lo, hi) of `kind`, with lowest <= LO <= HI; an argparse error otherwise."""
+    try:
+        lo, hi = (kind(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI {unit}, got {text!r}") from None
+    if lo < lowest or hi < lo:
+        raise argparse.ArgumentTypeError(f"need {lowest:g} <= LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def ms_range(text: str) -> tuple[float, float]:
     """'LO,HI' in milliseconds -> (lo, hi) seconds."""
-    try:
-        lo, hi = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI in milliseconds, got {text!r}") from None
-    if lo < 0 or hi < lo:
-        raise argparse.ArgumentTypeError(f"need 0 <= LO <= HI, got {text!r}")
+    lo, hi = _range(text, float, 0, "in milliseconds")
     return lo / 1000.0, hi / 1000.0
 
 
 def int_range(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI integers, got {text!r}") from None
-    if lo < 1 or hi < lo:
-        raise argparse.ArgumentTypeError(f"need 1 <= LO <= HI, got {text!r}")
-    return lo, hi
+    return _range(text, int, 1, "integers")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -42,7 +42,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.impatient", description=DESCRIPTION,
+        prog="python -m harness.impatient", description=DESCRIPTION,
         epilog="Ranges are LO,HI (uniform). Exit code: 0 all post-conditions hold, 1 one failed, 2 bad flags.",
         formatter_class=_Formatter)
     p.add_argument("--target", required=True, help="frontend gRPC address HOST:PORT")

@@ -1,5 +1,0 @@
-import sys
-
-from bench.impatient.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from harness.impatient.cli import main
+
+sys.exit(main())
