@@ -168,7 +168,11 @@ def environment(threads: int) -> dict:
             "load_average": os.getloadavg(), "python": platform.python_version()}
 
 
-def add_flags(p: argparse.ArgumentParser) -> None:
+def parser(module: str, doc: str, out: str) -> argparse.ArgumentParser:
+    """The flags every backend benchmark takes (the model and backends, interleaved timing rounds,
+    where the JSON goes); the caller adds its own."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=bundled_model_path(), help="sentence-transformers model folder (default: bundled)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for every backend")
     cache_env = item(MLBaseSettings, "onnx_cache_dir").env  # the replica's own declaration
@@ -179,6 +183,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                         "patterns, separated by ';' (e.g. 'layer.0.;layer.4.,layer.5.'); empty = no such rows")
     p.add_argument("--single-thread-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch and the onnx graphs with 1 thread")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--out", default=str(results_path(out)), help="where to write the JSON results")
+    return p
 
 
 def options_from(args: argparse.Namespace) -> BackendOptions:
@@ -192,14 +199,10 @@ def keep_from(args: argparse.Namespace) -> list[tuple[str, ...]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.backend_speed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_flags(p)
+    p = parser("bench.backend_speed", __doc__, "backend_speed.json")
     p.add_argument("--texts", type=int, default=1000, help="texts from shared/data/corpus.txt")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--quick", action="store_true", help="300 texts, 2 rounds")
-    p.add_argument("--out", default=str(results_path("backend_speed.json")), help="where to write the JSON results")
     args = p.parse_args(argv)
     if args.quick:
         args.texts, args.rounds = 300, 2

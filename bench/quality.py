@@ -44,7 +44,6 @@ import numpy as np
 from bench.datasets import data_file
 from bench import backend_speed
 from common import codec, matryoshka
-from harness.results import results_path
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 
@@ -267,16 +266,12 @@ def cosine_table(stats: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    backend_speed.add_flags(p)
+    p = backend_speed.parser("bench.quality", __doc__, "quality.json")
     p.add_argument("--sts", default=str(data_file(STS_TEST_FILE)), help="STS-B test file (tab-separated, with a header)")
     p.add_argument("--pairs", type=int, default=0, help="use only the first N pairs; 0 = all")
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="also run bench.backend_speed")
     p.add_argument("--speed-texts", type=int, default=1000, help="texts for the speed section")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     p.add_argument("--quick", action="store_true", help="500 pairs; speed on 300 texts, 2 rounds")
-    p.add_argument("--out", default=str(results_path("quality.json")), help="where to write the JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.pairs, args.speed_texts, args.rounds = args.pairs or 500, 300, 2

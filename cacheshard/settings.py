@@ -6,14 +6,11 @@ time."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.grpc_server import ServerOptions, server_settings
-from common.settings import Settings, at_least, launch_argv, load, not_negative, parser_for, setting
+from common.settings import ServiceCli, Settings, at_least, not_negative, setting
 
 DEFAULT_PORT = 50052
 MODULE = "cacheshard"
@@ -97,20 +94,12 @@ class ShardSettings(Settings):
         return self.budget_bytes - MAX_MEMTABLES * self.memtable_bytes
 
 
-def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    return parser_for(
-        ShardSettings, env, prog="python -m cacheshard",
-        description="The L2 cache shard: sutra.cache.v1.CacheShardService over RocksDB (rocksdict) with "
-                    "the write-ahead log on and a bounded size.",
-        epilog="Backup: `python -m cacheshard checkpoint --address HOST:PORT --to DIR` asks a running shard "
-               "for a consistent RocksDB checkpoint in DIR (on the shard's machine); start a shard with "
-               "--path DIR to restore it. Run `python -m cacheshard checkpoint --help` for its flags.")
-
-
-def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> ShardSettings:
-    return load(ShardSettings, argv, build_parser(env))
-
-
-def command(settings: ShardSettings, python: str = sys.executable, only: Iterable[str] | None = None) -> list[str]:
-    """The launch recipe: the argv that starts a shard with `settings` (or only the named ones)."""
-    return launch_argv(MODULE, settings, python, only)
+CLI = ServiceCli(
+    ShardSettings, MODULE,
+    description="The L2 cache shard: sutra.cache.v1.CacheShardService over RocksDB (rocksdict) with "
+                "the write-ahead log on and a bounded size.",
+    epilog="Backup: `python -m cacheshard checkpoint --address HOST:PORT --to DIR` asks a running shard "
+           "for a consistent RocksDB checkpoint in DIR (on the shard's machine); start a shard with "
+           "--path DIR to restore it. Run `python -m cacheshard checkpoint --help` for its flags.")
+# The service's public API: deploy, the harness and tests call these by name.
+build_parser, load_settings, command = CLI.build_parser, CLI.load_settings, CLI.command

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from common.flags import parse_bool, split_csv
 
@@ -379,3 +379,30 @@ def evolve(obj: Any, values: Mapping[str, Any]) -> Any:
 def launch_argv(module: str, obj: Any, python: str = sys.executable, only: Iterable[str] | None = None) -> list[str]:
     """`python -m module` with the flags that reproduce `obj`: one launch recipe for every service."""
     return [python, "-m", module, *to_argv(obj, only)]
+
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class ServiceCli(Generic[S]):
+    """One service's command line, written once for all: `python -m <module>` parses flags and
+    environment into `cls`, and deploy, the harness and tests start it with the same flags.
+    Each service's settings module exposes the three methods as its own `build_parser`,
+    `load_settings` and `command`."""
+
+    cls: type[S]
+    module: str
+    description: str
+    epilog: str | None = None
+
+    def build_parser(self, env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+        return parser_for(self.cls, env, prog=f"python -m {self.module}", description=self.description,
+                          epilog=self.epilog)
+
+    def load_settings(self, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> S:
+        return load(self.cls, argv, self.build_parser(env))
+
+    def command(self, settings: S, python: str = sys.executable, only: Iterable[str] | None = None) -> list[str]:
+        """The launch recipe: the argv that starts the service with `settings` (or only the named ones)."""
+        return launch_argv(self.module, settings, python, only)

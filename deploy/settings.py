@@ -31,6 +31,11 @@ def _as(cls: type, key: str) -> str:
     return item(cls, key).env
 
 
+def _in_run_dir(name: str) -> property:
+    """A read-only attribute: `name` inside the stack's run directory."""
+    return property(lambda self: self.run_dir / name, doc=f"<run dir>/{name}")
+
+
 @dataclass(frozen=True)
 class StackSettings(Settings):
     """What `sutra up` starts and where."""
@@ -152,37 +157,14 @@ class StackSettings(Settings):
 
     # --- run directory layout ---
 
-    @property
-    def log_dir(self) -> Path:
-        return self.run_dir / "logs"
-
-    @property
-    def haproxy_socket(self) -> Path:
-        return self.run_dir / "haproxy.sock"
-
-    @property
-    def haproxy_config(self) -> Path:
-        return self.run_dir / "haproxy.cfg"
-
-    @property
-    def supervisor_config(self) -> Path:
-        return self.run_dir / "supervisord.conf"
-
-    @property
-    def supervisor_socket(self) -> Path:
-        return self.run_dir / "supervisor.sock"
-
-    @property
-    def supervisor_pidfile(self) -> Path:
-        return self.run_dir / "supervisord.pid"
-
-    @property
-    def pid_dir(self) -> Path:
-        return self.run_dir / "pids"
-
-    @property
-    def shard_path(self) -> Path:
-        return self.run_dir / "cache"
+    log_dir = _in_run_dir("logs")
+    haproxy_socket = _in_run_dir("haproxy.sock")
+    haproxy_config = _in_run_dir("haproxy.cfg")
+    supervisor_config = _in_run_dir("supervisord.conf")
+    supervisor_socket = _in_run_dir("supervisor.sock")
+    supervisor_pidfile = _in_run_dir("supervisord.pid")
+    pid_dir = _in_run_dir("pids")
+    shard_path = _in_run_dir("cache")
 
     # --- persistence ---
 

@@ -9,16 +9,12 @@ FrontendSettings object (`command`).
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from common import codec
 from common.grpc_server import ServerOptions, server_settings
 from common.matryoshka import parse_widths
-from common.settings import (Settings, at_least, item, launch_argv, load, not_negative, one_of, parser_for, positive,
-                             setting)
+from common.settings import ServiceCli, Settings, at_least, item, not_negative, one_of, positive, setting
 from common.tls import TlsClientOptions, client_tls_group
 from embedding.tenants import AccessConfig, load_access
 from mlbase.settings import MLBaseSettings
@@ -178,18 +174,9 @@ class FrontendSettings(Settings):
         return self.cache_enabled and bool(self.cache_shards)
 
 
-def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    return parser_for(
-        FrontendSettings, env, prog="python -m embedding",
-        description="sutra.embedding.v1.EmbeddingService: the public frontend. Answers from an in-process "
-                    "LRU (L1), then the cache shards (L2), then model replicas (ML-base, usually via HAProxy).")
-
-
-def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> FrontendSettings:
-    return load(FrontendSettings, argv, build_parser(env))
-
-
-def command(settings: FrontendSettings, python: str = sys.executable,
-            only: Iterable[str] | None = None) -> list[str]:
-    """The launch recipe: the argv that starts a frontend with `settings` (or only the named ones)."""
-    return launch_argv(MODULE, settings, python, only)
+CLI = ServiceCli(
+    FrontendSettings, MODULE,
+    description="sutra.embedding.v1.EmbeddingService: the public frontend. Answers from an in-process "
+                "LRU (L1), then the cache shards (L2), then model replicas (ML-base, usually via HAProxy).")
+# The service's public API: deploy, the harness and tests call these by name.
+build_parser, load_settings, command = CLI.build_parser, CLI.load_settings, CLI.command

@@ -10,17 +10,14 @@ knobs are SUTRA_MLBASE_*.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import sys
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.flags import split_csv
 from common.grpc_server import ServerOptions, server_settings
 from common.matryoshka import parse_widths
-from common.settings import Settings, at_least, launch_argv, load, not_negative, parser_for, setting
+from common.settings import ServiceCli, Settings, at_least, not_negative, setting
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR as DEFAULT_ONNX_CACHE
@@ -163,18 +160,9 @@ class MLBaseSettings(Settings):
         return self.server.log_level
 
 
-def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    return parser_for(
-        MLBaseSettings, env, prog="python -m mlbase",
-        description="sutra.mlbase.v1.MLBaseService: one model replica. Embeds batches of texts with a local "
-                    "sentence-transformers model, merging concurrent requests into length-sorted micro-batches.")
-
-
-def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> MLBaseSettings:
-    return load(MLBaseSettings, argv, build_parser(env))
-
-
-def command(settings: MLBaseSettings, python: str = sys.executable,
-            only: Iterable[str] | None = None) -> list[str]:
-    """The launch recipe: the argv that starts a replica with `settings` (or only the named ones)."""
-    return launch_argv(MODULE, settings, python, only)
+CLI = ServiceCli(
+    MLBaseSettings, MODULE,
+    description="sutra.mlbase.v1.MLBaseService: one model replica. Embeds batches of texts with a local "
+                "sentence-transformers model, merging concurrent requests into length-sorted micro-batches.")
+# The service's public API: deploy, the harness and tests call these by name.
+build_parser, load_settings, command = CLI.build_parser, CLI.load_settings, CLI.command

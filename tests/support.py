@@ -5,6 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
+from collections.abc import Iterator
+from typing import Self
+
+import numpy as np
+
+from harness.procs import Proc
+
+# Inputs every backend must embed exactly as sentence-transformers does: empty, tiny,
+# ordinary, non-ASCII and emoji, and white space at both ends.
+AWKWARD_TEXTS = [
+    "",
+    "hello",
+    "How do I refuse to chose between different things to do in my life?",
+    "Ünïcödé, emoji 🙂 and 中文 mixed in one line.",
+    "   leading and trailing spaces   ",
+]
 
 
 def aio(test):
@@ -13,3 +30,48 @@ def aio(test):
     def run(*args, **kwargs):
         return asyncio.run(test(*args, **kwargs))
     return run
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two equally shaped matrices."""
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def serving(proc: Proc) -> Iterator[Proc]:
+    """For a fixture (`yield from serving(proc)`): start `proc`, hand it over once SERVING,
+    and afterwards require that it exits cleanly on SIGTERM (its log's tail otherwise)."""
+    proc.start()
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log()[-3000:]
+
+
+def started(thing):
+    """For a fixture (`yield from started(stack)`): start `thing` and hand it over; stop it
+    afterwards, also when starting failed half way."""
+    try:
+        yield thing.start()
+    finally:
+        thing.stop()
+
+
+class Background:
+    """`_run` on a daemon thread for as long as the `with` block lasts; it loops until `_stop` is set."""
+
+    def __init__(self, join_s: float = 5.0) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._join_s = join_s
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(self._join_s)

@@ -7,9 +7,11 @@ exercised in tests/test_embedding_integration.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import urllib.request
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -44,10 +46,11 @@ INFO = ReplicaInfo(model_id="unit-model", fingerprint="fp-unit", native_width=NA
 class Backend:
     """Stands in for the ML-base hop: records every batch it is asked for."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, gated: bool = False) -> None:
         self.batches: list[list[str]] = []
         self.delay = delay
-        self.gate: asyncio.Event | None = None
+        # When gated, every batch waits for `gate.set()`.
+        self.gate: asyncio.Event | None = asyncio.Event() if gated else None
         self.cancelled = 0
         self.fail: Exception | None = None
 
@@ -80,11 +83,31 @@ async def until(condition, tries: int = 2000) -> None:
     raise AssertionError("condition never held")
 
 
-def make_engine(backend: Backend, **overrides) -> FrontendEngine:
+@contextlib.asynccontextmanager
+async def running(backend: Backend, **overrides) -> AsyncIterator[FrontendEngine]:
+    """An engine over `backend` (settings overridden by keyword), closed when the block ends."""
     settings = FrontendSettings(server=ServerOptions(), cache_shards=(), **{"batch_window_ms": 1.0, **overrides})
     engine = FrontendEngine(settings, Stats(), backend, l2=None)
     engine.configure(INFO)
-    return engine
+    try:
+        yield engine
+    finally:
+        await engine.close(0)
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return r.status, r.read()
+
+
+@contextlib.asynccontextmanager
+async def serving(admin: AdminServer) -> AsyncIterator[AdminServer]:
+    """The admin HTTP server, started for the block and closed after it."""
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
 
 
 # -- L1 ---------------------------------------------------------------------------------------
@@ -138,8 +161,7 @@ def test_settings_from_env_and_flags():
 @aio
 async def test_vectors_are_the_shared_transform_and_duplicates_computed_once():
     backend = Backend()
-    engine = make_engine(backend)
-    try:
+    async with running(backend) as engine:
         result = await engine.embed(["x", "y", "x"], 6)
         expected = reduce(np.stack([fake_vector("x"), fake_vector("y"), fake_vector("x")]), 6, False)
         np.testing.assert_array_equal(result.vectors, expected)
@@ -147,16 +169,12 @@ async def test_vectors_are_the_shared_transform_and_duplicates_computed_once():
         assert (result.usage.duplicates, result.usage.computed, result.usage.l1_hits) == (1, 2, 0)
         again = await engine.embed(["y"], 0)
         assert again.width == 8 and again.usage.l1_hits == 1 and backend.texts == ["x", "y"]
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_concurrent_identical_requests_compute_once():
-    backend = Backend()
-    backend.gate = asyncio.Event()
-    engine = make_engine(backend)
-    try:
+    backend = Backend(gated=True)
+    async with running(backend) as engine:
         tasks = [asyncio.create_task(engine.embed(["same text"], 8)) for _ in range(20)]
         await until(lambda: backend.batches)
         backend.gate.set()
@@ -166,27 +184,20 @@ async def test_concurrent_identical_requests_compute_once():
         assert engine.stats.coalesced == 19
         for r in results:
             np.testing.assert_array_equal(r.vectors, results[0].vectors)
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_misses_from_concurrent_requests_share_a_batch():
     backend = Backend()
-    engine = make_engine(backend, batch_window_ms=20.0)
-    try:
+    async with running(backend, batch_window_ms=20.0) as engine:
         await asyncio.gather(*(engine.embed([f"t{i}"], 8) for i in range(10)))
         assert len(backend.batches) == 1 and sorted(backend.batches[0]) == sorted(f"t{i}" for i in range(10))
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_cancelled_caller_leaves_shared_work_running_for_others():
-    backend = Backend()
-    backend.gate = asyncio.Event()
-    engine = make_engine(backend)
-    try:
+    backend = Backend(gated=True)
+    async with running(backend) as engine:
         first = asyncio.create_task(engine.embed(["shared"], 8))
         second = asyncio.create_task(engine.embed(["shared"], 8))
         await until(lambda: backend.batches)
@@ -196,16 +207,12 @@ async def test_cancelled_caller_leaves_shared_work_running_for_others():
         backend.gate.set()
         result = await second
         assert result.vectors.shape == (1, 8) and engine.pending == 0
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_work_is_cancelled_when_every_caller_leaves():
-    backend = Backend()
-    backend.gate = asyncio.Event()
-    engine = make_engine(backend)
-    try:
+    backend = Backend(gated=True)
+    async with running(backend) as engine:
         task = asyncio.create_task(engine.embed(["abandoned"], 8))
         await until(lambda: backend.batches)
         task.cancel()
@@ -215,15 +222,12 @@ async def test_work_is_cancelled_when_every_caller_leaves():
         # A later request for the same text starts fresh work and succeeds.
         result = await engine.embed(["abandoned"], 8)
         assert result.usage.computed == 1 and len(backend.batches) == 2
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_deadline_exceeded_and_error_propagation():
     backend = Backend(delay=0.5)
-    engine = make_engine(backend)
-    try:
+    async with running(backend) as engine:
         loop_deadline = __import__("time").monotonic() + 0.05
         with pytest.raises(DeadlineExceeded):
             await engine.embed(["slow"], 8, deadline=loop_deadline)
@@ -235,14 +239,11 @@ async def test_deadline_exceeded_and_error_propagation():
             await engine.embed(["fails"], 8)
         backend.fail = None
         assert (await engine.embed(["fails"], 8)).usage.computed == 1
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_validation_errors_name_the_limit():
-    engine = make_engine(Backend(), max_inputs=3)
-    try:
+    async with running(Backend(), max_inputs=3) as engine:
         with pytest.raises(InvalidInput, match="cannot be empty"):
             await engine.embed([], 8)
         with pytest.raises(InvalidInput, match="limit is 3"):
@@ -253,16 +254,12 @@ async def test_validation_errors_name_the_limit():
             await engine.embed(["a"], 2)
         with pytest.raises(InvalidInput, match="4 to 16"):
             await engine.embed(["a"], 17)
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_pending_bound_refuses_with_overloaded():
-    backend = Backend()
-    backend.gate = asyncio.Event()
-    engine = make_engine(backend, max_pending=3)
-    try:
+    backend = Backend(gated=True)
+    async with running(backend, max_pending=3) as engine:
         held = asyncio.create_task(engine.embed(["p1", "p2"], 8))
         await until(lambda: backend.batches)
         with pytest.raises(Overloaded, match="limit 3"):
@@ -271,16 +268,13 @@ async def test_pending_bound_refuses_with_overloaded():
         backend.gate.set()
         await held
         assert (await engine.embed(["p3", "p4"], 8)).usage.computed == 2
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_truncation_is_reported_cached_and_rejected_on_request():
     backend = Backend()
-    engine = make_engine(backend)
     long_text = "long " * 20
-    try:
+    async with running(backend) as engine:
         r = await engine.embed(["short", long_text, long_text], 8)
         assert r.truncated_indices == [1, 2] and r.usage.truncated == 2
         r = await engine.embed([long_text], 8)  # from L1: still known to be truncated
@@ -288,78 +282,55 @@ async def test_truncation_is_reported_cached_and_rejected_on_request():
         with pytest.raises(InvalidInput, match="TRUNCATION_REJECT"):
             await engine.embed(["short", long_text], 8, reject_truncation=True)
         assert engine.model.might_truncate(long_text) and not engine.model.might_truncate("short")
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_cache_disabled_computes_every_time():
     backend = Backend()
-    engine = make_engine(backend, cache_enabled=False)
-    try:
+    async with running(backend, cache_enabled=False) as engine:
         await engine.embed(["a"], 8)
         r = await engine.embed(["a"], 8)
         assert r.usage.l1_hits == 0 and r.usage.computed == 1 and backend.texts == ["a", "a"]
         stats = await engine.cache_stats()
         assert stats["l1"]["hits"] == 0 and stats["l1"]["misses"] == 0
-    finally:
-        await engine.close(0)
 
 
 @aio
 async def test_admin_http_serves_stats_json_and_metrics():
-    engine = make_engine(Backend())
-    admin = AdminServer("127.0.0.1", 0, engine.cache_stats, make_registry(engine.stats, lambda: {"l1_entries": 1}),
-                        ready=lambda: True)
-    await admin.start()
-    try:
-        await engine.embed(["a", "b"], 8)
-        await engine.embed(["a"], 8)
-
-        def fetch(path: str) -> tuple[int, bytes]:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin.port}{path}", timeout=5) as r:
-                return r.status, r.read()
-
-        status, body = await asyncio.to_thread(fetch, "/cache/stats")
-        stats = json.loads(body)
-        assert status == 200 and stats["l1"]["hits"] == 1 and stats["l1"]["misses"] == 2
-        assert stats["l1"]["entries"] == 2 and abs(stats["l1"]["hit_rate"] - 1 / 3) < 1e-9
-        status, body = await asyncio.to_thread(fetch, "/metrics")
-        text = body.decode()
-        assert 'sutra_embedding_cache_lookups_total{level="l1",result="hit"} 1.0' in text
-        assert "sutra_embedding_l1_entries 1.0" in text
-    finally:
-        await admin.close()
-        await engine.close(0)
+    async with running(Backend()) as engine:
+        registry = make_registry(engine.stats, lambda: {"l1_entries": 1})
+        admin = AdminServer("127.0.0.1", 0, engine.cache_stats, registry, ready=lambda: True)
+        async with serving(admin):
+            await engine.embed(["a", "b"], 8)
+            await engine.embed(["a"], 8)
+            status, body = await asyncio.to_thread(http_get, admin.port, "/cache/stats")
+            stats = json.loads(body)
+            assert status == 200 and stats["l1"]["hits"] == 1 and stats["l1"]["misses"] == 2
+            assert stats["l1"]["entries"] == 2 and abs(stats["l1"]["hit_rate"] - 1 / 3) < 1e-9
+            status, body = await asyncio.to_thread(http_get, admin.port, "/metrics")
+            text = body.decode()
+            assert 'sutra_embedding_cache_lookups_total{level="l1",result="hit"} 1.0' in text
+            assert "sutra_embedding_l1_entries 1.0" in text
 
 
 @aio
 async def test_metrics_and_cache_stats_report_the_same_evictions():
-    engine = make_engine(Backend(), l1_entries=3)
-    registry = make_registry(engine.stats, lambda: {})
-    refreshed = []
+    async with running(Backend(), l1_entries=3) as engine:
+        registry = make_registry(engine.stats, lambda: {})
+        refreshed = []
 
-    async def refresh() -> None:
-        refreshed.append(1)
-        await engine.refresh_l2_stats()
+        async def refresh() -> None:
+            refreshed.append(1)
+            await engine.refresh_l2_stats()
 
-    admin = AdminServer("127.0.0.1", 0, engine.cache_stats, registry, ready=lambda: True, refresh=refresh)
-    await admin.start()
-    try:
-        await engine.embed([f"text {i}" for i in range(10)], 8)
-        await engine.embed(["text 0", "text 1"], 8)  # evicted: computed again, evicting two more
-
-        def fetch() -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin.port}/metrics", timeout=5) as r:
-                return r.read().decode()
-
-        stats = await engine.cache_stats()
-        assert stats["l1"]["evictions"] == 9 and stats["l1"]["entries"] == 3
-        assert registry.get_sample_value("sutra_embedding_cache_evictions_total", {"level": "l1"}) == 9
-        text = await asyncio.to_thread(fetch)
-        assert 'sutra_embedding_cache_evictions_total{level="l1"} 9.0' in text and refreshed
-        assert registry.get_sample_value("sutra_embedding_cache_evictions_total", {"level": "l2"}) == \
-            stats["l2"]["evictions"] == 0
-    finally:
-        await admin.close()
-        await engine.close(0)
+        admin = AdminServer("127.0.0.1", 0, engine.cache_stats, registry, ready=lambda: True, refresh=refresh)
+        async with serving(admin):
+            await engine.embed([f"text {i}" for i in range(10)], 8)
+            await engine.embed(["text 0", "text 1"], 8)  # evicted: computed again, evicting two more
+            stats = await engine.cache_stats()
+            assert stats["l1"]["evictions"] == 9 and stats["l1"]["entries"] == 3
+            assert registry.get_sample_value("sutra_embedding_cache_evictions_total", {"level": "l1"}) == 9
+            _, body = await asyncio.to_thread(http_get, admin.port, "/metrics")
+            assert 'sutra_embedding_cache_evictions_total{level="l1"} 9.0' in body.decode() and refreshed
+            assert registry.get_sample_value("sutra_embedding_cache_evictions_total", {"level": "l2"}) == \
+                stats["l2"]["evictions"] == 0

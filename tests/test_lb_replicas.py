@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import threading
 import time
-import uuid
 from pathlib import Path
 
-import grpc
 import pytest
 
+from harness.load import Load
 from harness.procs import Proc, free_port
 from harness.stack import service
 from lb import render, runtime
-from sutra.embedding.v1 import embedding_service_pb2 as pb
-from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from tests.support import started
 
 HAPROXY = "/usr/sbin/haproxy"
 ONE_VECTOR = 4 * 384
@@ -98,75 +95,20 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("lb"))
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-
-
-class Load:
-    """A steady stream of cold Embed calls from a few threads, counting failures."""
-
-    def __init__(self, address: str, threads: int = 4, texts: int = 2) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.EmbeddingServiceStub(self.channel)
-        self.threads = threads
-        self.texts = texts
-        self.stop_event = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, index: int) -> None:
-        n = 0
-        while not self.stop_event.is_set():
-            n += 1
-            texts = [f"load {uuid.uuid4().hex} {index} {n} {k}" for k in range(self.texts)]
-            try:
-                reply = self.stub.Embed(pb.EmbedRequest(inputs=texts, dimensions=64), timeout=60)
-                good = len(reply.embeddings) == len(texts) and all(len(e.values) == 64 for e in reply.embeddings)
-                with self.lock:
-                    if good:
-                        self.ok += 1
-                    else:
-                        self.failures.append(f"bad reply shape {len(reply.embeddings)}")
-            except grpc.RpcError as exc:
-                with self.lock:
-                    self.failures.append(f"{exc.code().name}: {exc.details()}")
-
-    def __enter__(self) -> "Load":
-        for worker in self.workers:
-            worker.start()
-        return self
-
-    def wait_for(self, count: int, timeout: float = 120.0) -> None:
-        """Block until `count` more requests have succeeded."""
-        target = self.ok + count
-        deadline = time.monotonic() + timeout
-        while self.ok < target and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.ok >= target, f"load stalled at {self.ok} (wanted {target}); failures {self.failures[:5]}"
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        for worker in self.workers:
-            worker.join(90)
-        self.channel.close()
+    yield from started(Cluster(tmp_path_factory.mktemp("lb")))
 
 
 def wait_until_traffic(cluster: Cluster, names: list[str], timeout: float = 120.0) -> dict[str, int]:
     """Run load until each named replica has sent back at least one vector."""
     before = cluster.bytes_out()
-    with Load(cluster.frontend.address) as load:
+    with Load(cluster.frontend.address, timeout=60) as load:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             load.wait_for(4)
             delta = {n: b - before[n] for n, b in cluster.bytes_out().items()}
             if all(delta[n] >= ONE_VECTOR for n in names):
                 break
-    assert not load.failures, load.failures[:5]
+    assert not load.failures(), load.details[:5]
     return delta
 
 
@@ -180,7 +122,7 @@ def test_1_requests_from_one_frontend_reach_every_replica(cluster):
 def test_2_not_serving_replica_is_out_within_1_5_s(cluster):
     target, other = "mlbase1", "mlbase2"
     bound = (cluster.lb.inter_ms + (cluster.lb.fall - 1) * cluster.lb.fastinter_ms) / 1000
-    with Load(cluster.frontend.address) as load:
+    with Load(cluster.frontend.address, timeout=60) as load:
         load.wait_for(8)
         start = time.monotonic()
         cluster.replicas[target].signal(signal.SIGTERM)  # drains: alive, NOT_SERVING
@@ -203,7 +145,7 @@ def test_2_not_serving_replica_is_out_within_1_5_s(cluster):
                 break
             load.wait_for(4)
     print(f"SIGTERM -> DOWN in {took:.2f}s (configured bound {bound:.1f}s)")
-    assert not load.failures, load.failures[:5]
+    assert not load.failures(), load.details[:5]
     assert final[target] == after_down[target], (after_down, final)
     assert final[other] - after_down[other] >= ONE_VECTOR
     view = cluster.view(target)
@@ -219,14 +161,14 @@ def test_2_not_serving_replica_is_out_within_1_5_s(cluster):
 def test_3_kill_9_during_a_steady_stream_fails_no_request(cluster):
     victim = "mlbase2"
     wait_until_traffic(cluster, [victim])
-    with Load(cluster.frontend.address, threads=4) as load:
+    with Load(cluster.frontend.address, threads=4, timeout=60) as load:
         load.wait_for(8)
         ok_before = load.ok
         cluster.replicas[victim].kill()
         runtime.wait_status(cluster.sock, victim, "DOWN", timeout=15, poll=0.02)
         load.wait_for(16)
-    print(f"requests: {ok_before} before the kill, {load.ok - ok_before} after; failures: {len(load.failures)}")
-    assert load.failures == []
+    print(f"requests: {ok_before} before the kill, {load.ok - ok_before} after; failures: {len(load.failures())}")
+    assert load.failures() == [], load.details[:5]
     # Either the health check (L4...) or `observe layer4` on live traffic (HANA) saw the dead port first.
     assert cluster.view(victim).check_status.startswith(("L4", "HANA")), cluster.view(victim)
 

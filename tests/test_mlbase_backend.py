@@ -12,14 +12,10 @@ from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 from mlbase.backends.digest import files_digest
 from mlbase.settings import bundled_model_path, load_settings
+from tests.support import AWKWARD_TEXTS, cosines
 
 MODEL = bundled_model_path()
-TEXTS = [
-    "",
-    "hello",
-    "How do I refuse to chose between different things to do in my life?",
-    "Ünïcödé, emoji 🙂 and 中文 mixed in one line.",
-    "   leading and trailing spaces   ",
+TEXTS = AWKWARD_TEXTS + [
     "word " * 300,  # over the 256-token window
     "the model window is 256 tokens " * 40,
 ]
@@ -30,10 +26,6 @@ def backend():
     b = registry.create("torch", BackendOptions(model_path=MODEL, threads=1))
     b.load()
     return b
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def test_tokens_are_exactly_what_sentence_transformers_feeds_the_model(backend):

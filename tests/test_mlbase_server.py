@@ -19,6 +19,7 @@ from harness.stack import service
 from mlbase.settings import bundled_model_path
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
+from tests.support import cosines, serving
 
 CORPUS = Path(__file__).resolve().parents[1] / "bench" / "data" / "corpus.txt"
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -38,14 +39,8 @@ TEXTS = corpus_texts(20) + ["", "hello", "Ünïcödé 🙂 中文", LONG]
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
     # torch explicitly: these tests compare with sentence-transformers' own encode.
-    proc = service("mlbase", tmp_path_factory.mktemp("mlbase") / "mlbase.log",
-                   {"backend_name": "torch", "threads": 2, "server.drain_seconds": 0.0})
-    proc.start()
-    try:
-        proc.wait_serving()
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()[-3000:]
+    yield from serving(service("mlbase", tmp_path_factory.mktemp("mlbase") / "mlbase.log",
+                               {"backend_name": "torch", "threads": 2, "server.drain_seconds": 0.0}))
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +63,6 @@ def vectors(reply: pb.EmbedResponse) -> np.ndarray:
     out = np.frombuffer(reply.vectors, dtype="<f4").reshape(reply.count, reply.width)
     assert len(reply.vectors) == reply.count * reply.width * 4
     return out
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def test_full_width_equals_sentence_transformers_encode(stub, reference):

@@ -29,21 +29,13 @@ from mlbase.backends.onnx_export import GraphCache, GraphSpec, select_nodes
 from mlbase.settings import bundled_model_path, load_settings
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
+from tests.support import AWKWARD_TEXTS, cosines, serving
 
 MODEL = bundled_model_path()
-TEXTS = [
-    "",
-    "hello",
-    "How do I refuse to chose between different things to do in my life?",
-    "Ünïcödé, emoji 🙂 and 中文 mixed in one line.",
-    "   leading and trailing spaces   ",
+TEXTS = AWKWARD_TEXTS + [
     "Matryoshka embeddings keep the most useful information in the leading dimensions. " * 4,
     "word " * 300,  # over the 256-token window: truncated
 ]
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 @pytest.fixture(scope="module")
@@ -244,15 +236,9 @@ def test_precision_and_cache_settings(tmp_path):
 
 @pytest.fixture(scope="module")
 def replica(cache_dir, fp32, tmp_path_factory):
-    proc = service("mlbase", tmp_path_factory.mktemp("onnx-replica") / "mlbase.log",
-                   {"backend_name": "onnx", "precision": "fp32", "threads": 1, "server.drain_seconds": 0.0,
-                    "onnx_cache_dir": str(cache_dir)})
-    proc.start()
-    try:
-        proc.wait_serving()
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()[-3000:]
+    yield from serving(service("mlbase", tmp_path_factory.mktemp("onnx-replica") / "mlbase.log",
+                               {"backend_name": "onnx", "precision": "fp32", "threads": 1,
+                                "server.drain_seconds": 0.0, "onnx_cache_dir": str(cache_dir)}))
 
 
 def test_replica_with_backend_onnx_serves_and_says_so(replica, fp32, reference):

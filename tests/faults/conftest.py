@@ -7,15 +7,12 @@ from __future__ import annotations
 import pytest
 
 from harness.stack import Stack
+from tests.support import started
 
 
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("faults"))
-    try:
-        yield s.start()
-    finally:
-        s.stop()
+    yield from started(Stack(tmp_path_factory.mktemp("faults")))
 
 
 @pytest.fixture

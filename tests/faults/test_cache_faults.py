@@ -19,7 +19,6 @@ answered by L2 or not at all: L2 hits are visible in every reply's usage.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
@@ -34,6 +33,7 @@ from harness.procs import SERVING, free_port, health_status, wait_until
 from harness.stack import ShardClient, cache_stats, fingerprint, frontend, service
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from tests.support import Background
 
 
 def embed(address: str, texts: list[str]) -> pb.EmbedResponse:
@@ -46,17 +46,16 @@ def random_entries(rng: np.random.Generator, n: int) -> tuple[list[bytes], list[
     return keys, codec.encode_many(rng.standard_normal((n, 384)).astype(np.float32))
 
 
-class Writer:
+class Writer(Background):
     """Stores batches straight into the shard and keeps what it acknowledged."""
 
     def __init__(self, address: str, batch: int = 32, seed: int = 7) -> None:
+        super().__init__(join_s=30)
         self.client = ShardClient(address)
         self.rng = np.random.default_rng(seed)
         self.batch = batch
         self.acked: dict[bytes, bytes] = {}
         self.refused = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -68,13 +67,8 @@ class Writer:
                 self.refused += 1
                 self._stop.wait(0.05)
 
-    def __enter__(self) -> "Writer":
-        self._thread.start()
-        return self
-
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(30)
+        super().__exit__(*exc)
         self.client.close()
 
 

@@ -23,6 +23,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -62,9 +63,23 @@ def stored(running_shard):
     return keys, values
 
 
-def client(address: str, keepalive_ms: int = 0) -> L2Client:
-    return L2Client((address,), Stats(), timeout_s=TIMEOUT_S, max_message_bytes=1 << 20, reconnect_max_s=2.0,
-                    max_waiting=MAX_WAITING, keepalive_ms=keepalive_ms)
+@contextlib.asynccontextmanager
+async def client(address: str, keepalive_ms: int = 0) -> AsyncIterator[L2Client]:
+    """An L2 client of the one shard, closed when the block ends."""
+    l2 = L2Client((address,), Stats(), timeout_s=TIMEOUT_S, max_message_bytes=1 << 20, reconnect_max_s=2.0,
+                  max_waiting=MAX_WAITING, keepalive_ms=keepalive_ms)
+    try:
+        yield l2
+    finally:
+        await l2.close()
+
+
+@contextlib.asynccontextmanager
+async def keepalive_client(address: str, key: bytes, value: bytes) -> AsyncIterator[L2Client]:
+    """A client pinging every second, its stream to the shard open: a first lookup of `key` hit."""
+    async with client(address, keepalive_ms=1000) as l2:
+        assert (await timed_lookup(l2, key))[0] == value
+        yield l2
 
 
 async def timed_lookup(l2: L2Client, key: bytes) -> tuple[bytes | None, float]:
@@ -103,9 +118,8 @@ class PeakWaiting:
 @aio
 async def test_a_stopped_shard_costs_a_timeout_per_backoff_period_not_per_lookup(running_shard, stored):
     keys, values = stored
-    l2 = client(running_shard.address)
-    conn = l2.shards[0]
-    try:
+    async with client(running_shard.address) as l2:
+        conn = l2.shards[0]
         assert [r[0] for r in await l2.lookup([[k] for k in keys])] == values
         running_shard.signal(signal.SIGSTOP)
         sampler = PeakWaiting(l2)
@@ -144,17 +158,13 @@ async def test_a_stopped_shard_costs_a_timeout_per_backoff_period_not_per_lookup
         await hits_again(l2, keys[0], values[0])
         assert [r[0] for r in await l2.lookup([[k] for k in keys])] == values
         assert conn.state == "closed" and l2.waiting == 0
-    finally:
-        await l2.close()
 
 
 @aio
 async def test_keepalive_finds_a_stopped_shard_with_no_traffic(running_shard, stored):
     keys, values = stored
-    l2 = client(running_shard.address, keepalive_ms=1000)
-    conn = l2.shards[0]
-    try:
-        assert (await timed_lookup(l2, keys[0]))[0] == values[0]
+    async with keepalive_client(running_shard.address, keys[0], values[0]) as l2:
+        conn = l2.shards[0]
         assert conn.connected and conn.trips == 0
         running_shard.signal(signal.SIGSTOP)
         # No lookups from here: only the keepalive ping can notice (after ~1 s + 1 s).
@@ -166,22 +176,16 @@ async def test_keepalive_finds_a_stopped_shard_with_no_traffic(running_shard, st
         assert l2.waiting == 0
         running_shard.signal(signal.SIGCONT)
         await hits_again(l2, keys[0], values[0])
-    finally:
-        await l2.close()
 
 
 @aio
 async def test_the_shard_accepts_keepalive_pings_every_second_on_an_idle_stream(running_shard, stored):
     keys, values = stored
-    l2 = client(running_shard.address, keepalive_ms=1000)
-    conn = l2.shards[0]
-    try:
-        assert (await timed_lookup(l2, keys[0]))[0] == values[0]
+    async with keepalive_client(running_shard.address, keys[0], values[0]) as l2:
+        conn = l2.shards[0]
         # An observation window, not a wait for readiness: ~10 pings with no data in between.
         # A shard with grpc's default ping policy sends GOAWAY "too_many_pings" within ~5 s.
         await asyncio.sleep(10)
         assert conn.trips == 0 and conn.connected, conn.last_failure
         assert (await timed_lookup(l2, keys[1]))[0] == values[1]
         assert conn.stream_opens == 1
-    finally:
-        await l2.close()

@@ -20,7 +20,6 @@ do) for OVERLOAD_SECONDS, then measures the capacity again. Promised
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 
@@ -34,6 +33,7 @@ from harness.procs import SERVING, health_status
 from harness.stack import frontend, replica
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from tests.support import Background
 
 MAX_PENDING = 32
 TEXTS_PER_CALL = 4
@@ -115,26 +115,17 @@ async def open_loop(address: str, rate: float, seconds: float) -> tuple[list[tup
         return results, time.monotonic()
 
 
-class PeakRss:
+class PeakRss(Background):
     """Samples a process's RSS every 50 ms on a thread; `peak` is the largest seen."""
 
     def __init__(self, pid: int) -> None:
+        super().__init__()
         self.process = psutil.Process(pid)
         self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
