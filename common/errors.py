@@ -15,6 +15,7 @@ import logging
 from typing import NoReturn
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError as _SEND_FAILED  # what a send to a gone caller raises
 
 INTERNAL_MESSAGE = "internal error; see the server log"
 
@@ -60,12 +61,26 @@ async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext, where
     SutraError: its code and message. An abort already under way, a cancellation, or any
     BaseException that is not an Exception: raised again unchanged. Anything else: logged with its
     traceback, INTERNAL with a fixed message (the details stay in the log, not on the wire)."""
-    if isinstance(exc, SutraError):
-        await context.abort(exc.code, str(exc))
     if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)) or not isinstance(exc, Exception):
         raise exc
+    if isinstance(exc, SutraError):
+        await _abort(context, exc.code, str(exc))
     log.error("unexpected error in %s", where, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    await _abort(context, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """context.abort, unless the RPC is already over: a caller whose deadline passed (or who
+    cancelled) at the moment we give up cannot be sent a status, and grpc would log the failed
+    send as an error with a traceback. That RPC ends as what it is, cancelled. (grpc's core can
+    fail the send before `cancelled()` says so, hence both checks.)"""
+    if context.cancelled():
+        raise asyncio.CancelledError()
+    try:
+        await context.abort(code, message)
+    except _SEND_FAILED:
+        raise asyncio.CancelledError() from None
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
@@ -92,8 +107,11 @@ def grpc_errors(handler):
     @functools.wraps(handler)
     async def wrapper(self, request, context):
         try:
-            return await handler(self, request, context)
+            response = await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - abort_for decides, and re-raises what it does not map
             await abort_for(exc, context, where, log)
+        if context.cancelled():  # the caller left while we finished: nothing to send it
+            raise asyncio.CancelledError()
+        return response
 
     return wrapper

@@ -344,7 +344,10 @@ def _flag(flag: str, text: str) -> list[str]:
 
 def to_argv(obj: Any, only: Iterable[str] | None = None, **ctx: Any) -> list[str]:
     """Flags that reproduce `obj` (every setting, or the dotted names in `only`), independent of
-    the environment for the settings they name."""
+    the environment for the settings they name, with one exception: a repeatable setting
+    (`repeat=True`, e.g. the frontend's `--auth-token`) adds to its environment variable's value,
+    as before, so an empty one cannot be rendered; leave such settings out of `only` and out of
+    the child's environment alike."""
     wanted = None if only is None else set(only)
     argv: list[str] = []
     for it, value in _pairs(obj, _Ctx(**ctx)):

@@ -45,6 +45,10 @@ async def serve(settings: FrontendSettings) -> None:
     servicer = EmbeddingServicer(engine, settings.stream_window, gate, stream_idle_s=settings.stream_idle_s)
     add_to_server(servicer, server.server)
     watchdog = StallWatchdog(lambda: engine.inflight, server, stall_s=settings.stall_s)
+    if settings.stall_s <= settings.mlbase_timeout_s + 1:
+        log.warning("--stall-seconds %g is not above --mlbase-timeout %g + 1 s: a batch of callers without a "
+                    "deadline may legitimately run that long, and health would turn NOT_SERVING meanwhile",
+                    settings.stall_s, settings.mlbase_timeout_s)
 
     def gauges() -> dict:
         """Each returns to its idle value (in brackets) once traffic stops; tests/chaos checks it."""

@@ -318,15 +318,21 @@ class FrontendEngine:
 
 
 async def _wait(waiters: list[asyncio.Future], deadline: float | None) -> list:
-    """The waiters' results in order; DeadlineExceeded when `deadline` passes first.
+    """The waiters' results in order; the first failure as it is; DeadlineExceeded when
+    `deadline` passes first.
 
-    Cancelling the caller cancels the waiters (gather and wait_for pass it on),
-    and each waiter's done-callback detaches it from its flight."""
+    `asyncio.wait` leaves the waiters alone, so nothing is left behind with an
+    unread exception (a `gather` under a cancelled `wait_for` would log one per
+    impatient caller). The caller's `finally` cancels what is still unsettled,
+    each waiter's done-callback then detaches it, and the owner settles any
+    waiter left over when its batch ends."""
     if not waiters:
         return []
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-    try:
-        return await asyncio.wait_for(asyncio.gather(*waiters), timeout)
-    except asyncio.TimeoutError:
-        pending = sum(1 for w in waiters if not w.done())
-        raise DeadlineExceeded(f"deadline exceeded with {pending} text(s) still being computed") from None
+    done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+    for waiter in done:
+        if not waiter.cancelled() and waiter.exception() is not None:
+            raise waiter.exception()
+    if pending:
+        raise DeadlineExceeded(f"deadline exceeded with {len(pending)} text(s) still being computed")
+    return [waiter.result() for waiter in waiters]

@@ -47,6 +47,9 @@ OnDone = Callable[[list[bytes], np.ndarray, set[int]], None]
 # A batch may overrun its callers' latest deadline by this much before it is cut off: the
 # compute function enforces the deadline itself; this only bounds a peer that ignores it.
 _HARD_BOUND_SLACK_S = 1.0
+# A running batch with this long left before it gives up is joined whatever the newcomer's
+# deadline; one closer to its cut-off is joined only by callers it covers (Batch.covers).
+JOIN_MARGIN_S = 1.0
 
 
 @dataclass(eq=False)
@@ -65,16 +68,29 @@ class Batch:
     flights: list[Flight]
     task: asyncio.Task | None = None
     abandoned: bool = False
+    # Absolute time (time.monotonic) at which the batch gives up, fixed at launch from the
+    # latest deadline of its waiters then; None = a waiter had none (the default timeout).
+    deadline: float | None = None
 
     def live(self) -> bool:
         return any(f.waiters for f in self.flights)
 
-    def timeout(self, default: float) -> float:
-        """The latest deadline among its waiters, as seconds from now; `default` if any has none."""
+    def fix_deadline(self) -> None:
         deadlines = [d for f in self.flights for d in f.waiters.values()]
-        if not deadlines or any(d is None for d in deadlines):
-            return default
-        return max(deadlines) - time.monotonic()
+        self.deadline = None if not deadlines or any(d is None for d in deadlines) else max(deadlines)
+
+    def timeout(self, default: float) -> float:
+        """Seconds the batch may take: until its deadline, or `default` if it has none."""
+        return default if self.deadline is None else self.deadline - time.monotonic()
+
+    def covers(self, deadline: float | None) -> bool:
+        """Whether a caller with `deadline` can wait on this batch without being cut short by it:
+        a patient follower must not inherit an impatient leader's cut-off (10 ms). A batch with
+        at least JOIN_MARGIN_S left is joined anyway: it all but surely ends before that, and
+        callers whose deadlines differ by a few ms must keep sharing one computation."""
+        if self.deadline is None or (deadline is not None and deadline <= self.deadline):
+            return True
+        return self.deadline - time.monotonic() >= JOIN_MARGIN_S
 
 
 class InFlight:
@@ -126,9 +142,18 @@ class InFlight:
         return time.monotonic() - self.last_progress
 
     # -- the caller's side: wait or detach ------------------------------------------------------
-    def join(self, key: bytes, deadline: float | None) -> asyncio.Future | None:
-        """A waiter on the computation of `key` already in flight, or None if there is none."""
+    def _joinable(self, key: bytes, deadline: float | None) -> Flight | None:
+        """The flight of `key` a caller with `deadline` can wait on: queued (its batch's deadline is
+        fixed at launch, with this caller counted), or running with a deadline that covers it."""
         flight = self._table.get(key)
+        if flight is None or (flight.batch is not None and not flight.batch.covers(deadline)):
+            return None
+        return flight
+
+    def join(self, key: bytes, deadline: float | None) -> asyncio.Future | None:
+        """A waiter on the computation of `key` already in flight, or None if there is none that
+        can serve a caller with `deadline`."""
+        flight = self._joinable(key, deadline)
         return None if flight is None else self._attach(flight, deadline)
 
     def request(self, keys: Sequence[bytes], texts: Sequence[str],
@@ -142,7 +167,7 @@ class InFlight:
         """
         if self._closed:
             raise Unavailable("the frontend is shutting down; retry on another instance")
-        new = sum(1 for k in set(keys) if k not in self._table)
+        new = sum(1 for k in set(keys) if self._joinable(k, deadline) is None)
         if new and len(self._table) + new > self._max_pending:
             raise Overloaded(f"too much pending work ({len(self._table)} texts waiting for the model, "
                              f"limit {self._max_pending}); retry with backoff")
@@ -151,8 +176,8 @@ class InFlight:
         waiters = []
         joined = 0
         for key, text in zip(keys, texts):
-            flight = self._table.get(key)
-            if flight is None:
+            flight = self._joinable(key, deadline)
+            if flight is None:  # none in flight, or one whose batch gives up before this caller would
                 flight = self._table[key] = Flight(key, text, asyncio.get_running_loop().time())
                 self._queue[flight] = None
             else:
@@ -216,6 +241,7 @@ class InFlight:
         batch = Batch(flights)
         for flight in flights:
             flight.batch = batch
+        batch.fix_deadline()
         timeout = batch.timeout(self._default_timeout_s)
         batch.task = asyncio.get_running_loop().create_task(
             self._bounded([f.text for f in flights], timeout), name="mlbase-batch")
@@ -241,22 +267,21 @@ class InFlight:
                        if isinstance(exc, asyncio.TimeoutError) else exc)
         else:
             outcome = task.result()
-        for i, flight in enumerate(batch.flights):
-            for waiter in list(flight.waiters):
-                if waiter.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    waiter.set_exception(outcome)
-                    waiter.exception()  # retrieved: its caller may have moved on
-                else:
-                    full, truncated = outcome
-                    waiter.set_result((full[i], i in truncated))
-        if not isinstance(outcome, BaseException):
-            try:
-                self._on_done([f.key for f in batch.flights], *outcome)
-            except Exception:
-                log.exception("filling the caches after a batch failed")
-        self._pump()
+        try:
+            if isinstance(outcome, BaseException):
+                _fail(batch.flights, outcome)
+            else:
+                full, truncated = outcome
+                for i, flight in enumerate(batch.flights):
+                    for waiter in list(flight.waiters):
+                        if not waiter.done():
+                            waiter.set_result((full[i], i in truncated))
+                self._on_done([f.key for f in batch.flights], full, truncated)
+        except Exception:  # a callback raising would otherwise leave waiters unsettled for good
+            log.exception("settling a batch failed")
+            _fail(batch.flights, Unavailable("internal error while finishing a batch; retry"))
+        finally:
+            self._pump()
 
     async def close(self) -> None:
         """Stop dispatching; fail queued work and cancel running batches (their waiters fail)."""
@@ -264,12 +289,8 @@ class InFlight:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        shutting_down = Unavailable("the frontend is shutting down; retry on another instance")
+        _fail(list(self._queue), Unavailable("the frontend is shutting down; retry on another instance"))
         for flight in list(self._queue):
-            for waiter in list(flight.waiters):
-                if not waiter.done():
-                    waiter.set_exception(shutting_down)
-                    waiter.exception()
             self._forget(flight)
         self._queue.clear()
         tasks = [b.task for b in self._batches if b.task is not None]
@@ -292,3 +313,12 @@ class InFlight:
         if self._queue and len(self._batches) < self.concurrency and self._timer is None and not self._closed:
             problems.append("work is queued, a slot is free, and nothing will dispatch it")
         return problems
+
+
+def _fail(flights: Sequence[Flight], exc: BaseException) -> None:
+    """Settle every waiter of `flights` not yet settled with `exc`."""
+    for flight in flights:
+        for waiter in list(flight.waiters):
+            if not waiter.done():
+                waiter.set_exception(exc)
+                waiter.exception()  # retrieved: its caller may have moved on

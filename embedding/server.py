@@ -4,10 +4,14 @@ engine, convert the answer. Nothing here knows about caches or replicas.
 EmbedStream answers in order but works ahead: up to `stream_window`
 requests of one stream are processed at once, so a bulk client keeps the
 replicas busy while it reads answers. A stream's helper tasks are cancelled
-from the RPC's done-callback, which runs however the RPC ends; a stream that
+from the RPC's done-callback, which runs however the RPC ends. A stream that
 sends nothing and has nothing outstanding for `stream_idle_s` (an abandoned
-client, or one that stopped reading) is ended by the server, so streams
-cannot pile up on a frontend.
+client) is ended by the server with DEADLINE_EXCEEDED, so streams cannot
+pile up on a frontend. A client that stops *reading* while answers are
+queued cannot be sent that status (grpc's send waits on the client's flow
+control): its handler, tasks and `open_streams` count are still released at
+the idle limit, but grpc keeps the HTTP/2 stream and the answers it
+buffered, at most one flow-control window, until the client goes away.
 """
 
 from __future__ import annotations
@@ -95,11 +99,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     last_activity = loop.time()
                     task = asyncio.ensure_future(self._embed(request, deadline, tenant))
                     running.add(task)
-                    task.add_done_callback(running.discard)
+                    task.add_done_callback(_settled_work)
                     await ahead.put(task)  # blocks while `stream_window` answers are outstanding
                 await ahead.put(done)
             except Exception as exc:  # noqa: BLE001 - handed to the writer, which ends the stream
                 await ahead.put(exc)
+
+        def _settled_work(task: asyncio.Future) -> None:
+            running.discard(task)
+            if not task.cancelled():
+                task.exception()  # read here too: a stream that ended early never awaits its later answers
 
         reader = asyncio.create_task(read(), name="embed-stream-reader")
         handler = asyncio.current_task()

@@ -119,9 +119,12 @@ class FrontendSettings(Settings):
                                    flag="stream-idle-seconds", check=not_negative)
     # Misses pending with no batch finishing for this long: the frontend is wedged, and turns
     # NOT_SERVING (readiness and liveness) until a batch finishes again.
-    stall_s: float = setting(30.0, "if texts wait for the model and no batch finishes for this long, health turns "
+    # Longer than any batch may take (--mlbase-timeout + 1 s for callers without a deadline), so a
+    # slow but working replica never reads as a wedge.
+    stall_s: float = setting(90.0, "if texts wait for the model and no batch finishes for this long, health turns "
                                    "NOT_SERVING (readiness and the `liveness` service) so an orchestrator restarts "
-                                   "the frontend", flag="stall-seconds", check=positive)
+                                   "the frontend; keep it above --mlbase-timeout", flag="stall-seconds",
+                             check=positive)
     # HTTP admin port (/cache/stats, /metrics); 0 disables.
     admin_port: int = setting(DEFAULT_ADMIN_PORT, "HTTP port for GET /cache/stats (JSON) and GET /metrics "
                                                   "(Prometheus); 0 disables", check=not_negative)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import threading
 from collections.abc import Iterator
 from typing import Self
@@ -75,3 +76,22 @@ class Background:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(self._join_s)
+
+
+# What asyncio and grpc log when a future or task is left behind, or a handler fails unexpectedly.
+LEFT_BEHIND_SIGNS = ("never retrieved", "Traceback", "was destroyed but it is pending")
+
+
+def left_behind(log_text: str) -> dict[str, int]:
+    """How often each sign of a leaked future or task (or an unexpected traceback) is in a log.
+
+    One traceback is grpc's, not ours, and is not counted: a unary answer that races the
+    caller's deadline inside grpc's core ("ExecuteBatchError raised in core" from grpc's own
+    send, with none of our frames after the handler returned). The same error from our own
+    `context.abort` is counted: common.errors ends such an RPC quietly."""
+    records = re.split(r"\n(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log_text)
+    counted = [r for r in records
+               if not ("ExecuteBatchError raised in core" in r and "_finish_handler_with_unary_response" in r
+                       and "in _abort" not in r)]
+    text = "\n".join(counted)
+    return {sign: text.count(sign) for sign in LEFT_BEHIND_SIGNS if sign in text}

@@ -15,8 +15,12 @@ from tests.support import aio
 class FakeContext:
     """Records the status a handler ends with; `abort` raises as grpc.aio's does."""
 
-    def __init__(self) -> None:
+    def __init__(self, gone: bool = False) -> None:
         self.status: tuple[grpc.StatusCode, str] | None = None
+        self.gone = gone  # the caller's deadline passed, or it cancelled
+
+    def cancelled(self) -> bool:
+        return self.gone
 
     async def abort(self, code: grpc.StatusCode, details: str = ""):
         self.status = (code, details)
@@ -121,3 +125,27 @@ async def test_a_stream_closed_early_closes_the_handler():
     assert await responses.__anext__() == 1
     await responses.aclose()
     assert servicer.closed
+
+
+@aio
+async def test_a_caller_already_gone_gets_no_status_and_no_error_log(caplog):
+    """Giving up at the same moment as the caller's deadline: no status can be sent, and grpc
+    would log the failed send as an error; the RPC ends as cancelled instead, quietly."""
+    context = FakeContext(gone=True)
+    with pytest.raises(asyncio.CancelledError):
+        await Servicer(DeadlineExceeded("too late")).Unary("ok", context)
+    assert context.status is None and not caplog.records
+
+
+@aio
+async def test_a_status_that_cannot_be_sent_ends_the_rpc_as_cancelled(caplog):
+    """grpc's core can fail the send (the deadline passed in core) before `cancelled()` says so."""
+    from grpc._cython.cygrpc import ExecuteBatchError
+
+    class SendFails(FakeContext):
+        async def abort(self, code, details=""):
+            raise ExecuteBatchError("Failed execute_batch")
+
+    with pytest.raises(asyncio.CancelledError):
+        await Servicer(DeadlineExceeded("too late")).Unary("ok", SendFails())
+    assert not caplog.records

@@ -24,6 +24,7 @@ import pytest
 from common.grpc_server import LIVENESS
 from harness.procs import NOT_SERVING, SERVING, Proc, free_port, health_status, wait_until
 from harness.stack import service
+from tests.support import left_behind
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -133,6 +134,7 @@ def test_impatient_clients_leave_the_frontend_computing_and_idle(backends):
         assert reply.usage.computed == 1
         wait_until(lambda: idle(admin), 20, f"gauges back to idle (now {gauges(admin)})")
         assert health_status(fe.address) == SERVING and health_status(fe.address, LIVENESS) == SERVING
+        assert not left_behind(fe.log()), f"a future or task left behind: {left_behind(fe.log())}"
     finally:
         assert fe.stop() == 0
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from common.errors import Overloaded, Unavailable
+from common.errors import DeadlineExceeded, Overloaded, Unavailable
 from embedding.inflight import InFlight
 from tests.support import aio
 
@@ -196,3 +196,41 @@ async def test_pending_bound_and_close_fail_waiters_with_clear_errors():
     assert inflight.idle
     with pytest.raises(Unavailable, match="shutting down"):
         inflight.request([b"late"], ["late"], None)
+
+
+@aio
+async def test_a_patient_follower_is_not_cut_off_by_an_impatient_leaders_batch():
+    """A batch gives up at its waiters' latest deadline, fixed at launch. A caller without a
+    deadline (or a later one) that arrives while it runs gets a computation of its own instead of
+    inheriting the leader's cut-off (the search backend with 10 ms deadlines beside a bulk client)."""
+
+    class DeadlineBound(Compute):
+        async def __call__(self, texts, timeout):
+            self.batches.append(list(texts))
+            if timeout < self.delay:  # what MLBasePool does when the replica is slower than the deadline
+                await asyncio.sleep(max(0.0, timeout))
+                raise DeadlineExceeded("deadline exceeded while the model replica was computing")
+            await asyncio.sleep(self.delay)
+            return np.ones((len(texts), WIDTH), np.float32), set()
+
+    compute = DeadlineBound(delay=0.1)
+    inflight, _ = owner(compute, concurrency=3)
+    leader = asyncio.create_task(caller(inflight, "shared", time.monotonic() + 0.01))
+    await asyncio.sleep(0.002)  # the leader's batch is running, due to give up at 10 ms
+    assert inflight.running == 1
+    assert inflight.join(b"shared", None) is None  # joining would inherit the 10 ms cut-off
+    follower = asyncio.create_task(caller(inflight, "shared", None))
+    assert inflight.join(b"shared", time.monotonic() + 0.005) is not None  # an earlier deadline may join
+    # A batch far from its cut-off is shared whatever the deadlines (the 20 identical requests case).
+    roomy = asyncio.create_task(caller(inflight, "roomy", time.monotonic() + 30))
+    await asyncio.sleep(0.002)
+    assert inflight.running == 3  # "roomy" is running too, with 30 s left
+    assert inflight.join(b"roomy", time.monotonic() + 31).cancel() and inflight.join(b"roomy", None).cancel()
+    with pytest.raises((DeadlineExceeded, asyncio.TimeoutError)):
+        await leader
+    (vector, _), = await asyncio.wait_for(follower, 5)
+    assert vector.shape == (WIDTH,)
+    await roomy
+    assert sorted(map(tuple, compute.batches)) == [("roomy",), ("shared",), ("shared",)]
+    await settle_until_idle(inflight)
+    assert inflight.check() == []

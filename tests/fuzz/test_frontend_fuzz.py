@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from harness.procs import SERVING, health_status
 from harness.stack import frontend, replica, shard
+from tests.support import left_behind
 from lb.h2check import proto_varint
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -332,3 +333,4 @@ def test_zz_still_serving_with_bounded_memory(live):
     growth = rss - live.rss_before
     print(f"frontend RSS {live.rss_before / 2**20:.0f} MiB -> {rss / 2**20:.0f} MiB (bound +{RSS_GROWTH_BOUND / 2**20:.0f} MiB)")
     assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.0f} MiB"
+    assert not left_behind(live.proc.log()), f"a future or task left behind: {left_behind(live.proc.log())}"
