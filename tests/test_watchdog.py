@@ -6,6 +6,7 @@ tests/test_frontend_liveness.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import numpy as np
@@ -46,22 +47,29 @@ class Gate:
         return np.zeros((len(texts), 4), np.float32), set()
 
 
-async def serving_server() -> ServiceServer:
+@contextlib.asynccontextmanager
+async def watched(stall_s: float):
+    """An in-flight owner whose compute waits on a gate, a SERVING gRPC server, and a watchdog
+    on both; everything is stopped afterwards."""
+    gate = Gate()
+    inflight = InFlight(gate, lambda *a: None, max_batch=8, window_s=0, concurrency=1, default_timeout_s=30,
+                        max_pending=100)
     server = ServiceServer(ServerOptions(port=0), ["test.Service"])
     await server.start()
     await server.set_serving(True)
-    return server
+    watchdog = StallWatchdog(lambda: inflight, server, stall_s=stall_s, interval_s=0.05)
+    watchdog.start()
+    try:
+        yield gate, inflight, server, watchdog
+    finally:
+        await watchdog.close()
+        await inflight.close()
+        await server.server.stop(0)
 
 
 @aio
 async def test_a_stall_turns_readiness_and_liveness_not_serving_until_a_batch_ends():
-    gate = Gate()
-    inflight = InFlight(gate, lambda *a: None, max_batch=8, window_s=0, concurrency=1, default_timeout_s=30,
-                        max_pending=100)
-    server = await serving_server()
-    watchdog = StallWatchdog(lambda: inflight, server, stall_s=0.2, interval_s=0.05)
-    watchdog.start()
-    try:
+    async with watched(stall_s=0.2) as (gate, inflight, server, watchdog):
         waiters, _ = inflight.request([b"k"], ["stuck"], None)
         await eventually(lambda: watchdog.stalled)
         assert await health(server.port, "") == NOT_SERVING
@@ -72,20 +80,11 @@ async def test_a_stall_turns_readiness_and_liveness_not_serving_until_a_batch_en
         await asyncio.gather(*waiters)
         await eventually(lambda: not watchdog.stalled)
         assert await health(server.port, "") == SERVING and await health(server.port, LIVENESS) == SERVING
-    finally:
-        await watchdog.close()
-        await inflight.close()
-        await server.server.stop(0)
 
 
 @aio
 async def test_a_broken_invariant_is_a_fault_even_when_nothing_looks_pending_for_long():
-    inflight = InFlight(Gate(), lambda *a: None, max_batch=8, window_s=0, concurrency=1, default_timeout_s=30,
-                        max_pending=100)
-    server = await serving_server()
-    watchdog = StallWatchdog(lambda: inflight, server, stall_s=60, interval_s=0.05)
-    watchdog.start()
-    try:
+    async with watched(stall_s=60) as (_, inflight, server, watchdog):
         # Work queued beside a free slot with nothing to dispatch it: the shape of the old wedge.
         flight = Flight(b"k", "lost", 0.0)
         inflight._table[b"k"] = flight
@@ -96,10 +95,6 @@ async def test_a_broken_invariant_is_a_fault_even_when_nothing_looks_pending_for
         del inflight._queue[flight], inflight._table[b"k"]
         await eventually(lambda: not watchdog.stalled)
         assert await health(server.port, "") == SERVING
-    finally:
-        await watchdog.close()
-        await inflight.close()
-        await server.server.stop(0)
 
 
 @aio
