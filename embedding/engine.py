@@ -246,14 +246,14 @@ class FrontendEngine:
     async def _from_l2(self, m: ModelConfig, uniq, keys, full, truncated, usage: Usage, which: list[int]) -> list[int]:
         if self.l2 is None or not which:
             return which
-        results = await self.l2.lookup([[keys[j]] for j in which])
+        results = await self.l2.lookup([keys[j] for j in which])
         missing = []
-        for j, values in zip(which, results):
-            if values is None or values[0] is None:
+        for j, value in zip(which, results):
+            if value is None:
                 missing.append(j)
                 continue
             try:
-                vec, was_truncated = codec.decode_entry(values[0], width=m.info.native_width)
+                vec, was_truncated = codec.decode_entry(value, width=m.info.native_width)
             except codec.CorruptValue as exc:
                 self.stats.l2.errors += 1
                 log.warning("unreadable L2 value (treated as a miss): %s", exc)

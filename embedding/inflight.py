@@ -110,7 +110,6 @@ class InFlight:
         self._closed = False
         # Monotonic time of the last sign of progress: a batch ending, or work arriving when idle.
         self.last_progress = time.monotonic()
-        self.batches_done = 0
 
     # -- what /metrics and the health watchdog read ---------------------------------------------
     @property
@@ -254,7 +253,6 @@ class InFlight:
     def _settle(self, batch: Batch, task: asyncio.Task) -> None:
         """The batch ended, however: settle its waiters, forget its flights, free its slot."""
         self._batches.discard(batch)
-        self.batches_done += 1
         self.last_progress = time.monotonic()
         for flight in batch.flights:
             self._forget(flight)

@@ -314,28 +314,24 @@ class L2Client:
     def shard_for(self, key: bytes) -> int:
         return rendezvous(key, self._ids)
 
-    async def lookup(self, groups: list[list[bytes]]) -> list[list[bytes | None] | None]:
-        """Look up groups of keys; every key of a group goes to the shard of the group's first key.
-
-        Returns per group its values (None per missing key), or None for the
-        whole group when its shard failed (already counted as an error).
-        """
+    async def lookup(self, keys: list[bytes]) -> list[bytes | None]:
+        """One value per key, or None: missing, or its shard failed (already counted as an error)."""
         by_shard: dict[int, list[int]] = {}
-        for gi, group in enumerate(groups):
-            by_shard.setdefault(self.shard_for(group[0]), []).append(gi)
-        results: list[list[bytes | None] | None] = [None] * len(groups)
+        for i, key in enumerate(keys):
+            by_shard.setdefault(self.shard_for(key), []).append(i)
+        results: list[bytes | None] = [None] * len(keys)
 
-        async def one(shard_index: int, group_ids: list[int]) -> None:
-            keys = [k for gi in group_ids for k in groups[gi]]
+        async def one(shard_index: int, positions: list[int]) -> None:
+            wanted = [keys[i] for i in positions]
             shard = self.shards[shard_index]
             started = time.monotonic()
             try:
-                if len(keys) <= MAX_LOOKUP_KEYS:
-                    values = await shard.lookup(keys, self._timeout_s)
+                if len(wanted) <= MAX_LOOKUP_KEYS:
+                    values = await shard.lookup(wanted, self._timeout_s)
                 else:
                     parts = await asyncio.gather(*(
-                        shard.lookup(keys[i:i + MAX_LOOKUP_KEYS], self._timeout_s)
-                        for i in range(0, len(keys), MAX_LOOKUP_KEYS)), return_exceptions=True)
+                        shard.lookup(wanted[i:i + MAX_LOOKUP_KEYS], self._timeout_s)
+                        for i in range(0, len(wanted), MAX_LOOKUP_KEYS)), return_exceptions=True)
                     for part in parts:
                         if isinstance(part, BaseException):
                             raise part
@@ -345,13 +341,10 @@ class L2Client:
                 log.debug("L2 lookup failed: %s", exc)
                 return
             self._stats.l2.latency.record(time.monotonic() - started)
-            pos = 0
-            for gi in group_ids:
-                n = len(groups[gi])
-                results[gi] = values[pos:pos + n]
-                pos += n
+            for i, value in zip(positions, values):
+                results[i] = value
 
-        await asyncio.gather(*(one(s, gids) for s, gids in by_shard.items()))
+        await asyncio.gather(*(one(s, positions) for s, positions in by_shard.items()))
         return results
 
     async def entries_and_evictions(self, timeout: float = 1.0) -> tuple[int, int]:

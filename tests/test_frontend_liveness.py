@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import urllib.request
 import uuid
 
 import grpc
@@ -23,14 +22,13 @@ import pytest
 
 from common.grpc_server import LIVENESS
 from harness.procs import NOT_SERVING, SERVING, Proc, free_port, health_status, wait_until
+from harness.impatient.metrics import gauge_view, scrape
 from harness.stack import service
 from tests.support import left_behind
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 CONCURRENCY = 2  # few batch slots: a leaked slot would wedge the frontend within the test
-IDLE = {"pending_flights": 0, "queued_flights": 0, "batches_inflight": 0, "free_batch_slots": CONCURRENCY,
-        "writeback_queued": 0, "open_streams": 0, "l2_waiting_lookups": 0, "mlbase_inflight": 0, "stalled": 0}
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +57,12 @@ def frontend(workdir, replica: Proc, shard: Proc, name: str, **values) -> tuple[
     return proc.start().wait_serving(60), admin
 
 
-def gauges(admin_port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    found = {}
-    for line in text.splitlines():
-        for name in IDLE:
-            if line.startswith(f"sutra_embedding_{name} "):
-                found[name] = float(line.split()[1])
-    return found
+def gauges(admin_port: int) -> dict[str, float | None]:
+    return gauge_view(scrape(f"http://127.0.0.1:{admin_port}/metrics"), CONCURRENCY)[0]
 
 
 def idle(admin_port: int) -> bool:
-    g = gauges(admin_port)
-    return all(g.get(k) == v for k, v in IDLE.items())
+    return gauge_view(scrape(f"http://127.0.0.1:{admin_port}/metrics"), CONCURRENCY)[1]
 
 
 async def impatient_storm(address: str, seed: int, calls: int, cancelled: int, abandoned: int) -> dict:

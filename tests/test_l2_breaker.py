@@ -212,7 +212,7 @@ async def test_callers_cancelled_at_random_moments_leave_nothing_waiting(hang):
         peer.hang = False
         # The storm may have opened the breaker; a new lookup answers once it lets one through.
         for _ in range(200):
-            if (await l2.lookup([[b"k2"]]))[0] == [b"v2"]:
+            if (await l2.lookup([b"k2"]))[0] == b"v2":
                 break
             await asyncio.sleep(0.02)
         else:

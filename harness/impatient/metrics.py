@@ -19,6 +19,7 @@ IDLE_GAUGES: dict[str, int | None] = {
     "sutra_embedding_writeback_queued": 0,
     "sutra_embedding_open_streams": 0,
     "sutra_embedding_l2_waiting_lookups": 0,
+    "sutra_embedding_mlbase_inflight": 0,
     "sutra_embedding_stalled": 0,
 }
 

@@ -39,14 +39,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
+from harness.impatient.metrics import gauge_view, scrape
 from harness.procs import ROOT, SERVING, free_port, health_status
 from harness.results import results_path
 from harness.stack import Stack
@@ -69,29 +68,18 @@ MIB = 1024 * 1024
 # The chaos mix, spread over TRAFFIC_S (about 45 operations a second).
 MIX = {"--singles": 3000, "--cancelled": 600, "--stream-cancels": 80, "--abandoned": 60, "--groups": 120,
        "--oversized": 12}
-IDLE = {"pending_flights": 0, "queued_flights": 0, "batches_inflight": 0, "free_batch_slots": MLBASE_CONCURRENCY,
-        "writeback_queued": 0, "open_streams": 0, "l2_waiting_lookups": 0, "stalled": 0}
-
-
-def gauges(url: str) -> dict[str, float | None]:
-    """The in-flight gauges from /metrics (None when missing or the scrape fails)."""
-    try:
-        with urllib.request.urlopen(url, timeout=3) as reply:
-            body = reply.read().decode()
-    except OSError:
-        return {name: None for name in IDLE}
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return {name: values.get(f"sutra_embedding_{name}") for name in IDLE}
 
 
 def poll_idle(url: str, timeout: float) -> tuple[dict, float | None]:
+    """The in-flight gauges (harness.impatient.metrics, the generator's own view) once all are
+    idle, and how long that took; the last view and None after `timeout`."""
     start = time.monotonic()
     while True:
-        now = gauges(url)
-        if now == IDLE:
+        try:
+            now, idle = gauge_view(scrape(url), MLBASE_CONCURRENCY)
+        except OSError:
+            now, idle = {}, False
+        if idle:
             return now, round(time.monotonic() - start, 3)
         if time.monotonic() - start > timeout:
             return now, None
@@ -223,7 +211,7 @@ def test_chaos_soak(tmp_path):
             failures.append(f"generator's new text never computed: {report.get('new_text')}")
         if not direct["ok"]:
             failures.append(f"a new text was not computed within 10 s of asking: {direct}")
-        if after != IDLE:
+        if idle_s is None:
             failures.append(f"gauges not idle {TEST_IDLE_POLL_S} s after the generator's own "
                             f"{IDLE_TIMEOUT_S} s poll: {after}")
         if peak > bound:
