@@ -26,12 +26,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.malformed import MalformedRequests
+from common.peers import AllowedPeers
 from common.settings import Settings, group, setting
 from common.tls import TlsServerOptions, server_tls_group
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# 2,048 inputs of a few hundred tokens, or 2,048 full-width vectors, fit with room to spare; a
+# request over it is refused by grpc before it is parsed (RESOURCE_EXHAUSTED).
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Calls (streams included) one server runs at once; more get RESOURCE_EXHAUSTED at once.
+DEFAULT_MAX_CONCURRENT_RPCS = 1000
 # The health service name that answers "is this process wedged?" (see the module docstring).
 LIVENESS = "liveness"
 # Servers accept client keepalive pings this often at most; `keepalive_options` never asks for more.
@@ -66,7 +71,10 @@ class ServerOptions(Settings):
     host: str = setting("127.0.0.1", "address to bind")
     # Each service names its own port variable (server_settings).
     port: int = setting(0, "port to bind, 0 = any free port")
-    max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted or sent")
+    max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted or sent; a larger "
+                                                                "request is refused before it is parsed")
+    max_concurrent_rpcs: int = setting(DEFAULT_MAX_CONCURRENT_RPCS, "calls (open streams included) served at once; "
+                                                                    "more get RESOURCE_EXHAUSTED straight away")
     # 0 disables; replicas set it so connections re-spread after a restart.
     max_connection_age_ms: int = setting(0, "close client connections after this long (GOAWAY) so that they "
                                             "re-spread over replicas behind a TCP balancer; 0 = never")
@@ -85,7 +93,8 @@ class ServerOptions(Settings):
         wrong = [f"--{name.replace('_', '-')} must not be negative" for name in
                  ("port", "max_connection_age_ms", "max_connection_age_grace_ms", "drain_seconds", "grace_seconds")
                  if getattr(self, name) < 0]
-        return wrong + ([] if self.max_message_bytes > 0 else ["--max-message-bytes must be positive"])
+        return wrong + [f"--{name.replace('_', '-')} must be positive" for name in
+                        ("max_message_bytes", "max_concurrent_rpcs") if getattr(self, name) <= 0]
 
     def channel_args(self) -> list[tuple[str, int]]:
         args = [
@@ -113,9 +122,13 @@ class ServiceServer:
     def __init__(self, options: ServerOptions, service_names: Sequence[str],
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
         self.options = options
-        # MalformedRequests last (innermost): a guard before it may refuse the call first.
+        # AllowedPeers first: a caller the service does not answer learns nothing more. MalformedRequests
+        # last (innermost): a guard before it may refuse the call first.
+        tls = options.tls
+        peers = [AllowedPeers(tls.allowed_clients)] if tls is not None and tls.allowed_clients else []
         self.server = grpc.aio.server(options=options.channel_args(),
-                                      interceptors=[*interceptors, MalformedRequests()])
+                                      interceptors=[*peers, *interceptors, MalformedRequests()],
+                                      maximum_concurrent_rpcs=options.max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)

@@ -342,8 +342,14 @@ def _flag(flag: str, text: str) -> list[str]:
     return [f"--{flag}={text}"] if text.startswith("-") else [f"--{flag}", text]
 
 
+def _within(key: str, name: str) -> bool:
+    """`key` is the setting `name` or inside the group `name` (`server.tls` holds `server.tls.cert`)."""
+    return key == name or key.startswith(name + ".")
+
+
 def to_argv(obj: Any, only: Iterable[str] | None = None, **ctx: Any) -> list[str]:
-    """Flags that reproduce `obj` (every setting, or the dotted names in `only`), independent of
+    """Flags that reproduce `obj` (every setting, or the dotted names in `only`, a group's name
+    standing for all its settings), independent of
     the environment for the settings they name, with one exception: a repeatable setting
     (`repeat=True`, e.g. the frontend's `--auth-token`) adds to its environment variable's value,
     as before, so an empty one cannot be rendered; leave such settings out of `only` and out of
@@ -351,14 +357,15 @@ def to_argv(obj: Any, only: Iterable[str] | None = None, **ctx: Any) -> list[str
     wanted = None if only is None else set(only)
     argv: list[str] = []
     for it, value in _pairs(obj, _Ctx(**ctx)):
-        if (wanted is not None and it.key not in wanted) or value is None:
+        if (wanted is not None and not any(_within(it.key, w) for w in wanted)) or value is None:
             continue
         if isinstance(value, bool):
             argv.append(f"--{it.flag}" if value else f"--no-{it.flag}")
         else:
             argv += [arg for v in (value if it.spec.repeat else (value,)) for arg in _flag(it.flag, it.show(v))]
     if wanted is not None:
-        unknown = wanted - {it.key for it in items(type(obj), _Ctx(**ctx))}
+        keys = [it.key for it in items(type(obj), _Ctx(**ctx))]
+        unknown = {w for w in wanted if not any(_within(k, w) for k in keys)}
         if unknown:
             raise KeyError(f"{type(obj).__name__} declares no setting {', '.join(sorted(unknown))}")
     return argv

@@ -52,10 +52,16 @@ class TlsServerOptions(Settings):
     key: str = setting("", "PEM private key of --{prefix}cert")
     client_ca: str = setting("", "PEM CA bundle; when set, clients must present a certificate it signed "
                                  "(mutual TLS)", shown="no client certificates")
+    allowed_clients: tuple[str, ...] = setting(
+        (), "with --{prefix}client-ca, the client certificate common names that may call this service; others get "
+            "PERMISSION_DENIED (health and reflection stay open to any certificate the CA signed)",
+        metavar="NAME,...", shown="any certificate the CA signed")
 
     def problems(self) -> list[str]:
         if not (self.cert and self.key):
             return ["--tls-cert and --tls-key go together (and --tls-client-ca needs both)"]
+        if self.allowed_clients and not self.client_ca:
+            return ["--tls-allowed-clients needs --tls-client-ca (names are read from client certificates)"]
         return _missing(**{"--tls-cert": self.cert, "--tls-key": self.key, "--tls-client-ca": self.client_ca})
 
     @property
@@ -70,7 +76,10 @@ class TlsServerOptions(Settings):
         return grpc.ssl_server_credentials([pair])
 
     def describe(self) -> str:
-        return "mutual TLS (client certificates required)" if self.mutual else "TLS"
+        if not self.mutual:
+            return "TLS"
+        who = ", ".join(self.allowed_clients) if self.allowed_clients else "any the CA signed"
+        return f"mutual TLS (client certificates required: {who})"
 
 
 @dataclass(frozen=True)

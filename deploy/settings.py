@@ -18,6 +18,8 @@ from pathlib import Path
 from cacheshard.settings import ShardSettings
 from common.grpc_server import ServerOptions
 from common.settings import Settings, at_least, item, setting
+from common.tls import TlsClientOptions
+from deploy.pki import StackPki
 from embedding.settings import FrontendSettings
 from lb.render import LbSettings
 from mlbase.settings import MLBaseSettings
@@ -89,6 +91,11 @@ class StackSettings(Settings):
                               env=_as(FrontendSettings, "l1_entries"))
     # Seconds `up` waits for every process to be SERVING (model loading).
     wait_seconds: float = setting(300.0, "how long `up` waits for everything to be healthy")
+    internal_tls: bool = setting(
+        True, "mutual TLS on every internal hop (frontend -> shard, frontend -> HAProxy -> replicas, HAProxy's "
+        "checks) with a stack-local CA made under <run dir>/tls; each server answers only the roles it serves. "
+        "--no-internal-tls runs them in plaintext, for development only (anyone on the host can then store into "
+        "the cache or call a replica)")
     shard_sync: bool = setting(False, "cache shard fsyncs before acknowledging writes (the shard's own variable)",
                                env=_as(ShardSettings, "sync"))
 
@@ -165,6 +172,16 @@ class StackSettings(Settings):
     supervisor_pidfile = _in_run_dir("supervisord.pid")
     pid_dir = _in_run_dir("pids")
     shard_path = _in_run_dir("cache")
+    tls_dir = _in_run_dir("tls")
+
+    @property
+    def pki(self) -> StackPki | None:
+        """The stack's certificates (made by `up`), or None with --no-internal-tls."""
+        return StackPki(self.tls_dir) if self.internal_tls else None
+
+    def client_tls(self, role: str = "operator") -> TlsClientOptions | None:
+        """How a tool holding `role`'s certificate reaches an internal port (None: plaintext)."""
+        return None if self.pki is None else self.pki.client(role)
 
     # --- persistence ---
 

@@ -10,6 +10,7 @@ PID, that nothing it started is left. PID files live in `<run dir>/pids`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -54,10 +55,13 @@ def haproxy_binary(out: Printer) -> str:
 
 
 def lb_settings(settings: StackSettings) -> lb_render.LbSettings:
+    pki = settings.pki
+    # With internal TLS the checks speak TLS to the replicas and present HAProxy's own certificate.
+    check = {"check_ssl": True, "check_ca_file": str(pki.ca), "check_crt": str(pki.pem("haproxy"))} if pki else {}
     return lb_render.LbSettings(
         replicas=tuple(settings.replica_addresses()), server_names=tuple(settings.replica_names()),
         socket=str(settings.haproxy_socket), host=settings.host, port=settings.lb_port,
-        stats_host=settings.host, stats_port=settings.stats_port,
+        stats_host=settings.host, stats_port=settings.stats_port, **check,
     )
 
 
@@ -108,7 +112,7 @@ def wait_serving(sup: Supervisor, progs: list[Program], settings: StackSettings,
             check_alive(sup, prog)
             # RUNNING: supervisord counts it as started (up for startsecs).
             if sup.info(prog.full_name)["statename"] == "RUNNING" and \
-                    probe.grpc_health(settings.address(prog.port), timeout=0.5) == "SERVING":
+                    probe.grpc_health(settings.address(prog.port), timeout=0.5, tls=prog.tls) == "SERVING":
                 out(f"  {prog.name:12} SERVING on {settings.address(prog.port)}")
                 pending.remove(prog)
         time.sleep(0.2)
@@ -172,6 +176,13 @@ def up(settings: StackSettings, out: Printer = print) -> int:
                          "(another stack? `sutra down`, or choose ports with flags)")
     for path in (settings.run_dir, settings.log_dir, settings.pid_dir):
         path.mkdir(parents=True, exist_ok=True)
+    if settings.pki is not None:
+        made = settings.pki.ensure([settings.host])
+        out(f"internal hops use mutual TLS; certificates in {settings.tls_dir}"
+            + (f" (issued now: {', '.join(made)})" if made else ""))
+    else:
+        out("WARNING: --no-internal-tls: the cache shard and the replicas accept any caller in plaintext; "
+            "for development only")
     progs = programs(settings, haproxy=haproxy)
     write_haproxy_config(settings, haproxy)
     settings.supervisor_config.write_text(render_config(settings, progs, CHILD_ENV))
@@ -230,7 +241,9 @@ def down(settings: StackSettings, out: Printer = print, timeout: float | None = 
     if not targets and not live:
         out(f"nothing running for {settings.run_dir}")
     # supervisord stops one priority at a time, each up to its stop wait (drain + grace + flush + margin).
-    wait_for = timeout if timeout is not None else shutdown_seconds(programs(settings)) + 5
+    # Stop waits do not depend on TLS, and the certificates may be gone: plan without them.
+    plain = dataclasses.replace(settings, internal_tls=False)
+    wait_for = timeout if timeout is not None else shutdown_seconds(programs(plain)) + 5
     deadline = time.monotonic() + wait_for
     while time.monotonic() < deadline and any(same_process(r) for r in targets.values()):
         time.sleep(0.1)
@@ -269,7 +282,7 @@ def status(settings: StackSettings, out: Printer = print) -> int:
         if info["statename"] not in ("RUNNING", "STARTING"):
             health = "-"
         elif prog.kind == "grpc":
-            health = probe.grpc_health(address)
+            health = probe.grpc_health(address, tls=prog.tls)
         else:
             health = "RUNNING" if settings.haproxy_socket.exists() else "NO SOCKET"
         ok = info["statename"] == "RUNNING" and health in ("SERVING", "RUNNING")

@@ -22,6 +22,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from cacheshard import settings as shard_recipe
 from common.settings import evolve
+from common.tls import TlsClientOptions
 from deploy.settings import ROOT, StackSettings
 from embedding import settings as frontend_recipe
 from lb.render import HAPROXY_BIN, haproxy_command
@@ -50,6 +51,8 @@ class Program:
     kind: str  # "grpc" (health-checked over gRPC) or "haproxy"
     port: int
     group: str | None = None
+    # How the stack's own tools reach this port (health probes): None = plaintext.
+    tls: TlsClientOptions | None = None
 
     @property
     def full_name(self) -> str:
@@ -81,21 +84,27 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
     """Every process of the stack, in start order. Each gRPC program gets its SIGTERM timings as
     flags from `settings`, and a stop wait derived from the same numbers."""
     drain, grace = settings.drain_seconds, settings.grace_seconds
+    pki, probe_tls = settings.pki, settings.client_tls("operator")
+    # With internal TLS each server requires its callers' certificates, and the frontend presents its own.
+    served = (lambda role: {"server.tls": pki.server(role)}) if pki else (lambda role: {})
+    calling = {"shard_tls": pki.client("embedding"), "mlbase_tls": pki.client("embedding")} if pki else {}
     shard = _launch(shard_recipe, {
         "server.host": settings.host, "server.port": settings.shard_port, "path": settings.shard_path,
         "server.drain_seconds": SHARD_DRAIN_SECONDS, "server.grace_seconds": grace, "sync": settings.shard_sync,
+        **served("cacheshard"),
     }, python)
-    found = [Program("cacheshard", shard, 10, stop_wait(SHARD_DRAIN_SECONDS, grace), "grpc", settings.shard_port)]
+    found = [Program("cacheshard", shard, 10, stop_wait(SHARD_DRAIN_SECONDS, grace), "grpc", settings.shard_port,
+                     tls=probe_tls)]
     # Replica stop: drain (NOT_SERVING while HAProxy notices), then in-flight work finishes.
     for i, name in enumerate(settings.replica_names(), start=1):
         replica = _launch(replica_recipe, {
             "server.host": settings.host, "server.port": settings.replica_port(i), "threads": settings.torch_threads,
             "server.drain_seconds": drain, "server.grace_seconds": grace,
             "server.max_connection_age_ms": settings.max_connection_age_ms,
-            "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms,
+            "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms, **served("mlbase"),
         }, python)
         found.append(Program(name, replica, 20, stop_wait(drain, grace), "grpc", settings.replica_port(i),
-                             group=MLBASE_GROUP))
+                             group=MLBASE_GROUP, tls=probe_tls))
     found.append(Program("haproxy", haproxy_command(settings.haproxy_config, haproxy), 30, HAPROXY_STOP_WAIT,
                          "haproxy", settings.lb_port))
     # Frontend stop: drain, in-flight RPCs (open EmbedStreams too) finish, then queued L2
@@ -105,7 +114,7 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
         "server.host": settings.host, "server.port": settings.frontend_port, "mlbase_address": settings.lb_address,
         "cache_shards": (settings.shard_address,), "admin_port": settings.admin_port,
         "mlbase_connections": settings.frontend_connections, "l1_entries": settings.l1_entries,
-        "server.drain_seconds": drain, "server.grace_seconds": grace, "writeback_flush_s": flush,
+        "server.drain_seconds": drain, "server.grace_seconds": grace, "writeback_flush_s": flush, **calling,
     }, python)
     found.append(Program("embedding", frontend, 40, stop_wait(drain, grace, flush), "grpc", settings.frontend_port))
     return found

@@ -147,7 +147,8 @@ class Validator:
         return totals
 
     def shard_stores(self) -> int:
-        with open_channel(self.settings.shard_address, None, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+        with open_channel(self.settings.shard_address, self.settings.client_tls("operator"),
+                          max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
                           aio=False) as channel:
             stats = cache_grpc.CacheShardServiceStub(channel).GetStats(cache_pb.GetStatsRequest(), timeout=5)
         return stats.stores
@@ -155,7 +156,8 @@ class Validator:
     def restart(self, name: str, port: int) -> None:
         self.supervisor.restart(name)
         deadline = time.monotonic() + self.settings.wait_seconds
-        while probe.grpc_health(self.settings.address(port)) != "SERVING":
+        tls = None if port == self.settings.frontend_port else self.settings.client_tls("operator")
+        while probe.grpc_health(self.settings.address(port), tls=tls) != "SERVING":
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} not SERVING after restart")
             time.sleep(0.1)

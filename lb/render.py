@@ -56,10 +56,22 @@ class LbSettings(Settings):
     rise: int = setting(2, "passed checks in a row that mark a replica UP", check=at_least(1))
     check_timeout_ms: int = 1000
     connect_timeout_ms: int = 1000
-    # Longer than gRPC's 30-minute client idle timeout.
-    idle_timeout: str = "1h"
+    # The frontend pings every connection every 10 s (embedding/mlbase_pool.py), so a real channel is
+    # never idle this long; a socket that is, is closed, and gives its slot back.
+    idle_timeout_s: int = setting(60, "seconds a connection may stay silent before HAProxy closes it (the "
+                                      "frontend's keepalive pings every 10 s keep its own channels open)",
+                                  check=at_least(15))
+    # gRPC clients speak first (HTTP/2 preface, or a TLS ClientHello): a connection that has sent
+    # nothing by then is not one of ours, and is closed instead of holding a slot.
+    hello_timeout_ms: int = setting(3000, "milliseconds a new connection has to send its first bytes before it "
+                                          "is closed (so idle sockets cannot hold connection slots)",
+                                    check=at_least(100))
     retries: int = 3
-    maxconn: int = 4096
+    maxconn: int = setting(8000, "connections HAProxy holds at once, in all (it needs two file descriptors each)",
+                           check=at_least(16))
+    # Sized to a replica: more connections than this wait in HAProxy's queue (timeout queue 5 s).
+    server_maxconn: int = setting(256, "connections one replica is given at once; more wait in the queue",
+                                  check=at_least(1))
     nbthread: int = 1
     log_level: str = "notice"
     server_names: tuple[str, ...] = field(default=())
@@ -139,7 +151,9 @@ def render(settings: LbSettings) -> str:
         "nbthread": settings.nbthread,
         "socket": settings.socket,
         "connect_timeout_ms": f"{settings.connect_timeout_ms}ms",
-        "idle_timeout": settings.idle_timeout,
+        "idle_timeout": f"{settings.idle_timeout_s}s",
+        "hello_timeout": f"{settings.hello_timeout_ms}ms",
+        "server_maxconn": settings.server_maxconn,
         "check_timeout_ms": f"{settings.check_timeout_ms}ms",
         "retries": settings.retries,
         "bind": f"{settings.host}:{settings.port}",

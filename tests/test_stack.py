@@ -7,24 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
 from deploy import probe
-from deploy.settings import ROOT, StackSettings
+from deploy.settings import StackSettings
 from deploy.supervisor import Supervisor
-from harness.procs import free_port
+from harness.deployed import deployed, sutra
 from lb import runtime
-
-
-def sutra(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "deploy", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def stack_pids(settings: StackSettings) -> dict[str, int]:
@@ -36,31 +28,17 @@ def stack_pids(settings: StackSettings) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("stack") / "run"
-    ports = [free_port() for _ in range(7)]
-    args = ["--run-dir", str(run_dir), "--replicas", "2", "--frontend-port", str(ports[0]),
-            "--shard-port", str(ports[1]), "--lb-port", str(ports[2]), "--stats-port", str(ports[3]),
-            "--admin-port", str(ports[4])]
-    # Replica ports are consecutive from the base: find two free in a row.
-    base = free_port()
-    while not probe.port_free("127.0.0.1", base + 1):
-        base = free_port()
-    args += ["--replica-base-port", str(base)]
-    up = sutra("up", *args)
-    settings = StackSettings.load(run_dir)
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield settings, up.stdout
-    finally:
-        if settings is not None and Supervisor(settings.supervisor_socket).reachable():
-            sutra("down", "--run-dir", str(run_dir))
+    with deployed(tmp_path_factory.mktemp("stack") / "run", 2) as found:
+        yield found
 
 
 def test_up_starts_everything_healthy(stack):
     settings, out = stack
     assert "stack is up" in out and "grpcurl -plaintext" in out
-    for address in (settings.frontend_address, settings.shard_address, *settings.replica_addresses()):
-        assert probe.grpc_health(address) == "SERVING", address
+    assert probe.grpc_health(settings.frontend_address) == "SERVING"
+    # The internal ports speak mutual TLS: the operator's certificate gets an answer.
+    for address in (settings.shard_address, *settings.replica_addresses()):
+        assert probe.grpc_health(address, tls=settings.client_tls()) == "SERVING", address
     views = runtime.servers(settings.haproxy_socket)
     assert [v.name for v in views] == ["mlbase1", "mlbase2"] and all(v.up for v in views)
     # PID files name live processes.
@@ -99,12 +77,12 @@ def test_supervisor_restarts_a_crashed_process(stack):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         info = sup.info("cacheshard")
-        if info["pid"] not in (0, old) and probe.grpc_health(settings.shard_address) == "SERVING":
+        if info["pid"] not in (0, old) and probe.grpc_health(settings.shard_address, tls=settings.client_tls()) == "SERVING":
             break
         time.sleep(0.1)
     info = sup.info("cacheshard")
     assert info["pid"] not in (0, old) and info["statename"] in ("STARTING", "RUNNING")
-    assert probe.grpc_health(settings.shard_address) == "SERVING"
+    assert probe.grpc_health(settings.shard_address, tls=settings.client_tls()) == "SERVING"
 
 
 def test_up_again_is_a_no_op_while_running(stack):
