@@ -22,6 +22,7 @@ import psutil
 from bench import frontend_bench
 from common import codec
 from common.cache_key import cache_key
+from common.tls import DEFAULT_MAX_MESSAGE_BYTES, open_channel
 from deploy import stack
 from deploy.settings import StackSettings
 from deploy.supervisor import Supervisor
@@ -74,16 +75,24 @@ def start_stack(run_dir: Path, replicas: int, backend: str, precision: str,
     return settings, took
 
 
+def internal_channel(settings: StackSettings, address: str, role: str) -> grpc.Channel:
+    """A blocking channel to an internal port, holding `role`'s certificate when the stack has internal TLS."""
+    return open_channel(address, settings.client_tls(role), max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, aio=False)
+
+
 def replica_info(settings: StackSettings) -> mpb.GetInfoResponse:
-    with grpc.insecure_channel(settings.lb_address) as ch:
+    # The replicas answer only the frontend's certificate (with internal TLS on).
+    with internal_channel(settings, settings.lb_address, "embedding") as ch:
         return mpb_grpc.MLBaseServiceStub(ch).GetInfo(mpb.GetInfoRequest(), timeout=30)
 
 
 def extra_frontend(settings: StackSettings, workdir: Path, name: str, l1_entries: int) -> Proc:
-    """Another frontend on the stack's balancer and shard, differing only in its L1 size."""
+    """Another frontend on the stack's balancer and shard, differing only in its L1 size (it holds
+    the stack frontend's certificate, as a second frontend of the stack would)."""
+    tls = settings.client_tls("embedding")
     return frontend_bench.start_frontend(workdir, settings.lb_address, settings.shard_address, name,
-                                         "--l1-entries", str(l1_entries),
-                                         "--mlbase-connections", str(settings.frontend_connections))
+                                         l1_entries=l1_entries, mlbase_connections=settings.frontend_connections,
+                                         mlbase_tls=tls, shard_tls=tls)
 
 
 def cache_stats(address: str) -> pb.GetCacheStatsResponse:
@@ -92,7 +101,7 @@ def cache_stats(address: str) -> pb.GetCacheStatsResponse:
 
 
 def shard_stats(settings: StackSettings) -> cpb.GetStatsResponse:
-    with grpc.insecure_channel(settings.shard_address) as ch:
+    with internal_channel(settings, settings.shard_address, "operator") as ch:
         return cpb_grpc.CacheShardServiceStub(ch).GetStats(cpb.GetStatsRequest(), timeout=30)
 
 
@@ -135,10 +144,14 @@ def rss_snapshot(settings: StackSettings, extra: dict[str, int]) -> dict[str, fl
 
 
 def disk_phase(settings: StackSettings, fingerprint: str, native_width: int) -> dict:
-    """Checkpoint the shard (memtables flushed into SSTs) and divide SST bytes by entries."""
-    dest = settings.run_dir / "checkpoint"
-    with grpc.insecure_channel(settings.shard_address) as ch:
-        cpb_grpc.CacheShardServiceStub(ch).Checkpoint(cpb.CheckpointRequest(path=str(dest)), timeout=120)
+    """Checkpoint the shard (memtables flushed into SSTs) and divide SST bytes by entries.
+
+    The checkpoint goes into the shard's own backup directory (on this machine: the stack is
+    local) under a name of this run; the shard prunes old ones to its --keep."""
+    name = f"bench-disk-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    with internal_channel(settings, settings.shard_address, "operator") as ch:
+        reply = cpb_grpc.CacheShardServiceStub(ch).Checkpoint(cpb.CheckpointRequest(name=name), timeout=120)
+    dest = Path(reply.directory)
     stats = shard_stats(settings)
     sst = sum(f.stat().st_size for f in dest.glob("*.sst"))
     total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())

@@ -29,9 +29,10 @@ then measures, in this order, on the shared corpora:
           after the mixed runs, since a shared machine's load drifts within
           a run.
   memory  RSS of every process (PIDs from supervisord and our own frontends).
-  disk    a shard Checkpoint (RocksDB flushes its memtables into SST files
-          for it; the shard's FIFO compaction never rewrites files, so these
-          SSTs are the on-disk form): SST bytes / entries.
+  disk    a shard Checkpoint, named for the run, into the shard's backup
+          directory (RocksDB flushes its memtables into SST files for it; the
+          shard's FIFO compaction never rewrites files, so these SSTs are the
+          on-disk form): SST bytes / entries.
 
 Everything shares this machine's cores with the client (this process), so
 throughput is what a client on the same host sees.

@@ -1,7 +1,8 @@
 """Entry point.
 
     python -m cacheshard [--port 50052] [--path DIR] [--sync] ...   serve
-    python -m cacheshard checkpoint --address HOST:PORT --to DIR     back up a running shard
+    python -m cacheshard checkpoint --address HOST:PORT --name NAME  back up a running shard
+    python -m cacheshard checkpoints --address HOST:PORT             list its checkpoints
 
 The database is opened before the port is bound, so a directory that is
 locked, unwritable or in a foreign format ends the process at once with a
@@ -47,9 +48,10 @@ async def _serve(settings) -> int:
         return EXIT_STARTUP
     shard = Shard(store, settings)
     log.info("opened %s: ~%d entries; budget %d entries = %d bytes (SST limit %d + 2 memtables of %d); "
-             "memory tier %d entries; %s mode", settings.path, store.entries_at_open, settings.max_entries,
-             settings.budget_bytes, settings.sst_limit_bytes, settings.memtable_bytes, settings.memory_entries,
-             "sync (fsync before ack)" if settings.sync else "WAL")
+             "memory tier %d entries / %d bytes; %s mode; checkpoints in %s", settings.path, store.entries_at_open,
+             settings.max_entries, settings.budget_bytes, settings.sst_limit_bytes, settings.memtable_bytes,
+             settings.memory_entries, settings.memory_bytes, "sync (fsync before ack)" if settings.sync else "WAL",
+             settings.backups)
     try:
         server = ServiceServer(settings.server, [SERVICE_NAME])
     except Exception as exc:
@@ -62,18 +64,15 @@ async def _serve(settings) -> int:
     return 0
 
 
-def checkpoint(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m cacheshard checkpoint",
-        description="Ask a running shard to write a consistent RocksDB checkpoint of its database into a new "
-                    "directory on the shard's machine. Restore by starting a shard with --path on that "
-                    "directory (or a copy of it).")
+def _call(prog: str, description: str, argv: list[str], rpc: str, request, add=lambda parser: None):
+    """A client subcommand: parse its flags (address, timeout, TLS, and what `add` adds), send one
+    `rpc` with `request(messages module, args)`; the reply, or None after printing the status."""
+    parser = argparse.ArgumentParser(prog=f"python -m cacheshard {prog}", description=description)
     parser.add_argument("--address", default=os.environ.get("SUTRA_CACHE_SHARD_ADDRESS", f"127.0.0.1:{DEFAULT_PORT}"),
                         help="the shard's HOST:PORT (env SUTRA_CACHE_SHARD_ADDRESS; default %(default)s)")
-    parser.add_argument("--to", required=True, help="directory to create; must not exist yet. A relative path is "
-                        "made absolute against this command's working directory")
+    add(parser)
     parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds to wait for the checkpoint (default %(default)s)")
+                        help="seconds to wait for the answer (default %(default)s)")
     from common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
     from common.tls import add_client_tls_flags, client_tls_from, open_channel
 
@@ -88,19 +87,50 @@ def checkpoint(argv: list[str]) -> int:
     with open_channel(args.address, client_tls_from(args, ""), max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
                       aio=False) as channel:
         try:
-            reply = pb_grpc.CacheShardServiceStub(channel).Checkpoint(
-                pb.CheckpointRequest(path=os.path.abspath(args.to)), timeout=args.timeout)
+            return getattr(pb_grpc.CacheShardServiceStub(channel), rpc)(request(pb, args), timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"cacheshard checkpoint: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    print(reply.path)
+            print(f"cacheshard {prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return None
+
+
+def checkpoint(argv: list[str]) -> int:
+    reply = _call(
+        "checkpoint",
+        "Ask a running shard to write a consistent RocksDB checkpoint of its database into its backup "
+        "directory (the shard's --backup-dir, on the shard's machine) under NAME, and to delete its oldest "
+        "checkpoints beyond its --keep. Prints the directory written. Restore by starting a shard with "
+        "--path on that directory (or a copy of it).", argv,
+        "Checkpoint", lambda pb, args: pb.CheckpointRequest(name=args.name),
+        lambda p: p.add_argument("--name", required=True, help="the checkpoint's name: 1 to 128 characters from "
+                                 "A-Z a-z 0-9 . _ - not starting with a dot (for example a date); must not "
+                                 "exist yet. It is a name, not a path: the shard decides the directory"))
+    if reply is None:
+        return 1
+    print(reply.directory)
+    for name in reply.pruned:
+        print(f"deleted older checkpoint {name}", file=sys.stderr)
+    return 0
+
+
+def checkpoints(argv: list[str]) -> int:
+    reply = _call(
+        "checkpoints",
+        "List the checkpoints in a running shard's backup directory, oldest first: name, creation time "
+        "(UTC) and size (file sizes added up; SST files shared with the live database count in full).", argv,
+        "ListCheckpoints", lambda pb, args: pb.ListCheckpointsRequest())
+    if reply is None:
+        return 1
+    print(f"# {reply.directory}")
+    for c in reply.checkpoints:
+        print(f"{c.name}\t{c.create_time.ToDatetime().isoformat(timespec='seconds')}Z\t{c.bytes}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "checkpoint":
-        return checkpoint(argv[1:])
+    commands = {"checkpoint": checkpoint, "checkpoints": checkpoints}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     return serve(argv)
 
 

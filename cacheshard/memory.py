@@ -10,8 +10,11 @@ hold (for example after a restart, when the tier starts empty).
 
 Rules: only values that passed the codec check enter (Store validates them;
 reads from RocksDB are screened first), so a hit here is always a valid
-value. Eviction is insertion order (oldest first), like the FIFO-compacted
-store behind it; a hit does not move an entry. Values are deterministic per
+value. Two bounds hold after every `put_many`: entries and value bytes. The
+byte bound is what keeps wide values (a caller may store up to --max-width)
+from growing the process; the entry bound covers the per-entry overhead
+that value bytes do not count. Eviction is insertion order (oldest first),
+like the FIFO-compacted store behind it; a hit does not move an entry. Values are deterministic per
 key (the key hashes model fingerprint and text), so a value that outlives
 its RocksDB copy here is still the right answer. Used only from the event
 loop thread.
@@ -24,9 +27,15 @@ from collections.abc import Iterable, Sequence
 
 
 class MemoryTier:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # value bytes held
         self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0 and self.max_bytes > 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -47,12 +56,33 @@ class MemoryTier:
             return None
 
     def put_many(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
-        if self.capacity <= 0:
+        if not self.enabled:
             return
         entries = self._entries
-        entries.update(zip(keys, values))
-        excess = len(entries) - self.capacity
-        if excess > 0:
-            pop = entries.popitem
-            for _ in range(excess):
-                pop(last=False)
+        before = len(entries)
+        if not any(map(entries.__contains__, keys)):
+            # All new (the common case): the dict update and the byte sum run in C.
+            entries.update(zip(keys, values))
+            if len(entries) - before == len(keys):
+                self.bytes += sum(map(len, values))
+            else:  # a key repeated within the batch: count the value kept
+                self.bytes += sum(map(len, map(entries.__getitem__, set(keys))))
+        else:
+            pop = entries.pop
+            for key, value in zip(keys, values):
+                old = pop(key, None)  # a rewritten key becomes the newest, as in RocksDB's files
+                if old is not None:
+                    self.bytes -= len(old)
+                entries[key] = value
+                self.bytes += len(value)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest entries until both bounds hold."""
+        entries = self._entries
+        pop = entries.popitem
+        count, size, max_entries, max_bytes = len(entries), self.bytes, self.max_entries, self.max_bytes
+        while count > max_entries or size > max_bytes:  # locals: this runs once per entry put when full
+            size -= len(pop(last=False)[1])
+            count -= 1
+        self.bytes = size

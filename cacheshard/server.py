@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from cacheshard.shard import Shard
 from common.errors import Unavailable, grpc_errors
@@ -115,11 +116,21 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
             stores=s.stores, evictions=s.evictions, errors=s.errors, uptime_seconds=s.uptime_seconds,
             max_entries=s.max_entries, sync=s.sync, corrupt=s.corrupt,
             memory_entries=s.memory_entries, memory_hits=s.memory_hits, memory_capacity=s.memory_capacity,
+            memory_bytes=s.memory_bytes, memory_capacity_bytes=s.memory_capacity_bytes,
         )
 
     @grpc_errors
     async def Checkpoint(self, request, context):
-        return pb.CheckpointResponse(path=await self.shard.checkpoint(request.path))
+        directory, pruned = await self.shard.checkpoint(request.name)
+        return pb.CheckpointResponse(name=request.name, directory=str(directory), pruned=pruned)
+
+    @grpc_errors
+    async def ListCheckpoints(self, request, context):
+        found = await self.shard.checkpoints()
+        return pb.ListCheckpointsResponse(directory=str(self.shard.settings.backups), checkpoints=[
+            pb.CheckpointInfo(name=c.name, create_time=Timestamp(seconds=c.created_ns // 10**9,
+                                                                  nanos=c.created_ns % 10**9), bytes=c.bytes)
+            for c in found])
 
 
 def add_to_server(shard: Shard, server: grpc.aio.Server) -> CacheShardServicer:

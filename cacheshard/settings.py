@@ -9,12 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cache_key import KEY_BYTES
 from common.grpc_server import ServerOptions, server_settings
 from common.settings import ServiceCli, Settings, at_least, not_negative, setting
 
 DEFAULT_PORT = 50052
 MODULE = "cacheshard"
 DEFAULT_MAX_ENTRIES = 100_000
+# One Store's key and value bytes together: the same as the transport's
+# default --max-message-bytes (common.grpc_server), which refuses a larger
+# message before it is parsed; this bound still holds where an operator
+# raises that one (say, for Lookup answers of wide values). About 5300
+# entries of the default model (790 bytes each), so --max-batch (4096) fit.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
+# Appended to the database directory's name for the default --backup-dir.
+BACKUP_SUFFIX = "-backups"
 # One entry on disk with the default model: 16-byte key + RocksDB's 8-byte
 # internal suffix + a 774-byte float16 value (6-byte header + 384 * 2), plus
 # block and index overhead; measured at about 817 bytes per entry in SSTs.
@@ -57,27 +67,61 @@ class ShardSettings(Settings):
     entry_bytes: int = setting(
         DEFAULT_ENTRY_BYTES, "bytes one entry takes on disk, used to turn --max-entries into a byte limit; the "
         "default fits 384-wide float16 vectors. Entries smaller than this let more entries fit", check=at_least(1))
-    max_batch: int = setting(4096, "most keys in one Lookup batch or entries in one Store; more is INVALID_ARGUMENT",
-                             check=at_least(1))
+    # Keys have exactly KEY_BYTES bytes, so --max-batch also bounds a Lookup request's bytes.
+    max_batch: int = setting(4096, f"most keys in one Lookup batch or entries in one Store; more is "
+                             f"INVALID_ARGUMENT. Keys are {KEY_BYTES} bytes each, so this also bounds a "
+                             "Lookup batch's size", check=at_least(1))
+    max_request_bytes: int = setting(
+        DEFAULT_MAX_REQUEST_BYTES, "most key plus value bytes in one Store; more is INVALID_ARGUMENT. The "
+        "transport's --max-message-bytes bounds a message before it is parsed", check=at_least(1))
+    max_width: int = setting(4096, "widest vector a stored value may hold (its codec header's width); a wider "
+                                   "one is INVALID_ARGUMENT, and one read from disk is answered as a miss "
+                                   "(counted as corrupt)", check=at_least(1))
     memory_entries: int = setting(
         DEFAULT_MAX_ENTRIES, "capacity of the in-memory tier in entries (about 0.9 KB each with the default model), "
         "0 = off. Stored values and values read from RocksDB are kept here, oldest dropped first; a lookup reads "
         "RocksDB only for keys this tier does not hold", check=not_negative)
+    memory_bytes: int = setting(
+        DEFAULT_MEMORY_BYTES, "capacity of the in-memory tier in value bytes, 0 = off; the oldest entries are "
+        "dropped until both this and --memory-entries hold, so wide values cannot grow the process (Python's "
+        "own overhead, about 200 bytes an entry with its key, is bounded by --memory-entries)", check=not_negative)
     block_cache_mb: int = setting(64, "RocksDB block cache in MiB", check=not_negative)
     row_cache_mb: int = setting(0, "RocksDB row cache in MiB, 0 = off; caches whole values so a repeated RocksDB "
                                    "read skips the block search. Mostly useful with --memory-entries 0",
                                 check=not_negative)
     io_threads: int = setting(2, "threads that run RocksDB calls off the event loop", check=at_least(1))
+    # None = derived from `path` (see `backups`), so a copy with another path derives its own.
+    backup_dir: Path | None = setting(
+        None, "directory that Checkpoint writes into: a checkpoint named NAME goes to DIR/NAME. Callers name "
+        "checkpoints, never paths, so they cannot write elsewhere. Must be outside --path",
+        parse=Path, metavar="DIR", shown=f"<--path>{BACKUP_SUFFIX}, beside the database directory")
+    keep: int = setting(3, "checkpoints kept in --backup-dir: after each checkpoint the oldest beyond this many "
+                           "are deleted (releasing the SST files they hard-link), 0 = keep all",
+                        check=not_negative)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path).expanduser().absolute())
+        if self.backup_dir is not None:
+            object.__setattr__(self, "backup_dir", Path(self.backup_dir).expanduser().absolute())
         super().__post_init__()
 
     def problems(self) -> list[str]:
+        problems = []
         if self.max_entries >= 1 and self.entry_bytes >= 1 and self.sst_limit_bytes < MIN_MEMTABLE_BYTES:
-            return [f"--max-entries x --entry-bytes must be at least "
-                    f"{(MAX_MEMTABLES + 1) * MIN_MEMTABLE_BYTES // 1024} KiB"]
-        return []
+            problems.append(f"--max-entries x --entry-bytes must be at least "
+                            f"{(MAX_MEMTABLES + 1) * MIN_MEMTABLE_BYTES // 1024} KiB")
+        backups = self.backups
+        if backups == self.path or self.path in backups.parents or backups in self.path.parents:
+            problems.append("--backup-dir must be outside --path (and not contain it)")
+        return problems
+
+    @property
+    def backups(self) -> Path:
+        """Where checkpoints go: --backup-dir, or by default `<path>-backups` beside the database
+        directory (one per database, so two shards never prune each other's checkpoints)."""
+        if self.backup_dir is not None:
+            return self.backup_dir
+        return self.path.with_name(self.path.name + BACKUP_SUFFIX)
 
     @property
     def budget_bytes(self) -> int:
@@ -98,8 +142,9 @@ CLI = ServiceCli(
     ShardSettings, MODULE,
     description="The L2 cache shard: sutra.cache.v1.CacheShardService over RocksDB (rocksdict) with "
                 "the write-ahead log on and a bounded size.",
-    epilog="Backup: `python -m cacheshard checkpoint --address HOST:PORT --to DIR` asks a running shard "
-           "for a consistent RocksDB checkpoint in DIR (on the shard's machine); start a shard with "
-           "--path DIR to restore it. Run `python -m cacheshard checkpoint --help` for its flags.")
+    epilog="Backup: `python -m cacheshard checkpoint --address HOST:PORT --name NAME` asks a running shard "
+           "for a consistent RocksDB checkpoint in --backup-dir/NAME (on the shard's machine), and `python -m "
+           "cacheshard checkpoints --address HOST:PORT` lists them; start a shard with --path on a checkpoint "
+           "(or a copy of it) to restore it. Run `python -m cacheshard checkpoint --help` for the flags.")
 # The service's public API: deploy, the harness and tests call these by name.
 build_parser, load_settings, command = CLI.build_parser, CLI.load_settings, CLI.command

@@ -7,12 +7,21 @@ what it lacks. rocksdict holds the GIL while RocksDB runs a multi-get
 (measured: two threads doing multi-gets get no speed-up over one), so the
 worker pool adds no read parallelism; it keeps disk waits off the event loop
 for writes (fsync in --sync mode) and for reads that go to RocksDB.
+
+Callers are not trusted: a Store is refused (INVALID_ARGUMENT, nothing
+written) unless every key has a cache key's length, every value is one the
+codec reads with a width within --max-width, and the whole request is within
+--max-batch entries and --max-request-bytes bytes. Lookup refuses a batch
+over --max-batch, or with a key of the wrong length (no such key can be
+stored, and the frontend only sends cache keys). Checkpoints are named,
+never given as paths: they go into the shard's own backup directory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,21 +30,34 @@ from pathlib import Path
 
 from cacheshard.memory import MemoryTier
 from cacheshard.settings import ShardSettings
-from cacheshard.store import ShardStore, StoreError
+from cacheshard.store import CheckpointInfo, ShardStore, StoreError, list_checkpoints
 from cacheshard.values import ValueChecker
-from common.errors import InvalidInput, Unavailable
+from common.cache_key import KEY_BYTES
+from common.errors import AlreadyExists, InvalidInput, Unavailable
+from common.hit_counts import HitCounts
 
 log = logging.getLogger(__name__)
 
+# A checkpoint name is one plain path component: no separators, so never a path of its own, and
+# no leading dot, so never `.`, `..`, or the name of a checkpoint still being written.
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+# One message for every bad name, whatever exists on disk: it reveals nothing about the machine.
+BAD_NAME = "`name` must be 1 to 128 characters from A-Z a-z 0-9 . _ - and must not start with a dot"
+
+
+def check_keys(keys: Sequence[bytes], field: str) -> None:
+    """Every key must have a cache key's length; `field` names key i when formatted with i."""
+    if set(map(len, keys)) - {KEY_BYTES}:
+        i = next(i for i, key in enumerate(keys) if len(key) != KEY_BYTES)
+        raise InvalidInput(f"`{field.format(i)}` has {len(keys[i])} bytes; a cache key has {KEY_BYTES}")
+
 
 @dataclass
-class Counters:
-    """Since process start; only touched from the event loop thread."""
+class Counters(HitCounts):
+    """Hits, misses and errors as every cache level counts them, and what only the shard knows.
+    `corrupt` values are counted in `errors` too; `memory_hits` in `hits` too."""
 
-    hits: int = 0
-    misses: int = 0
     stores: int = 0
-    errors: int = 0
     corrupt: int = 0
     memory_hits: int = 0
 
@@ -56,6 +78,8 @@ class ShardStats:
     memory_entries: int
     memory_hits: int
     memory_capacity: int
+    memory_bytes: int
+    memory_capacity_bytes: int
 
 
 class Shard:
@@ -63,9 +87,10 @@ class Shard:
         self.store = store
         self.settings = settings
         self.counters = Counters()
-        self._checker = ValueChecker()
-        self.memory = MemoryTier(settings.memory_entries)
+        self._checker = ValueChecker(settings.max_width)
+        self.memory = MemoryTier(settings.memory_entries, settings.memory_bytes)
         self._pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="rocksdb")
+        self._checkpointing = asyncio.Lock()  # one at a time: pruning must not race a checkpoint
         self._started = time.monotonic()
 
     async def _blocking(self, fn, *args):
@@ -97,14 +122,19 @@ class Shard:
         """found flags and values (b"" for a miss), in key order.
 
         Keys the memory tier holds are answered on the event loop (a dict
-        lookup, nothing blocks); the rest go to RocksDB in one multi-get."""
+        lookup, nothing blocks); the rest go to RocksDB in one multi-get.
+        Key lengths are checked only on the way to RocksDB: the tier holds
+        nothing but stored (so checked) keys, and the all-hit path stays free
+        of per-key work."""
         n = len(keys)
+        # Keys have a fixed length, so this count also bounds the batch's bytes.
         if n > self.settings.max_batch:
             raise InvalidInput(f"`keys` has {n} keys; the limit is {self.settings.max_batch}")
         c = self.counters
         if n == 0:
             return [], []
-        if self.memory.capacity == 0:
+        if not self.memory.enabled:
+            check_keys(keys, "keys[{}]")
             found, values = await self._read(list(keys))
             hits = found.count(True)
             c.hits += hits
@@ -115,6 +145,7 @@ class Shard:
             c.hits += n
             c.memory_hits += n
             return [True] * n, values
+        check_keys(keys, "keys[{}]")
         values = self.memory.get_many(keys)
         missing = [i for i, v in enumerate(values) if v is None]
         c.memory_hits += n - len(missing)
@@ -141,10 +172,14 @@ class Shard:
             raise InvalidInput("`entries` cannot be empty")
         if n > self.settings.max_batch:
             raise InvalidInput(f"`entries` has {n} entries; the limit is {self.settings.max_batch}")
-        for i, (key, value) in enumerate(zip(keys, values)):
-            if not key:
-                raise InvalidInput(f"`entries[{i}].key` cannot be empty")
-            problem = self._checker.error(value)
+        size = sum(map(len, keys)) + sum(map(len, values))
+        if size > self.settings.max_request_bytes:
+            raise InvalidInput(f"`entries` hold {size} bytes of keys and values; the limit is "
+                               f"{self.settings.max_request_bytes}")
+        check_keys(keys, "entries[{}].key")
+        error = self._checker.error
+        for i, value in enumerate(values):
+            problem = error(value)
             if problem is not None:
                 raise InvalidInput(f"`entries[{i}].value` is not a cache value: {problem}")
         try:
@@ -170,25 +205,34 @@ class Shard:
             uptime_seconds=time.monotonic() - self._started,
             max_entries=self.settings.max_entries, sync=self.settings.sync,
             memory_entries=len(self.memory), memory_hits=c.memory_hits,
-            memory_capacity=self.memory.capacity,
+            memory_capacity=self.memory.max_entries, memory_bytes=self.memory.bytes,
+            memory_capacity_bytes=self.memory.max_bytes,
         )
 
-    async def checkpoint(self, path: str) -> str:
-        if not path:
-            raise InvalidInput("`path` cannot be empty")
-        dest = Path(path)
-        if not dest.is_absolute():
-            raise InvalidInput(f"`path` must be absolute (it is a path on the shard's machine): {path!r}")
-        try:
-            done = await self._blocking(self.store.checkpoint, dest)
-        except (FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
-            raise InvalidInput(f"`path`: {exc}") from None
-        except Exception as exc:
-            log.error("checkpoint to %s failed: %s", dest, exc)
-            self.counters.errors += 1
-            raise Unavailable(f"checkpoint to {dest} failed: {exc}") from exc
-        log.info("checkpoint written to %s", done)
-        return str(done)
+    async def checkpoint(self, name: str) -> tuple[Path, list[str]]:
+        """Write checkpoint `name` into the backup directory, then prune to --keep.
+
+        Returns its directory and the names pruned. Errors never echo more
+        than the (validated) name: a caller learns nothing about the disk
+        beyond the shard's own backup directory."""
+        if not CHECKPOINT_NAME.fullmatch(name):
+            raise InvalidInput(BAD_NAME)
+        async with self._checkpointing:
+            try:
+                done, pruned = await self._blocking(self.store.backup, self.settings.backups, name,
+                                                    self.settings.keep)
+            except FileExistsError:
+                raise AlreadyExists(f"a checkpoint named {name!r} already exists") from None
+            except Exception as exc:
+                log.error("checkpoint %r into %s failed: %s", name, self.settings.backups, exc)
+                self.counters.errors += 1
+                raise Unavailable("the checkpoint could not be written; see the shard's log") from exc
+        log.info("checkpoint written to %s%s", done, f"; pruned {', '.join(pruned)}" if pruned else "")
+        return done, pruned
+
+    async def checkpoints(self) -> list[CheckpointInfo]:
+        """The checkpoints in the backup directory, oldest first."""
+        return await self._blocking(list_checkpoints, self.settings.backups)
 
     async def close(self) -> None:
         """Finish queued RocksDB work, flush memtables, close the database."""

@@ -17,14 +17,24 @@ into every checkpoint. A directory with a RocksDB database but no marker,
 or with another format number, is refused: it may be someone else's data,
 or a layout this build does not read (for example a level-compacted
 database, whose files FIFO would never evict).
+
+Backups: checkpoints go into one backup directory, each under its own name.
+A checkpoint hard-links the live SST files, so every kept checkpoint pins
+disk space that eviction would otherwise free; `backup` therefore deletes
+the oldest beyond the configured number after each one. Only directories
+that carry the marker count as checkpoints (anything else an operator keeps
+there is left alone), and one that a running shard has open (its RocksDB
+LOCK is held) is never deleted.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import rocksdict
@@ -37,6 +47,13 @@ MARKER = "SUTRA_CACHE_SHARD"
 FORMAT = 1
 _ROCKSDICT_CONFIG = "rocksdict-config.json"
 HASH_BUCKETS = 1 << 16
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    created_ns: int  # when its marker was written (the end of the checkpoint), ns since the epoch
+    bytes: int  # file sizes added up; SSTs still shared with the database (hard links) count in full
 
 
 class StartupError(Exception):
@@ -230,6 +247,13 @@ class ShardStore:
             raise
         return dest
 
+    def backup(self, backups: Path, name: str, keep: int) -> tuple[Path, list[str]]:
+        """Checkpoint into `backups`/`name` (`backups` made if missing), then delete the oldest
+        checkpoints beyond `keep` (0 = none); returns the new directory and the names deleted."""
+        backups.mkdir(parents=True, exist_ok=True)
+        done = self.checkpoint(backups / name)
+        return done, prune_checkpoints(backups, keep, newest=name)
+
     def close(self) -> bool:
         """Flush memtables to SST files and release the lock; False if the flush failed.
 
@@ -252,3 +276,72 @@ class ShardStore:
             log.error("closing the database after the failed flush: %s", exc)
         return flushed
 
+
+def _directory_bytes(directory: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def list_checkpoints(backups: Path) -> list[CheckpointInfo]:
+    """The checkpoints in `backups`, oldest first: directories holding the marker whose names do
+    not start with a dot (those are checkpoints still being written)."""
+    found = []
+    try:
+        entries = list(os.scandir(backups))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            created = os.stat(os.path.join(entry.path, MARKER)).st_mtime_ns
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        found.append(CheckpointInfo(entry.name, created, _directory_bytes(Path(entry.path))))
+    return sorted(found, key=lambda c: (c.created_ns, c.name))
+
+
+def _in_use(directory: Path) -> bool:
+    """True when another process holds the directory's RocksDB LOCK: someone started a shard on
+    this checkpoint in place. (RocksDB locks with fcntl; a probe that gets the lock drops it on close.)"""
+    try:
+        fd = os.open(directory / "LOCK", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: keep it
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def prune_checkpoints(backups: Path, keep: int, newest: str) -> list[str]:
+    """Delete the oldest checkpoints in `backups` beyond `keep` (0 = keep all), counting `newest`
+    (the one just written, never deleted); one in use stays too. Returns the names deleted. A
+    directory that cannot be deleted is logged and stays; the next checkpoint tries again."""
+    if keep <= 0:
+        return []
+    others = [c.name for c in list_checkpoints(backups) if c.name != newest]
+    deleted = []
+    for name in others[:max(0, len(others) - (keep - 1))]:
+        directory = backups / name
+        if _in_use(directory):
+            log.warning("checkpoint %s is open in a running shard; not deleting it", directory)
+            continue
+        try:
+            shutil.rmtree(directory)
+        except OSError as exc:
+            log.error("could not delete old checkpoint %s: %s", directory, exc)
+            continue
+        deleted.append(name)
+    return deleted

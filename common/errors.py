@@ -32,6 +32,12 @@ class InvalidInput(SutraError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class AlreadyExists(SutraError):
+    """What the request would create exists already; it will fail again unless that is removed."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Overloaded(SutraError):
     """A queue or pending-work bound is full; retry later or elsewhere."""
 

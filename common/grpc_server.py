@@ -28,13 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from common.malformed import MalformedRequests
 from common.peers import AllowedPeers
 from common.settings import Settings, group, setting
-from common.tls import TlsServerOptions, server_tls_group
+from common.tls import DEFAULT_MAX_MESSAGE_BYTES, TlsServerOptions, server_tls_group
 
 log = logging.getLogger(__name__)
 
-# 2,048 inputs of a few hundred tokens, or 2,048 full-width vectors, fit with room to spare; a
-# request over it is refused by grpc before it is parsed (RESOURCE_EXHAUSTED).
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Calls (streams included) one server runs at once; more get RESOURCE_EXHAUSTED at once.
 DEFAULT_MAX_CONCURRENT_RPCS = 1000
 # The health service name that answers "is this process wedged?" (see the module docstring).

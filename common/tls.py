@@ -107,6 +107,12 @@ class TlsClientOptions(Settings):
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+# Every server's and client's default, both directions: 2,048 inputs of a few hundred tokens, or
+# 2,048 full-width vectors, fit with room to spare; a message over it is refused before it is
+# parsed (RESOURCE_EXHAUSTED).
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
 def message_options(max_message_bytes: int) -> list[tuple[str, object]]:
     """Channel arguments that cap both directions at `max_message_bytes`."""
     return [("grpc.max_receive_message_length", max_message_bytes),

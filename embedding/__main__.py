@@ -40,6 +40,7 @@ async def serve(settings: FrontendSettings) -> None:
                       keepalive_ms=settings.l2_keepalive_ms, tls=settings.shard_tls)
     engine = FrontendEngine(settings, stats, pool.embed_full, l2)
     gate = Gate(settings.access)
+    log.info("%s", settings.access.describe())
     server = ServiceServer(settings.server, [SERVICE_NAME],
                            interceptors=[AuthInterceptor(gate)] if gate.auth_enabled else [])
     servicer = EmbeddingServicer(engine, settings.stream_window, gate, stream_idle_s=settings.stream_idle_s)
@@ -71,7 +72,7 @@ async def serve(settings: FrontendSettings) -> None:
     if settings.admin_port:
         admin = AdminServer(settings.admin_host, settings.admin_port, engine.cache_stats,
                             make_registry(stats, gauges), ready=lambda: engine.model is not None,
-                            refresh=engine.refresh_l2_stats)
+                            refresh=engine.refresh_l2_stats, gate=gate)
         await admin.start()
 
     async def ready() -> None:

@@ -11,7 +11,10 @@ UNAVAILABLE it resumes from the first unanswered batch.
 
 `add_subcommands(subparsers)` lets the `sutra` console script mount these
 commands; `main(argv)` runs them on their own. `--token`, `--tenant` and the
-`--tls-*` flags reach a frontend with authentication, tenants or TLS.
+`--tls-*` flags reach a frontend with authentication, tenants or TLS. The
+token is best given as a file (`--token-file`, env SUTRA_TOKEN_FILE) or
+the SUTRA_AUTH_TOKEN variable: a `--token` value is visible to every local
+user in the process list.
 """
 
 from __future__ import annotations
@@ -42,17 +45,37 @@ def _address_flag(parser: argparse.ArgumentParser) -> None:
     token_env = item(FrontendSettings, "auth_tokens").env
     parser.set_defaults(token_env=os.environ.get(token_env, ""))
     parser.add_argument("--token", default="",
-                        help=f"bearer token sent as `authorization: Bearer TOKEN` (env {token_env}; default none)")
+                        help=f"bearer token sent as `authorization: Bearer TOKEN`; visible to other local users "
+                             f"in the process list, so prefer --token-file or env {token_env} (default none)")
+    parser.add_argument("--token-file", type=read_token_file, default=os.environ.get("SUTRA_TOKEN_FILE", ""),
+                        metavar="PATH", help="file holding the bearer token (surrounding whitespace ignored); "
+                                             "--token wins over it, it over the variable (env SUTRA_TOKEN_FILE; "
+                                             "default none)")
     parser.add_argument("--tenant", default=os.environ.get("SUTRA_TENANT", ""),
                         help="x-sutra-tenant header, for a frontend that isolates tenants without tokens "
                              "(env SUTRA_TENANT; default none)")
     add_client_tls_flags(parser, os.environ, prefix="", what="the frontend")
 
 
+def read_token_file(path: str) -> str:
+    """The token in `path` (argparse `type`: a missing, empty or multi-word file is a usage error
+    that names the file, never its content)."""
+    if not path:
+        return ""
+    try:
+        token = Path(path).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}")
+    if not token or len(token.split()) != 1:
+        raise argparse.ArgumentTypeError(f"token file {path} must hold one token (it holds "
+                                         f"{'nothing' if not token else 'several words'})")
+    return token
+
+
 def client_from(args: argparse.Namespace) -> Client:
     """A Client for the address, timeout, token, tenant and TLS flags above."""
     return Client(args.address, timeout=args.timeout, tls=client_tls_from(args, ""),
-                  token=args.token or args.token_env or None, tenant=args.tenant or None)
+                  token=args.token or args.token_file or args.token_env or None, tenant=args.tenant or None)
 
 
 def add_subcommands(subparsers) -> None:

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from common.tls import TlsClientOptions, open_channel
+from common.tls import DEFAULT_MAX_MESSAGE_BYTES, TlsClientOptions, open_channel
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass

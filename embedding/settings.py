@@ -126,8 +126,10 @@ class FrontendSettings(Settings):
                                    "the frontend; keep it above --mlbase-timeout", flag="stall-seconds",
                              check=positive)
     # HTTP admin port (/cache/stats, /metrics); 0 disables.
-    admin_port: int = setting(DEFAULT_ADMIN_PORT, "HTTP port for GET /cache/stats (JSON) and GET /metrics "
-                                                  "(Prometheus); 0 disables", check=not_negative)
+    admin_port: int = setting(
+        DEFAULT_ADMIN_PORT, "HTTP port for GET /cache/stats (JSON) and GET /metrics (Prometheus), which need "
+        "`Authorization: Bearer TOKEN` (any accepted token) when tokens are configured, and GET /healthz, which "
+        "stays open for probes; 0 disables", check=not_negative)
     admin_host: str = setting("127.0.0.1", "address the admin HTTP server binds")
     # TLS to ML-base (through HAProxy in tcp mode, end to end to the replica) and to the shards;
     # None = plaintext.
@@ -135,23 +137,34 @@ class FrontendSettings(Settings):
     shard_tls: TlsClientOptions | None = client_tls_group("the cache shard", prefix="shard-")
     # Bearer tokens, tenants and tenant isolation (embedding/tenants.py), read into `access`.
     auth_tokens: tuple[str, ...] = setting(
-        (), "accept `authorization: Bearer TOKEN` (tenant \"\"); repeatable; the variable holds one token. Any "
-        "token from any source turns authentication on: calls without a valid token get UNAUTHENTICATED (health "
-        "and reflection stay open)", flag="auth-token", env="SUTRA_AUTH_TOKEN", repeat=True, metavar="TOKEN",
+        (), "accept `authorization: Bearer TOKEN` (tenant \"\"); repeatable. A flag's value is visible to every "
+        "local user in the process list: prefer the variable (one token) or --auth-tokens-file. Any token from "
+        "any source turns authentication on: calls without a valid token get UNAUTHENTICATED (health and "
+        "reflection stay open), and so do the admin port's /cache/stats and /metrics (HTTP 401); an empty "
+        "token is an error", flag="auth-token", env="SUTRA_AUTH_TOKEN", repeat=True, metavar="TOKEN",
         shown="none")
-    auth_tokens_file: str = setting("", "file of accepted tokens, one `TOKEN [TENANT]` per line, # comments")
+    auth_tokens_file: str = setting(
+        "", "file of accepted tokens, one `TOKEN [TENANT]` per line (no TENANT = tenant \"\"); a `#` at the start "
+        "of a line or after whitespace starts a comment, a `#` inside a token is part of it; keep the file "
+        "readable by the frontend's user only")
     tenants_file: str = setting("", "YAML (or .json) `tenants: {NAME: {tokens: [...], allowed_widths: [...], "
-                                    "default_width: N}}`: per-tenant tokens and width policy; see README, Security")
+                                    "default_width: N}}`: per-tenant tokens (`tokens` is a list) and width "
+                                    "policy; see README, Security")
+    share_cache_across_tenants: bool = setting(
+        False, "with tokens configured: let tenants share one cache namespace (best hit rate, but a tenant can "
+        "tell from usage hits and latency which texts another tenant has embedded). Off by default: with tokens "
+        "every tenant's L1, L2 and single-flight entries are its own")
     isolate_tenants: bool = setting(
-        False, "put the tenant in every cache key (L1, L2 and single-flight), so no tenant is served or can time "
-        "another's cached vectors. The tenant is its token's when tokens are configured, else the x-sutra-tenant "
-        "header")
+        False, "without tokens: put the x-sutra-tenant header's tenant in every cache key (L1, L2 and "
+        "single-flight), so no tenant is served or can time another's cached vectors; only a gateway that "
+        "authenticates callers should set that header. With tokens isolation is already the default "
+        "(see --share-cache-across-tenants)")
     access: AccessConfig = field(default_factory=AccessConfig, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "access", load_access(
             tokens=self.auth_tokens, tokens_file=self.auth_tokens_file, tenants_file=self.tenants_file,
-            isolate=self.isolate_tenants))
+            isolate=self.isolate_tenants, share=self.share_cache_across_tenants))
         super().__post_init__()
 
     def problems(self) -> list[str]:
@@ -162,6 +175,8 @@ class FrontendSettings(Settings):
             problems.append("cache enabled but no L1 entries and no --cache-shard")
         if 0 < self.l2_keepalive_ms < 1000:
             problems.append("--l2-keepalive-ms must be 0 (off) or at least 1000")
+        if self.isolate_tenants and self.share_cache_across_tenants:
+            problems.append("--isolate-tenants and --share-cache-across-tenants contradict each other")
         return problems
 
     @property

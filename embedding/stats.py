@@ -13,23 +13,16 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from common.hit_counts import HitCounts
 from common.latency import LatencyWindow
 
 
 @dataclass
-class LevelCounters:
-    hits: int = 0
-    misses: int = 0
+class LevelCounters(HitCounts):
     # L1: counted by the LRU itself. L2: the shards' own counts, summed by
     # FrontendEngine.refresh_l2_stats before each GetCacheStats and /metrics scrape.
     evictions: int = 0
-    errors: int = 0
     latency: LatencyWindow = field(default_factory=LatencyWindow)
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
 
 
 @dataclass

@@ -3,13 +3,17 @@
 The access configuration comes from three optional sources, read once at
 startup:
 
-- `--auth-token TOKEN` (repeatable): tokens of the anonymous tenant "";
-- `--auth-tokens-file PATH`: one `TOKEN [TENANT]` per line, `#` comments;
+- `--auth-token TOKEN` (repeatable; or the SUTRA_AUTH_TOKEN variable, which,
+  unlike a flag, other local users cannot read in the process list): tokens of
+  the anonymous tenant "";
+- `--auth-tokens-file PATH`: one `TOKEN [TENANT]` per line. A `#` starts a
+  comment only at the start of a line or after whitespace, so a token may
+  contain `#` (`abc#def acme` is token `abc#def` of tenant acme);
 - `--tenants-file PATH` (YAML, or JSON by its .json suffix):
 
       tenants:
         acme:
-          tokens: ["s3cret-acme"]          # or token: "...", or token_sha256: [hex, ...]
+          tokens: ["s3cret-acme"]          # a list; or token: "...", or token_sha256: [hex, ...]
           allowed_widths: [64, 128, 256]   # default: the frontend's policy
           default_width: 128               # default: the frontend's default if allowed, else the largest
 
@@ -19,6 +23,17 @@ belongs to (an `x-sutra-tenant` header is then ignored, so no caller can
 claim another tenant's namespace). With no tokens at all the tenant comes
 from the `x-sutra-tenant` header, which only a trusted gateway in front of
 the frontend should set; a call without it is tenant "".
+
+Cache isolation (`AccessConfig.isolate`, the tenant in every cache key):
+with tokens it is on unless `--share-cache-across-tenants`, because tenants
+that authenticate separately must not learn from cache hits (or their
+timing) which texts another tenant has embedded. Without tokens nobody is
+authenticated and the header is only a namespace, so it is on only with
+`--isolate-tenants`.
+
+Every token must be printable ASCII without spaces (what a bearer header
+can carry); an empty token, or `tokens:` given as a string (which would
+make each of its characters a token), stops the frontend at startup.
 
 Tokens are kept only as SHA-256 digests and looked up by digest, so the
 lookup time does not depend on how much of a guessed token is right, and a
@@ -42,6 +57,10 @@ AUTH_HEADER = "authorization"
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_KEYS = {"token", "tokens", "token_sha256", "allowed_widths", "default_width"}
+_TOKEN = re.compile(r"[!-~]+")  # printable ASCII, no spaces: what `authorization: Bearer` carries
+# A comment in a tokens file: `#` at the start of a line or after whitespace; any other `#` is
+# part of a token.
+_COMMENT = re.compile(r"(?:^|\s)#.*")
 
 
 def token_digest(token: str) -> str:
@@ -71,7 +90,8 @@ class TenantSpec:
 
 @dataclass(frozen=True)
 class AccessConfig:
-    """Tokens (as digests) → tenant, tenant specs, and whether caches are per tenant."""
+    """Tokens (as digests) → tenant, tenant specs, and whether caches are per tenant
+    (decided by load_access from the flags; see the module doc)."""
 
     token_tenants: dict[str, str] = field(default_factory=dict)
     tenants: tuple[TenantSpec, ...] = ()
@@ -80,6 +100,20 @@ class AccessConfig:
     @property
     def auth_enabled(self) -> bool:
         return bool(self.token_tenants)
+
+    def describe(self) -> str:
+        """One line for the startup log: who may call, and whether tenants share the cache."""
+        if self.auth_enabled:
+            who = (f"bearer tokens required ({len(self.token_tenants)} tokens, "
+                   f"{len(set(self.token_tenants.values()))} tenants)")
+            cache = ("cache isolated per tenant (--share-cache-across-tenants to share it)" if self.isolate else
+                     "cache SHARED across tenants (--share-cache-across-tenants): a tenant can tell from cache "
+                     "hits which texts another has embedded")
+        else:
+            who = "no authentication (no tokens configured)"
+            cache = ("cache namespaced by the x-sutra-tenant header (--isolate-tenants); only a trusted gateway "
+                     "should set it" if self.isolate else "one cache shared by all callers")
+        return f"access: {who}; {cache}"
 
 
 class Gate:
@@ -95,11 +129,11 @@ class Gate:
 
     def tenant(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         if not self._tenants:
-            tenant = _header(metadata, TENANT_HEADER) or ""
+            tenant = header(metadata, TENANT_HEADER) or ""
             if tenant and not _NAME.match(tenant):
                 raise InvalidInput(f"`{TENANT_HEADER}` must be 1-64 characters from A-Z a-z 0-9 . _ -")
             return tenant
-        value = _header(metadata, AUTH_HEADER)
+        value = header(metadata, AUTH_HEADER)
         if value is None:
             raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
         scheme, _, token = value.partition(" ")
@@ -109,7 +143,8 @@ class Gate:
         return tenant
 
 
-def _header(metadata, name: str) -> str | None:
+def header(metadata, name: str) -> str | None:
+    """The first value of `name` (lower case) in gRPC metadata or in HTTP headers of the same shape."""
     for key, value in metadata or ():
         if key == name:
             return value.decode(errors="replace") if isinstance(value, bytes) else value
@@ -123,6 +158,30 @@ def _add(tokens: dict[str, str], digest: str, tenant: str, where: str) -> None:
     if previous is not None and previous != tenant:
         raise ValueError(f"{where}: a token is given to two tenants ({previous!r} and {tenant!r})")
     tokens[digest] = tenant
+
+
+def _add_token(tokens: dict[str, str], token, tenant: str, where: str) -> None:
+    """Add a plain token after checking it; the error never shows the token (it may be a near-miss
+    secret, and startup errors end up in logs)."""
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        kind = "an empty token" if token == "" else (
+            "a token that is not a string (quote it)" if not isinstance(token, str) else
+            "a token with spaces or characters other than printable ASCII")
+        raise ValueError(f"{where}: {kind}; tokens are printable ASCII without spaces")
+    _add(tokens, token_digest(token), tenant, where)
+
+
+def _list(body: dict, key: str, at: str) -> list:
+    """body[key] as a list ([] when absent). A string is refused: iterated, it would make each of
+    its characters a token."""
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        got = "a string" if isinstance(value, str) else type(value).__name__
+        raise ValueError(f"{at}: `{key}` must be a list (got {got}); write `{key}: [\"...\"]`"
+                         + (" or `token: \"...\"` for one token" if key == "tokens" else ""))
+    return value
 
 
 def _widths(value, where: str) -> tuple[int, ...]:
@@ -148,17 +207,12 @@ def parse_tenants(doc, where: str, tokens: dict[str, str]) -> tuple[TenantSpec, 
         if not isinstance(body, dict) or set(body) - _TENANT_KEYS:
             raise ValueError(f"{at}: unknown keys {sorted(set(body) - _TENANT_KEYS) if isinstance(body, dict) else body}"
                              f"; allowed: {', '.join(sorted(_TENANT_KEYS))}")
-        plain = body.get("tokens") or []
-        if "token" in body:
-            plain = [body["token"], *plain]
-        hashed = body.get("token_sha256") or []
-        if not isinstance(plain, list) or not isinstance(hashed, list):
-            raise ValueError(f"{at}: tokens and token_sha256 are lists")
+        if "token" in body and not isinstance(body["token"], str):
+            raise ValueError(f"{at}: `token` is one string (quote it); several go in `tokens: [...]`")
+        plain = ([body["token"]] if "token" in body else []) + _list(body, "tokens", at)
         for token in plain:
-            if not isinstance(token, str) or not token.strip() or token != token.strip():
-                raise ValueError(f"{at}: tokens must be non-empty strings without surrounding spaces")
-            _add(tokens, token_digest(token), name, where)
-        for digest in hashed:
+            _add_token(tokens, token, name, at)
+        for digest in _list(body, "token_sha256", at):
             if not isinstance(digest, str) or not _HEX64.match(digest.lower()):
                 raise ValueError(f"{at}: token_sha256 entries are 64 hex digits")
             _add(tokens, digest.lower(), name, where)
@@ -190,31 +244,41 @@ def read_tenants_file(path: Path, tokens: dict[str, str]) -> tuple[TenantSpec, .
 
 
 def read_tokens_file(path: Path, tokens: dict[str, str]) -> None:
-    """`TOKEN [TENANT]` per line; blank lines and `#` comments skipped."""
+    """`TOKEN [TENANT]` per line; blank lines and comments skipped. A comment starts with a `#` at
+    the start of the line or after whitespace: cutting at any `#` would shorten a token that
+    contains one and accept its prefix (for the anonymous tenant)."""
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise ValueError(f"cannot read tokens file {path}: {exc.strerror or exc}") from exc
     for number, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+        where = f"{path}:{number}"
+        parts = _COMMENT.sub("", line).split()
+        if not parts:
             continue
-        parts = line.split()
-        if len(parts) > 2 or (len(parts) == 2 and not _NAME.match(parts[1])):
-            raise ValueError(f"{path}:{number}: expected `TOKEN [TENANT]`")
-        _add(tokens, token_digest(parts[0]), parts[1] if len(parts) == 2 else "", f"{path}:{number}")
+        if len(parts) > 2:
+            raise ValueError(f"{where}: expected `TOKEN [TENANT]`, found {len(parts)} fields (a comment starts "
+                             f"with `#` at the start of a line or after a space)")
+        if len(parts) == 2 and not _NAME.match(parts[1]):
+            raise ValueError(f"{where}: expected `TOKEN [TENANT]`; tenant names are 1-64 characters from "
+                             f"A-Z a-z 0-9 . _ -")
+        _add_token(tokens, parts[0], parts[1] if len(parts) == 2 else "", where)
 
 
 def load_access(*, tokens: Sequence[str] = (), tokens_file: str = "", tenants_file: str = "",
-                isolate: bool = False) -> AccessConfig:
-    """The AccessConfig for the given flags; ValueError names the file and line that is wrong."""
+                isolate: bool = False, share: bool = False) -> AccessConfig:
+    """The AccessConfig for the given flags; ValueError names the file and line that is wrong.
+
+    `isolate` (--isolate-tenants) and `share` (--share-cache-across-tenants) decide cache
+    isolation: with tokens it is on unless `share`, without tokens only with `isolate`. An empty
+    --auth-token is refused rather than skipped: `--auth-token "$UNSET"` would otherwise start a
+    frontend without authentication."""
     digests: dict[str, str] = {}
     for token in tokens:
-        if token.strip():
-            _add(digests, token_digest(token.strip()), "", "--auth-token")
+        _add_token(digests, token.strip(), "", "--auth-token (or SUTRA_AUTH_TOKEN)")
     if tokens_file:
         read_tokens_file(Path(tokens_file).expanduser(), digests)
     specs: tuple[TenantSpec, ...] = ()
     if tenants_file:
         specs = read_tenants_file(Path(tenants_file).expanduser(), digests)
-    return AccessConfig(token_tenants=digests, tenants=specs, isolate=isolate)
+    return AccessConfig(token_tenants=digests, tenants=specs, isolate=isolate or (bool(digests) and not share))

@@ -86,6 +86,13 @@ def frontend(workdir: Path, mlbase: str, shards: str, name: str = "frontend", *e
     return service("embedding", workdir / f"{name}.log", values, *extra)
 
 
+def backends(workdir: Path) -> tuple[Proc, Proc]:
+    """What a test of the frontend alone puts behind it: one replica (one thread, no drain) and a
+    cache shard in `workdir/db`, not yet started."""
+    replica = service("mlbase", workdir / "mlbase.log", {"threads": 1, "server.drain_seconds": 0.0})
+    return replica, service("cacheshard", workdir / "shard.log", {"path": workdir / "db"})
+
+
 def fingerprint(address: str) -> str:
     with grpc.insecure_channel(address) as ch:
         return pb_grpc.EmbeddingServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10).fingerprint

@@ -190,7 +190,7 @@ def test_memory_tier_and_rocksdb_answer_one_batch_together(tmp_path):
         keys, values = make_entries(300, seed=8)
         client.store(keys[:150], values[:150])
         client.store(keys[150:], values[150:])  # the memory tier now holds keys[200:]
-        absent = [b"absent-key-%06d" % i for i in range(20)]
+        absent = [b"absent-key-%05d" % i for i in range(20)]
         mixed = keys[:50] + absent[:10] + keys[250:] + keys[50:250] + absent[10:]
         found, got = client.lookup(mixed, batch=400)
         expected = dict(zip(keys, values))
@@ -313,19 +313,24 @@ def test_unusable_directory_is_a_one_line_error(tmp_path, case):
 
 # --- checkpoint ---------------------------------------------------------------
 
-def test_checkpoint_cli_and_restore(shard, tmp_path):
+def test_checkpoint_cli_list_and_restore(shard, tmp_path):
     proc, client = shard
     before_keys, before_values = make_entries(300, seed=5)
     client.store(before_keys, before_values)
-    dest = tmp_path / "backup"
-    cli = [sys.executable, "-m", "cacheshard", "checkpoint", "--address", proc.address, "--to", str(dest)]
+    dest = tmp_path / "db-backups" / "nightly"  # the default --backup-dir: beside --path
+    cli = [sys.executable, "-m", "cacheshard", "checkpoint", "--address", proc.address, "--name", "nightly"]
     done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(dest)
     after_keys, after_values = make_entries(50, seed=6)
     client.store(after_keys, after_values)
     again = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 1 and "INVALID_ARGUMENT" in again.stderr and "exists" in again.stderr
+    assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr and "'nightly'" in again.stderr
+    listed = subprocess.run([sys.executable, "-m", "cacheshard", "checkpoints", "--address", proc.address],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0] == f"# {dest.parent}" and len(lines) == 2 and lines[1].startswith("nightly\t")
 
     restored = start_shard(tmp_path, dest, name="restored").wait_serving(60)
     other = Client(restored.address)
@@ -343,14 +348,14 @@ def test_bad_requests_get_their_status_and_the_shard_stays_up(shard):
     proc, client = shard
     cases = [
         (lambda: client.stub.Store(pb.StoreRequest(), timeout=10), "`entries` cannot be empty"),
-        (lambda: client.store([b""], codec.encode_many(np.ones((1, 8)))), "`entries[0].key` cannot be empty"),
+        (lambda: client.store([b""], codec.encode_many(np.ones((1, 8)))), "`entries[0].key` has 0 bytes"),
         (lambda: client.store([b"k" * 16], [b"junk"]), "`entries[0].value` is not a cache value"),
         (lambda: client.store([b"k%015d" % i for i in range(4097)], codec.encode_many(np.ones((4097, 4)))),
          "limit is 4096"),
         (lambda: list(client.stub.Lookup(iter([pb.LookupRequest(keys=[b"k"] * 4097)]), timeout=10)),
          "limit is 4096"),
-        (lambda: client.stub.Checkpoint(pb.CheckpointRequest(path="relative/dir"), timeout=10), "must be absolute"),
-        (lambda: client.stub.Checkpoint(pb.CheckpointRequest(path=""), timeout=10), "cannot be empty"),
+        (lambda: client.stub.Checkpoint(pb.CheckpointRequest(name="relative/dir"), timeout=10), "`name` must be"),
+        (lambda: client.stub.Checkpoint(pb.CheckpointRequest(name=""), timeout=10), "`name` must be"),
     ]
     for call, message in cases:
         with pytest.raises(grpc.RpcError) as err:

@@ -4,6 +4,8 @@ settings, and the RocksDB store (a real database in a temporary directory)."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from cacheshard.memory import MemoryTier
 from cacheshard.settings import TRANSIENT_MARGIN, ShardSettings, load_settings
-from cacheshard.store import FORMAT, MARKER, ShardStore, StartupError
+from cacheshard.shard import CHECKPOINT_NAME
+from cacheshard.store import FORMAT, MARKER, ShardStore, StartupError, list_checkpoints
 from cacheshard.values import ValueChecker
 from common import codec
 from common.grpc_server import ServerOptions
@@ -59,21 +62,55 @@ def test_checker_error_names_the_problem():
     assert "unknown value format" in checker.error(b"XX" + b"\x01\x01\x00\x01" + b"\x00\x00")
 
 
+def test_checker_refuses_values_wider_than_its_bound_on_store_and_on_read():
+    checker = ValueChecker(max_width=64)
+    narrow, wide = codec.encode(vectors(1, 64)[0]), codec.encode(vectors(1, 65)[0])
+    assert checker.error(narrow) is None and checker.is_valid(narrow)
+    assert "width 65" in checker.error(wide) and "--max-width 64" in checker.error(wide)
+    assert not checker.is_valid(wide)  # and not remembered as valid: the second answer is the same
+    assert checker.screen([wide, narrow]) == ([False, True], [b"", narrow], 1, 1)
+
+
 # --- MemoryTier -----------------------------------------------------------
 
 def test_memory_tier_evicts_oldest_first_and_stays_bounded():
-    tier = MemoryTier(3)
+    tier = MemoryTier(3, 1 << 20)
     tier.put_many([b"a", b"b", b"c"], [b"1", b"2", b"3"])
     assert tier.get_many([b"a", b"x"]) == [b"1", None]
     tier.put_many([b"d", b"e"], [b"4", b"5"])
-    assert len(tier) == 3
+    assert len(tier) == 3 and tier.bytes == 3
     assert tier.get_many([b"a", b"b", b"c", b"d", b"e"]) == [None, None, b"3", b"4", b"5"]
 
 
-def test_memory_tier_off_holds_nothing():
-    tier = MemoryTier(0)
+def test_memory_tier_byte_bound_holds_for_wide_values():
+    tier = MemoryTier(1000, 1000)
+    tier.put_many([b"a", b"b"], [b"x" * 400, b"y" * 400])
+    assert (len(tier), tier.bytes) == (2, 800)
+    tier.put_many([b"c"], [b"z" * 300])  # 1100 bytes: the oldest goes
+    assert (len(tier), tier.bytes) == (2, 700) and tier.get_many([b"a", b"b", b"c"])[0] is None
+    tier.put_many([b"big"], [b"w" * 5000])  # wider than the whole budget: nothing of it stays
+    assert (len(tier), tier.bytes) == (0, 0)
+    for i in range(100):  # many wide values, in batches
+        tier.put_many([b"k%d-%d" % (i, j) for j in range(10)], [b"v" * (50 + i)] * 10)
+        assert tier.bytes <= 1000 and tier.bytes == sum(map(len, tier.get_many(tier._entries)))
+
+
+def test_memory_tier_counts_rewritten_and_repeated_keys_once():
+    tier = MemoryTier(10, 1000)
+    tier.put_many([b"a", b"a", b"b"], [b"1" * 10, b"2" * 20, b"3" * 30])  # repeated within a batch
+    assert (len(tier), tier.bytes) == (2, 50) and tier.get_many([b"a"]) == [b"2" * 20]
+    tier.put_many([b"b", b"c"], [b"4" * 5, b"5" * 5])  # b rewritten: replaces its bytes, becomes newest
+    assert (len(tier), tier.bytes) == (3, 30)
+    tier.max_entries = 2
+    tier.put_many([b"d"], [b"6"])
+    assert tier.get_many([b"a", b"b", b"c", b"d"]) == [None, None, b"5" * 5, b"6"]
+
+
+@pytest.mark.parametrize("entries, size", [(0, 100), (100, 0)])
+def test_memory_tier_off_holds_nothing(entries, size):
+    tier = MemoryTier(entries, size)
     tier.put_many([b"a"], [b"1"])
-    assert len(tier) == 0 and tier.get_many([b"a"]) == [None]
+    assert not tier.enabled and len(tier) == 0 and tier.bytes == 0 and tier.get_many([b"a"]) == [None]
 
 
 # --- settings -------------------------------------------------------------
@@ -95,6 +132,29 @@ def test_budget_split_keeps_memtables_inside_the_budget(tmp_path):
         shard_settings(tmp_path, max_entries=10)
     with pytest.raises(ValueError, match="max-batch"):
         shard_settings(tmp_path, max_batch=0)
+
+
+def test_backup_dir_defaults_beside_the_database_and_must_be_outside_it(tmp_path):
+    s = load_settings(["--path", str(tmp_path / "db")], {})
+    assert s.backups == tmp_path / "db-backups" and (s.keep, s.max_width, s.memory_bytes) == (3, 4096, 64 << 20)
+    assert s.max_request_bytes == 4 << 20
+    env = {"SUTRA_CACHE_SHARD_BACKUP_DIR": str(tmp_path / "b"), "SUTRA_CACHE_SHARD_KEEP": "0"}
+    assert (load_settings(["--path", str(tmp_path / "db")], env).backups, load_settings([], env).keep) == \
+        (tmp_path / "b", 0)
+    for inside in (tmp_path / "db", tmp_path / "db" / "backups", tmp_path):
+        with pytest.raises(ValueError, match="--backup-dir must be outside --path"):
+            shard_settings(tmp_path / "db", backup_dir=inside)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "/etc", "../x", "a\\b", "x" * 129, "a b",
+                                  "a\n", "é", "a\x00"])
+def test_checkpoint_names_are_single_plain_components(name):
+    assert not CHECKPOINT_NAME.fullmatch(name)
+
+
+@pytest.mark.parametrize("name", ["nightly", "2024-06-01T00.00", "a", "x" * 128, "_a-b.c", "-x"])
+def test_checkpoint_names_allowed(name):
+    assert CHECKPOINT_NAME.fullmatch(name)
 
 
 # --- ShardStore on a real database ---------------------------------------
@@ -155,3 +215,28 @@ def test_checkpoint_is_complete_and_openable(tmp_path):
     assert copy.multi_get(keys) == values
     assert copy.multi_get([b"later" * 4]) == [None]
     copy.close()
+
+
+def test_backup_prunes_the_oldest_beyond_keep_and_leaves_other_files_alone(tmp_path):
+    backups = tmp_path / "backups"
+    store = ShardStore(shard_settings(tmp_path / "db"))
+    store.write([b"k" * 16], codec.encode_many(vectors(1)))
+    assert list_checkpoints(backups) == []  # not created until the first checkpoint
+    (backups / "notes").mkdir(parents=True)  # an operator's directory: no marker, never a checkpoint
+    (backups / ".half.partial-1").mkdir()  # an interrupted checkpoint: hidden
+    made = []
+    for i, name in enumerate(["first", "second", "third", "fourth"]):
+        done, pruned = store.backup(backups, name, keep=2)
+        assert done == backups / name and (done / MARKER).exists()
+        os.utime(done / MARKER, ns=(time.time_ns(), 1_000_000_000 * (i + 1)))  # creation order, whatever the clock
+        made.append(name)
+        assert pruned == ([] if i < 2 else [made[i - 2]])
+    listed = list_checkpoints(backups)
+    assert [c.name for c in listed] == ["third", "fourth"] and all(c.bytes > 0 for c in listed)
+    assert listed[0].created_ns < listed[1].created_ns
+    assert sorted(p.name for p in backups.iterdir()) == [".half.partial-1", "fourth", "notes", "third"]
+    with pytest.raises(FileExistsError):
+        store.backup(backups, "third", keep=2)
+    assert store.backup(backups, "fifth", keep=0)[1] == []  # keep 0: nothing deleted
+    assert len(list_checkpoints(backups)) == 3
+    store.close()

@@ -44,8 +44,14 @@ def test_settings_round_trip_through_the_run_dir(tmp_path):
     assert StackSettings.load(tmp_path / "nothing") is None
 
 
+def with_certificates(s: StackSettings) -> StackSettings:
+    """What `up` does before it plans the programs: the stack's CA and certificates."""
+    s.pki.ensure([s.host])
+    return s
+
+
 def test_programs_cover_the_stack(tmp_path):
-    s = StackSettings(run_dir=tmp_path, replicas=2, threads=1)
+    s = with_certificates(StackSettings(run_dir=tmp_path, replicas=2, threads=1))
     progs = {p.name: p for p in programs(s)}
     assert list(progs) == ["cacheshard", "mlbase1", "mlbase2", "haproxy", "embedding"]
     m2 = progs["mlbase2"].command
@@ -57,6 +63,20 @@ def test_programs_cover_the_stack(tmp_path):
     assert progs["mlbase1"].full_name == "mlbase:mlbase1"
     # Stop waits outlast the drain, so supervisord never SIGKILLs a draining replica.
     assert progs["mlbase1"].stop_wait > s.drain_seconds
+    # Mutual TLS by default: each server names the roles it answers; the frontend presents its own.
+    shard = progs["cacheshard"].command
+    assert shard[shard.index("--tls-client-ca") + 1] == str(s.pki.ca)
+    assert shard[shard.index("--tls-allowed-clients") + 1] == "embedding,operator"
+    assert m2[m2.index("--tls-allowed-clients") + 1] == "embedding"
+    assert emb[emb.index("--shard-tls-cert") + 1] == emb[emb.index("--mlbase-tls-cert") + 1] == str(s.pki.cert("embedding"))
+    assert all(p.tls is not None for p in progs.values() if p.kind == "grpc" and p.name != "embedding")
+
+
+def test_no_internal_tls_starts_plaintext_hops(tmp_path):
+    s = StackSettings(run_dir=tmp_path, replicas=1, internal_tls=False)
+    commands = [" ".join(p.command) for p in programs(s)]
+    assert not any("--tls" in c or "-tls-" in c for c in commands)
+    assert stack.lb_render.check_ssl_options(stack.lb_settings(s)) == ""
 
 
 @pytest.mark.parametrize("timings", [{}, {"drain_seconds": 0.0, "grace_seconds": 3.0, "writeback_flush_seconds": 0.0},
@@ -66,7 +86,7 @@ def test_stop_waits_outlast_each_programs_shutdown(tmp_path, timings):
     read back from each command line by the program's own parser, so the stop wait can never
     drift from what the program does. A timing in supervisord's environment changes nothing:
     every program gets its timings as flags."""
-    s = StackSettings(run_dir=tmp_path, replicas=2, **timings)
+    s = with_certificates(StackSettings(run_dir=tmp_path, replicas=2, **timings))
     env = {**stack.CHILD_ENV, "SUTRA_DRAIN_SECONDS": "99", "SUTRA_GRACE_SECONDS": "99", "SUTRA_WRITEBACK_FLUSH": "99"}
     progs = programs(s)
     checked = {}
@@ -102,7 +122,7 @@ def test_supervisord_accepts_the_generated_config(tmp_path):
 
     with pytest.raises(ValueError):
         StackSettings(run_dir=tmp_path / "run 100%")
-    s = StackSettings(run_dir=tmp_path / "run dir", replicas=2)
+    s = with_certificates(StackSettings(run_dir=tmp_path / "run dir", replicas=2))
     s.log_dir.mkdir(parents=True)
     progs = programs(s)
     path = s.run_dir / "supervisord.conf"

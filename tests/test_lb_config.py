@@ -151,7 +151,9 @@ def test_config_carries_the_required_directives(tmp_path):
         "bind 127.0.0.1:50060", "bind 127.0.0.1:9999", "stats uri /stats",
         "http-request use-service prometheus-exporter if { path /metrics }",
         f"stats socket {tmp_path / 's.sock'} mode 600 level admin",
-        "timeout client 1h", "timeout server 1h",
+        "timeout client 60s", "timeout server 60s", "tcp-request inspect-delay 3000ms",
+        "tcp-request content accept if { req.len gt 0 }", "tcp-request content reject",
+        "maxconn 8000", "default-server maxconn 256 check",
     ]:
         assert needle in text, needle
     # A health-check service name changes the bytes that are sent.

@@ -4,7 +4,8 @@ against real processes on loopback.
 One replica (--threads 1), one cache shard and two frontends share the module:
 
 - `authed`: tokens from a tenants file (acme, beta) plus an anonymous
-  `--auth-token`, `--isolate-tenants`, `--max-message-bytes 1 MiB`, L1 on;
+  `--auth-token`, so tenants are isolated by default, `--max-message-bytes
+  1 MiB`, L1 on;
 - `header`: no tokens, `--isolate-tenants` with the tenant taken from the
   `x-sutra-tenant` header, `--l1-entries 0` so every hit it reports is an
   L2 hit. It shares the shard, so it reads what `authed` wrote back, in
@@ -30,7 +31,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from common.cache_key import cache_key
 from embedding.client import Client
 from harness.procs import ROOT, SERVING, Proc, health_status
-from harness.stack import service
+from harness.stack import backends, service
 from sutra.cache.v1 import cache_shard_service_pb2 as cpb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as cpb_grpc
 from sutra.embedding.v1 import embedding_service_pb2 as pb
@@ -51,22 +52,21 @@ tenants:
 
 
 def frontend(tmp, name: str, replica: Proc, shard: Proc, values: dict) -> Proc:
-    """An isolating frontend on `replica` and `shard`; `values` are further FrontendSettings fields."""
+    """A frontend on `replica` and `shard`; `values` are further FrontendSettings fields."""
     return service("embedding", tmp / f"{name}.log",
                    {"mlbase_address": replica.address, "cache_shards": (shard.address,), "admin_port": 0,
-                    "mlbase_connections": 1, "isolate_tenants": True, **values})
+                    "mlbase_connections": 1, **values})
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("access")
     (tmp / "tenants.yaml").write_text(TENANTS_YAML)
-    replica = service("mlbase", tmp / "mlbase.log", {"threads": 1, "server.drain_seconds": 0.0})
-    shard = service("cacheshard", tmp / "shard.log", {"path": tmp / "db"})
+    replica, shard = backends(tmp)
     authed = frontend(tmp, "authed", replica, shard, {"tenants_file": str(tmp / "tenants.yaml"),
                                                       "auth_tokens": (TOKENS[""],),
                                                       "server.max_message_bytes": MAX_MESSAGE})
-    header = frontend(tmp, "header", replica, shard, {"l1_entries": 0})
+    header = frontend(tmp, "header", replica, shard, {"l1_entries": 0, "isolate_tenants": True})
     procs = [replica, shard, authed, header]
     try:
         for p in procs:

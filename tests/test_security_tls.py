@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -165,12 +166,11 @@ def test_cli_and_checkpoint_speak_tls(chain):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["dimensions"] == 32
-    target = chain["tmp"] / "checkpoint"
     out = subprocess.run([sys.executable, "-m", "cacheshard", "checkpoint", "--address", chain["shard"].address,
-                          "--to", str(target), *client_flags("", pki)],
+                          "--name", "over-tls", *client_flags("", pki)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert target.is_dir()
+    assert Path(out.stdout.strip()).is_dir() and Path(out.stdout.strip()).name == "over-tls"
 
 
 def test_haproxy_check_without_client_certificate_marks_the_replica_down(chain):

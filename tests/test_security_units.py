@@ -50,7 +50,7 @@ def test_bad_tenants_files_are_refused_with_a_reason(tmp_path, body, message):
 
 def test_tokens_file_and_flags(tmp_path):
     path = write(tmp_path / "tokens", "# comment\nt1 acme\n\nt2   # no tenant\n")
-    access = load_access(tokens=["t3", ""], tokens_file=path)
+    access = load_access(tokens=["t3"], tokens_file=path)  # an empty one is refused: tests/security
     assert access.token_tenants == {token_digest("t1"): "acme", token_digest("t2"): "", token_digest("t3"): ""}
     with pytest.raises(ValueError, match=":1: expected"):
         load_access(tokens_file=write(tmp_path / "bad", "t1 acme extra\n"))
@@ -109,7 +109,7 @@ def test_frontend_tls_flags_and_env(tmp_path, monkeypatch):
 
 def test_haproxy_check_over_tls_options():
     plain = render.LbSettings(replicas=("127.0.0.1:1",), socket="s")
-    assert "default-server check " in render.render(plain) and render.check_ssl_options(plain) == ""
+    assert "default-server maxconn 256 check " in render.render(plain) and render.check_ssl_options(plain) == ""
     assert "shutdown-sessions check-ssl check-alpn h2" in render.render(
         render.LbSettings(replicas=("127.0.0.1:1",), socket="s", check_ssl=True))
     verified = render.LbSettings(replicas=("127.0.0.1:1",), socket="s", check_ssl=True, check_ca_file="/ca.pem",
