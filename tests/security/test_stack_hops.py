@@ -14,6 +14,7 @@ import socket
 import stat
 import threading
 import uuid
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -103,6 +104,28 @@ def test_nobody_but_the_frontend_and_operator_stores_into_the_shard(stack, rogue
         out = client.embed_detailed([text])
     assert out.computed == 1 and out.l2_hits == 0
     assert out.vectors[0][0] < 0.99
+    frontend_works(settings)
+
+
+def test_a_checkpoint_is_a_name_in_the_shards_backup_dir_never_a_path(stack, rogue, tmp_path):
+    settings, _ = stack
+    outside = tmp_path / "evil"
+    request = cpb.CheckpointRequest(name=str(outside))
+    for who, tls in callers(settings, rogue).items():
+        with open_channel(settings.shard_address, tls, max_message_bytes=MESSAGE_BYTES, aio=False) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                cpb_grpc.CacheShardServiceStub(ch).Checkpoint(request, timeout=30)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED), who
+    with open_channel(settings.shard_address, settings.client_tls("operator"), max_message_bytes=MESSAGE_BYTES,
+                      aio=False) as ch:
+        stub = cpb_grpc.CacheShardServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Checkpoint(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and str(outside) not in err.value.details()
+        reply = stub.Checkpoint(cpb.CheckpointRequest(name="nightly"), timeout=60)
+    assert not outside.exists()
+    written = Path(reply.directory)
+    assert written.is_dir() and written.name == "nightly" and written.is_relative_to(settings.run_dir)
     frontend_works(settings)
 
 
