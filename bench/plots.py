@@ -82,9 +82,35 @@ def plot_latency(result: dict, path: Path) -> Path:
     return path
 
 
+def plot_interactive(result: dict, path: Path) -> Path:
+    """Latency against throughput for single-text clients, one point per concurrency level."""
+    rows = result["interactive"]["sweep"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
+        ax.plot([r["req_per_s"] for r in rows], [r[key] for r in rows], style, label=key.replace("_ms", ""))
+    for r in rows:
+        ax.annotate(f"{r['concurrency']}", (r["req_per_s"], r["p50_ms"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=8)
+    floor = result["interactive"]["floors"]["replica_threads"]
+    ax.axhline(floor["single_p50_ms"], color="#888888", linestyle=":",
+               label=f"in-process one text ({floor['engine']})")
+    ax.set_xlabel("requests per second (one new text each)")
+    ax.set_ylabel("latency, ms")
+    ax.set_yscale("log")
+    st = result["stack"]
+    ax.set_title(f"single-text cold requests by clients in flight: {st['backend']} {st['precision']}, "
+                 f"{st['replicas']} replica(s)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_all(result: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    return [plot_throughput(result, folder / "throughput.png"), plot_latency(result, folder / "latency_cdf.png")]
+    return [plot_throughput(result, folder / "throughput.png"), plot_latency(result, folder / "latency_cdf.png"),
+            plot_interactive(result, folder / "latency_throughput.png")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench import frontend_bench, workloads
+from bench import interactive, frontend_bench, workloads
 from bench.stack_access import (cache_stats, cpu_seconds, disk_phase, extra_frontend, replica_info, rss_snapshot,
                                 stack_pids, start_stack, wait_shard_entries)
 from deploy import stack
@@ -170,6 +170,25 @@ async def sequential_latencies(address: str, texts: list[str], size: int, encodi
     return out, usage
 
 
+def interactive_phase(cfg: BenchConfig, address: str, lines: list[str], baselines: list[workloads.Baseline],
+                      same: str, replica_threads: int, out: Printer) -> dict:
+    """The single-text sweep, and the same backend's floors at the replica's thread budget (one
+    text) and on every core (8 texts as one batch)."""
+    mine = [b for b in baselines if b.engine == same]
+    budget = min(mine, key=lambda b: abs(b.threads - replica_threads))
+    widest = max(mine, key=lambda b: b.threads)
+    samples = 40 if cfg.quick else 200
+    floor = {"replica_threads": interactive.floors(budget, lines, samples),
+             "all_cores": interactive.floors(widest, lines, samples)}
+    rows = interactive.sweep(address, lines, 64 if cfg.quick else 320)
+    out(f"  in-process {budget.name}: one text p50 {floor['replica_threads']['single_p50_ms']:.1f} ms; "
+        f"{widest.name}: 8 texts as one batch p50 {floor['all_cores']['batch8_p50_ms']:.1f} ms")
+    for row in rows:
+        out(f"  {row['concurrency']:>2} clients: {row['req_per_s']:6.1f} req/s, p50 {row['p50_ms']:6.1f} ms, "
+            f"p99 {row['p99_ms']:6.1f} ms ({row['computed']}/{row['requests']} computed)")
+    return {"floors": floor, "sweep": rows}
+
+
 def hits_phase(cfg: BenchConfig, address: str, texts: list[str], level: str, out: Printer) -> dict:
     """Every text cached at one level: embeddings/s (frontend_bench.hits_run, 8 in flight) and latency."""
     table = {}
@@ -278,6 +297,11 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
         phases["cold"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        out("interactive: one new text per request, 1 to 32 clients...")
+        interactive = interactive_phase(cfg, front, split.cold, baselines, same, settings.torch_threads, out)
+        phases["interactive"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         out("L1 hits...")
         l1 = hits_phase(cfg, front, split.cold, "L1", out)
         phases["l1"] = time.perf_counter() - t
@@ -338,7 +362,7 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
         "stack": {"startup_s": startup_s, "backend": info.backend, "precision": info.precision,
                   "model_id": info.model_id, "fingerprint": info.fingerprint, "replicas": cfg.replicas},
         "same_backend_engine": same,
-        "cold": cold, "l1": l1, "l2": l2, "mixed": mixed, "mixed_cold_reference": mixed_cold, "rss_mib": rss, "disk": disk,
+        "cold": cold, "interactive": interactive, "l1": l1, "l2": l2, "mixed": mixed, "mixed_cold_reference": mixed_cold, "rss_mib": rss, "disk": disk,
         "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
         "total_seconds": round(time.perf_counter() - t_run, 1),
     }

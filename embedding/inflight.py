@@ -212,10 +212,14 @@ class InFlight:
 
     # -- the owner's side: dispatch and settle --------------------------------------------------
     def _pump(self) -> None:
-        """Start batches while there is queued work and a free slot; called on every change."""
+        """Start batches while there is queued work and a free slot; called on every change.
+
+        Adaptive batching: with nothing in flight a batch starts at once (a lone query does not pay
+        the window); while batches run, a part-filled batch waits up to the window for company,
+        since ML-base is busy anyway and fewer, fuller batches cost it less."""
         loop = asyncio.get_running_loop()
         while self._queue and len(self._batches) < self.concurrency and not self._closed:
-            if len(self._queue) < self._max_batch and self._window_s > 0:
+            if self._batches and len(self._queue) < self._max_batch and self._window_s > 0:
                 due = next(iter(self._queue)).queued_at + self._window_s
                 if loop.time() < due:
                     if self._timer is None:

@@ -64,7 +64,8 @@ class FrontendSettings(Settings):
         "goes on the least-busy one", check=at_least(1))
     # Texts per ML-base Embed call, and how long to wait to fill one.
     max_batch: int = setting(64, "most texts per ML-base call", check=at_least(1))
-    batch_window_ms: float = setting(2.0, "how long cache misses wait for others to fill a batch",
+    batch_window_ms: float = setting(2.0, "while batches are in flight to ML-base, how long cache misses wait for "
+                                          "others to fill a batch (with none in flight they go at once)",
                                      check=not_negative)
     # Batches in flight to ML-base at once (across all connections).
     mlbase_concurrency: int = setting(8, "ML-base batches in flight at once, over all connections",

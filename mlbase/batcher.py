@@ -39,8 +39,9 @@ class BatchLimits:
     max_batch_size: int = 64
     # Bound on padded tokens per micro-batch: texts x longest text.
     max_batch_tokens: int = 8192
-    # How long an idle worker waits for more requests before starting.
-    wait_ms: float = 2.0
+    # How long an idle worker waits for more requests before starting. 0: it never waits; texts
+    # that arrive while a batch computes form the next batch (adaptive batching).
+    wait_ms: float = 0.0
     # Texts admitted (queued or being computed) at once.
     max_queue: int = 8192
     # Fixed cost of one forward pass, in padded tokens: trades fewer batches against less padding.

@@ -234,3 +234,24 @@ async def test_a_patient_follower_is_not_cut_off_by_an_impatient_leaders_batch()
     assert sorted(map(tuple, compute.batches)) == [("roomy",), ("shared",), ("shared",)]
     await settle_until_idle(inflight)
     assert inflight.check() == []
+
+
+@aio
+async def test_adaptive_batching_a_lone_text_goes_at_once_and_waits_only_behind_a_running_batch():
+    """With nothing in flight a text starts its batch at once, whatever the window; while a batch
+    runs, texts that arrive wait for the window (or a full batch) and go together."""
+    compute = Compute(delay=0.05)
+    inflight, _ = owner(compute, concurrency=2, max_batch=3, window_s=0.03)
+    first = asyncio.create_task(caller(inflight, "alone"))
+    await asyncio.sleep(0)
+    assert inflight.running == 1 and inflight.queued == 0  # launched without waiting for the window
+    followers = [asyncio.create_task(caller(inflight, f"f{i}")) for i in range(2)]
+    await asyncio.sleep(0)
+    assert inflight.queued == 2 and inflight.running == 1  # a batch runs: they wait for company
+    third = asyncio.create_task(caller(inflight, "f2"))
+    await asyncio.sleep(0)
+    assert inflight.queued == 0 and inflight.running == 2  # a full batch goes without the window
+    await asyncio.gather(first, third, *followers)
+    assert [len(b) for b in compute.batches] == [1, 3]
+    await settle_until_idle(inflight)
+    assert inflight.check() == []
