@@ -6,6 +6,9 @@ Rows (with --threads threads unless marked "1 thread"):
   onnx fp32 plain / fused         the exported graph without / with onnxruntime's
                                   transformer fusions (Attention, LayerNorm, GELU)
   onnx int8 plain / fused         dynamic per-channel int8 weights
+  onnx int8-static                static int8 (calibrated activation scales), its default
+                                  layers in fp32
+  torch bf16                      the torch backend with the transformer in bfloat16
   onnx int8 keep ...              int8 with some layers kept in fp32 (--keep-fp32)
   ..., 1 thread                   the same with one thread: on a machine whose cores are
                                   busy with other work, torch's OpenMP threads degrade far
@@ -42,12 +45,14 @@ from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
 from mlbase.backends.onnx_backend import DEFAULT_FUSED
 from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR
+from common.flags import split_csv
 from common.settings import item
-from mlbase.settings import MLBaseSettings, bundled_model_path
+from mlbase.settings import DEFAULT_INT8_KEEP_FP32, MLBaseSettings, bundled_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The first layer's weights: of the layer choices tried (README), the best STS-B recovered per CPU spent.
 DEFAULT_KEEP_FP32 = (("layer.0.",),)
+STATIC_KEEP_FP32 = tuple(split_csv(DEFAULT_INT8_KEEP_FP32["int8-static"]))
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,10 @@ def rows_for(keep_sets: Sequence[tuple[str, ...]], single_thread_rows: bool = Tr
         Row("onnx int8 plain", "onnx", "int8", fused=False),
         Row("onnx int8 fused", "onnx", "int8", fused=True),
     ]
+    reduced = [Row("torch bf16", "torch", "bf16"),
+               Row(f"onnx int8-static, fp32 {','.join(STATIC_KEEP_FP32)}", "onnx", "int8-static", False,
+                   STATIC_KEEP_FP32)]
+    rows += reduced
     graph = {p: "fused" if DEFAULT_FUSED[p] else "plain" for p in DEFAULT_FUSED}
     for keep in keep_sets:
         rows.append(Row(f"onnx int8 {graph['int8']}, fp32 {','.join(keep)}", "onnx", "int8",
@@ -80,6 +89,7 @@ def rows_for(keep_sets: Sequence[tuple[str, ...]], single_thread_rows: bool = Tr
                  Row("onnx fp32 fused, 1 thread", "onnx", "fp32", True, threads=1),
                  Row("onnx int8 plain, 1 thread", "onnx", "int8", False, threads=1),
                  Row("onnx int8 fused, 1 thread", "onnx", "int8", True, threads=1)]
+        rows += [replace(row, name=f"{row.name}, 1 thread", threads=1) for row in reduced]
     return rows
 
 
@@ -102,11 +112,13 @@ def build(row: Row, options: BackendOptions):
     if row.backend == "torch":
         import torch
 
-        model = backend.model  # the SentenceTransformer itself: measure its own encode
+        model = backend.model  # fp32: the SentenceTransformer itself, the reference: measure its own encode
         threads = options.threads
 
         def encode(texts: Sequence[str], batch_size: int):
             torch.set_num_threads(threads)  # process-wide: torch rows with different counts take turns
+            if row.precision != "fp32":
+                return backend.encode(texts, batch_size=batch_size)[0]
             return model.encode(list(texts), batch_size=batch_size, show_progress_bar=False)
     else:
         def encode(texts: Sequence[str], batch_size: int):

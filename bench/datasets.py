@@ -8,40 +8,11 @@ can run `make bench` and the quality evaluation.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_ENV = "SUTRA_BENCH_DATA"
-BUNDLED = ROOT / "bench" / "data"
-
-
-def data_dir(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get(DATA_ENV):
-        return Path(env[DATA_ENV])
-    shared = ROOT.parent / "shared" / "data"
-    return shared if (shared / "corpus.txt").exists() else BUNDLED
-
-
-def data_file(name: str, env: Mapping[str, str] | None = None) -> Path:
-    return data_dir(env) / name
-
-
-CORPUS_FILE = "corpus.txt"
-
-
-def distinct_lines(path: Path) -> list[str]:
-    """Non-empty stripped lines of `path`, first occurrence only, in file order."""
-    seen: set[str] = set()
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and line not in seen:
-            seen.add(line)
-            out.append(line)
-    return out
+# The lookup is shared with the replica's tuner and calibration (which must not import bench).
+from mlbase.data_files import (BUNDLED, CORPUS_FILE, DATA_ENV, ROOT, data_dir, data_file,  # noqa: F401
+                               distinct_lines)
 
 
 def corpus_lines(folder: Path | None = None, name: str = CORPUS_FILE) -> list[str]:

@@ -5,14 +5,16 @@ Quality: Spearman correlation between the gold similarity scores of the
 STS-B test pairs (shared/data/sts-test.tsv) and the cosine of the two
 sentences' vectors, for
 
-  backends   torch fp32, onnx fp32, onnx int8, onnx int8 with --keep-fp32 layers in fp32
+  backends   torch fp32 and bf16, onnx fp32, onnx int8, onnx int8-static (its default layers in
+             fp32), onnx int8 with --keep-fp32 layers in fp32
   storage    float32 and float16, through the cache codec (common.codec encode/decode)
   widths     384, 256, 128, 64 through common.matryoshka.reduce, layer norm off and on
 
 Retention is Spearman relative to the same backend and storage at full width
 without layer norm (the model's own vectors). Also reported: min/mean cosine of
 float16 storage vs float32, and of each backend vs torch, over all STS-B
-sentences at full width.
+sentences at full width, and each backend's batch-independence gate
+(mlbase.quality_gates: a text alone vs inside batches of other texts).
 
 Speed: bench.backend_speed on --speed-texts texts of shared/data/corpus.txt.
 
@@ -22,7 +24,9 @@ Decisions, by the rule in issue 7:
   graphs      fused or plain onnx graph per precision, by texts per CPU-second
   backend     the fastest (texts per CPU-second: steady on a busy machine, and what a pool of
               CPU-bound replicas serves per core) whose Spearman at every width, with
-              float16 storage and the chosen layer-norm mode, is within 0.5% of torch's
+              float16 storage and the chosen layer-norm mode, is within 0.5% of torch's and
+              whose vectors pass the batch-independence gate (`sutra tune` applies the
+              same gates per CPU and records its choice for --backend auto)
 
 Prints the tables and writes results/quality.json. Backends run in-process
 (mlbase.backends.registry), no server needed.
@@ -41,16 +45,19 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.datasets import data_file
+from bench.datasets import corpus_lines, data_file
 from bench import backend_speed
 from common import codec, matryoshka
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
+from common.flags import split_csv
+from mlbase import quality_gates as gates
+from mlbase.data_files import STS_TEST_FILE
+from mlbase.settings import DEFAULT_INT8_KEEP_FP32
+# The statistics and the 0.5% rule are the replica's quality gate (mlbase.quality_gates), re-exported.
+from mlbase.quality_gates import STS_TOLERANCE as TOLERANCE, WIDTHS, cosines, load_sts, rankdata, spearman  # noqa: F401
 
-STS_TEST_FILE = "sts-test.tsv"
-WIDTHS = (384, 256, 128, 64)
 STORAGE = ("float32", "float16")
-TOLERANCE = 0.005  # "within 0.5% of torch"
 # Smallest Spearman difference counted as a win: ~1/10 of the sampling error of rho on 1,379 pairs;
 # anything smaller is a property of these exact vectors, not of the method.
 LAYER_NORM_MARGIN = 0.001
@@ -65,53 +72,16 @@ class Config:
 
 
 def configs(keep_sets: Sequence[tuple[str, ...]]) -> list[Config]:
-    out = [Config("torch fp32", "torch"), Config("onnx fp32", "onnx"), Config("onnx int8", "onnx", "int8")]
+    static_keep = tuple(split_csv(DEFAULT_INT8_KEEP_FP32["int8-static"]))
+    out = [Config("torch fp32", "torch"), Config("torch bf16", "torch", "bf16"), Config("onnx fp32", "onnx"),
+           Config("onnx int8", "onnx", "int8"),
+           Config(f"onnx int8-static+fp32 {','.join(static_keep)}", "onnx", "int8-static", static_keep)]
     for keep in keep_sets:
         out.append(Config(f"onnx int8+fp32 {','.join(keep)}", "onnx", "int8", tuple(keep)))
     return out
 
 
 # ---- data and statistics ---------------------------------------------------------------
-
-def load_sts(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
-    """STS-B tsv: a header row naming the columns; fields split on tabs only (sentences
-    contain quotes, so no CSV quoting rules). Returns (gold scores, sentence1s, sentence2s)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
-    i_score, i_s1, i_s2 = (header.index(name) for name in ("score", "sentence1", "sentence2"))
-    gold, first, second = [], [], []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < len(header):
-            raise ValueError(f"{path}:{number}: {len(fields)} fields, expected {len(header)}")
-        gold.append(float(fields[i_score]))
-        first.append(fields[i_s1])
-        second.append(fields[i_s2])
-    return np.array(gold, dtype=np.float64), first, second
-
-
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the average of their ranks."""
-    _, inverse, counts = np.unique(np.asarray(values), return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    average = (ends - counts + 1 + ends) / 2.0
-    return average[inverse]
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rho: Pearson correlation of the (tie-averaged) ranks."""
-    ra, rb = rankdata(np.asarray(a, dtype=np.float64)), rankdata(np.asarray(b, dtype=np.float64))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return (a * b).sum(axis=1) / norms
-
 
 def stored(full: np.ndarray, dtype: str) -> np.ndarray:
     """What a cache hands back: encode with the cache codec, decode again."""
@@ -120,11 +90,13 @@ def stored(full: np.ndarray, dtype: str) -> np.ndarray:
 
 # ---- evaluation ----------------------------------------------------------------------------
 
-def encode_all(config: Config, options: BackendOptions, texts: Sequence[str]) -> np.ndarray:
+def encode_all(config: Config, options: BackendOptions, texts: Sequence[str],
+               gate_texts: Sequence[str]) -> tuple[np.ndarray, gates.BatchGate]:
+    """Full-width vectors of `texts`, and the batch-independence gate on `gate_texts`."""
     backend = registry.create(config.backend, replace(options, precision=config.precision,
                                                       keep_fp32=config.keep_fp32))
     backend.load()
-    return backend.encode(texts, batch_size=64)[0]
+    return backend.encode(texts, batch_size=64)[0], gates.batch_gate(backend, gate_texts)
 
 
 def evaluate(full: np.ndarray, gold: np.ndarray, i1: np.ndarray, i2: np.ndarray) -> dict:
@@ -197,22 +169,28 @@ def speed_row_for(config: Config, speed: Sequence[dict], threads: int) -> dict |
 
 
 def choose_backend(rows: Sequence[dict], cfgs: Sequence[Config], speed: Sequence[dict], layer_norm: bool,
-                   threads: int) -> dict:
+                   threads: int, batch_gates: dict[str, gates.BatchGate] | None = None) -> dict:
+    """`batch_gates` (config name -> gate), when given, must pass too."""
     reference = cfgs[0].name
     candidates = []
     for config in cfgs:
         drops = {w: 1.0 - lookup(rows, config.name, "float16", layer_norm, w)
                  / lookup(rows, reference, "float16", layer_norm, w) for w in WIDTHS}
         row = speed_row_for(config, speed, threads)
+        gate = (batch_gates or {}).get(config.name)
         candidates.append({"config": config.name, "worst_drop_pct": 100.0 * max(drops.values()),
                            "within_tolerance": max(drops.values()) <= TOLERANCE,
+                           "batch_min_cosine": gate.worst if gate else None,
+                           "batch_independent": gate.passed if gate else None,
                            "median_texts_per_s": row["median_texts_per_s"] if row else None,
                            "texts_per_cpu_s": row["texts_per_cpu_s"] if row else None})
-    eligible = [c for c in candidates if c["within_tolerance"] and c["texts_per_cpu_s"] is not None]
+    eligible = [c for c in candidates if c["within_tolerance"] and c["batch_independent"] is not False
+                and c["texts_per_cpu_s"] is not None]
     best = max(eligible, key=lambda c: c["texts_per_cpu_s"]) if eligible else None
     return {"backend": best["config"] if best else reference, "candidates": candidates,
             "rule": f"most texts per CPU-second (what a CPU-bound replica pool serves per core) among "
-                    f"those whose Spearman at every width is within {100 * TOLERANCE:.1f}% of {reference}"}
+                    f"those whose Spearman at every width is within {100 * TOLERANCE:.1f}% of {reference} "
+                    f"and whose vectors do not depend on their batch mates (cosine >= {gates.MIN_BATCH_COSINE})"}
 
 
 def choose_graphs(speed: Sequence[dict]) -> dict:
@@ -286,11 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     options = backend_speed.options_from(args)
     cfgs = configs(backend_speed.keep_from(args))
     print(f"STS-B: {len(gold)} pairs, {len(texts)} distinct sentences")
-    vectors = {}
+    vectors, batch_gates = {}, {}
+    gate_texts = gates.mixed_length_texts(corpus_lines(), 48 if args.quick else 300)
     for config in cfgs:
         t0 = time.monotonic()
-        vectors[config.name] = encode_all(config, options, texts)
-        print(f"  encoded with {config.name} in {time.monotonic() - t0:.1f}s")
+        vectors[config.name], batch_gates[config.name] = encode_all(config, options, texts, gate_texts)
+        print(f"  encoded with {config.name} in {time.monotonic() - t0:.1f}s; min cosine alone vs in a batch "
+              f"{batch_gates[config.name].worst:.7f}")
     rows = quality_rows(vectors, gold, i1, i2)
     stats = cosine_stats(vectors, cfgs[0].name)
     print("\nSTS-B Spearman (retention vs the same backend and storage at 384 without layer norm)")
@@ -309,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     decision = choose_layer_norm(rows, cfgs[0].name)
     if speed:
         decision["graphs"] = choose_graphs(speed)
-        decision.update(choose_backend(rows, cfgs, speed, decision["layer_norm"], args.threads))
+        decision.update(choose_backend(rows, cfgs, speed, decision["layer_norm"], args.threads, batch_gates))
     print("\nrecommended defaults:", json.dumps(decision, indent=2))
 
     out = Path(args.out)
@@ -318,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": backend_speed.environment(args.threads),
         "sts": {"file": str(args.sts), "pairs": len(gold), "sentences": len(texts)},
         "quality": rows, "cosine": stats, "speed": speed,
+        "batch_gate": {name: {"min_cosine": {str(w): c for w, c in g.min_cosine.items()}, "passed": g.passed}
+                       for name, g in batch_gates.items()},
         "speed_texts": args.speed_texts if args.speed else 0, "rounds": args.rounds,
         "recommendation": decision, "seconds": round(time.monotonic() - started, 1),
     }, indent=2) + "\n")

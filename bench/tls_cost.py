@@ -14,9 +14,6 @@ stack, and the TLS/plaintext ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -25,18 +22,12 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
-
+from bench.ab import report, summary
 from embedding.client import Client
 from harness.deployed import deployed
 from harness.results import results_path
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+RATIO = "ratio_tls_over_plaintext"
 
 
 def timed(client: Client, text: str) -> tuple[float, object]:
@@ -67,17 +58,6 @@ def measure(clients: dict[str, Client], requests: int, seed: int, round_size: in
     return times
 
 
-def summary(times: dict[str, dict[str, list[float]]]) -> dict:
-    out: dict = {}
-    for name, kinds in times.items():
-        out[name] = {kind: {"p50_ms": float(np.percentile(v, 50)), "p95_ms": float(np.percentile(v, 95)),
-                            "n": len(v)} for kind, v in kinds.items()}
-    out["ratio_tls_over_plaintext"] = {
-        kind: {p: out["mutual_tls"][kind][p] / out["plaintext"][kind][p] for p in ("p50_ms", "p95_ms")}
-        for kind in ("cold", "l2_hit")}
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.tls_cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,20 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         clients = {name: stacks.enter_context(Client(s.frontend_address, retries=0)) for name, s in settings.items()}
         measure(clients, args.warmup, args.seed + 1)
-        result = summary(measure(clients, args.requests, args.seed))
-    result["cpu"] = cpu_model()
-    result["cores"] = len(os.sched_getaffinity(0))
-    print(f"CPU: {result['cpu']} ({result['cores']} cores), {args.requests} pairs per stack, one replica each")
-    print(f"{'':10} {'kind':7} {'p50 ms':>8} {'p95 ms':>8}")
-    for name in ("plaintext", "mutual_tls"):
-        for kind in ("cold", "l2_hit"):
-            r = result[name][kind]
-            print(f"{name:10} {kind:7} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f}")
-    for kind, r in result["ratio_tls_over_plaintext"].items():
-        print(f"mutual TLS / plaintext, {kind}: p50 x{r['p50_ms']:.3f}, p95 x{r['p95_ms']:.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        result = summary(measure(clients, args.requests, args.seed), base="plaintext", variant="mutual_tls",
+                         ratio_key=RATIO, percentiles=(50, 95))
+    report(result, names=("plaintext", "mutual_tls"), ratio_key=RATIO, ratio_label="mutual TLS / plaintext",
+           heading=f"{args.requests} pairs per stack, one replica each", out=args.out)
     return 0
 
 

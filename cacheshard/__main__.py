@@ -32,10 +32,14 @@ def serve(argv: list[str]) -> int:
     from common.grpc_server import configure_logging
 
     configure_logging(settings.server.log_level)
-    return asyncio.run(_serve(settings))
+    from common import tracing
+
+    with tracing.installed(settings.tracing, starts_traces=False):  # continues its callers' traces only
+        return asyncio.run(_serve(settings))
 
 
 async def _serve(settings) -> int:
+    from cacheshard.metrics import make_registry
     from cacheshard.server import SERVICE_NAME, add_to_server
     from cacheshard.shard import Shard
     from cacheshard.store import ShardStore, StartupError
@@ -53,7 +57,7 @@ async def _serve(settings) -> int:
              settings.memory_entries, settings.memory_bytes, "sync (fsync before ack)" if settings.sync else "WAL",
              settings.backups)
     try:
-        server = ServiceServer(settings.server, [SERVICE_NAME])
+        server = ServiceServer(settings.server, [SERVICE_NAME], metrics=make_registry(shard))
     except Exception as exc:
         await shard.close()
         print(f"cacheshard: cannot listen on {settings.server.host}:{settings.server.port}: {exc}",

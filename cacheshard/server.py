@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cacheshard.shard import Shard
+from common import tracing
 from common.errors import Unavailable, grpc_errors
 from sutra.cache.v1 import cache_shard_service_pb2 as pb
 from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
@@ -82,6 +83,7 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
         waiting = self._waiting
         lookup = self.shard.lookup
         Response = pb.LookupResponse
+        remote_span = tracing.remote_span
         while True:
             if self._closing:
                 reader.cancel()  # read nothing new; answer what is queued
@@ -99,7 +101,11 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
                 return True
             if isinstance(request, BaseException):
                 raise request
-            found, values = await lookup(request.keys)
+            # One stream carries many callers' batches: each message brings its caller's trace.
+            with remote_span("cache.lookup", request.traceparent, attributes={"sutra.keys": len(request.keys)}) as span:
+                found, values = await lookup(request.keys)
+                if span.is_recording():
+                    span.set_attribute("sutra.found", sum(found))
             await context.write(Response(batch_id=request.batch_id, found=found, values=values))
 
     @grpc_errors

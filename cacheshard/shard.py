@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cacheshard.memory import MemoryTier
@@ -34,6 +34,7 @@ from cacheshard.store import CheckpointInfo, ShardStore, StoreError, list_checkp
 from cacheshard.values import ValueChecker
 from common.cache_key import KEY_BYTES
 from common.errors import AlreadyExists, InvalidInput, Unavailable
+from common.histogram import Histogram
 from common.hit_counts import HitCounts
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,16 @@ def check_keys(keys: Sequence[bytes], field: str) -> None:
 @dataclass
 class Counters(HitCounts):
     """Hits, misses and errors as every cache level counts them, and what only the shard knows.
-    `corrupt` values are counted in `errors` too; `memory_hits` in `hits` too."""
+    `corrupt` values are counted in `errors` too; `memory_hits` in `hits` too. GetStats and
+    /metrics (cacheshard/metrics.py) both read these."""
 
     stores: int = 0
     corrupt: int = 0
     memory_hits: int = 0
+    stored_bytes: int = 0  # key and value bytes of stored entries
+    checkpoints: int = 0  # written successfully
+    lookup_seconds: Histogram = field(default_factory=Histogram)  # per answered Lookup batch
+    store_seconds: Histogram = field(default_factory=Histogram)  # per successful Store
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,13 @@ class Shard:
         return found, values
 
     async def lookup(self, keys: Sequence[bytes]) -> tuple[list[bool], list[bytes]]:
+        """found flags and values (b"" for a miss), in key order; the time it took is counted."""
+        started = time.perf_counter()
+        answer = await self._lookup(keys)
+        self.counters.lookup_seconds.observe(time.perf_counter() - started)
+        return answer
+
+    async def _lookup(self, keys: Sequence[bytes]) -> tuple[list[bool], list[bytes]]:
         """found flags and values (b"" for a miss), in key order.
 
         Keys the memory tier holds are answered on the event loop (a dict
@@ -182,6 +195,7 @@ class Shard:
             problem = error(value)
             if problem is not None:
                 raise InvalidInput(f"`entries[{i}].value` is not a cache value: {problem}")
+        started = time.perf_counter()
         try:
             await self._blocking(self.store.write, keys, values)
         except StoreError as exc:
@@ -189,11 +203,18 @@ class Shard:
             self.counters.errors += 1
             raise Unavailable("the shard could not write to disk; retry later") from exc
         self.memory.put_many(keys, values)
-        self.counters.stores += n
+        c = self.counters
+        c.stores += n
+        c.stored_bytes += size
+        c.store_seconds.observe(time.perf_counter() - started)
         return n
 
     async def stats(self) -> ShardStats:
-        entries, on_disk = await self._blocking(lambda: (self.store.entries(), self.store.bytes_on_disk()))
+        return await self._blocking(self.snapshot)
+
+    def snapshot(self) -> ShardStats:
+        """GetStats' figures; blocks on RocksDB (a worker thread, or the metrics endpoint's)."""
+        entries, on_disk = self.store.entries(), self.store.bytes_on_disk()
         c = self.counters
         # FIFO drops whole files and reports no key count, so evictions are
         # inferred: what was there at open plus what was written since, less
@@ -227,6 +248,7 @@ class Shard:
                 log.error("checkpoint %r into %s failed: %s", name, self.settings.backups, exc)
                 self.counters.errors += 1
                 raise Unavailable("the checkpoint could not be written; see the shard's log") from exc
+            self.counters.checkpoints += 1
         log.info("checkpoint written to %s%s", done, f"; pruned {', '.join(pruned)}" if pruned else "")
         return done, pruned
 

@@ -33,8 +33,10 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import rocksdict
@@ -54,6 +56,33 @@ class CheckpointInfo:
     name: str
     created_ns: int  # when its marker was written (the end of the checkpoint), ns since the epoch
     bytes: int  # file sizes added up; SSTs still shared with the database (hard links) count in full
+
+
+# Figures RocksDB gives only as text. DB stats print counts through NumberToHumanString (12K,
+# 3M) above 9999, so those two are exact only while small; the stall counts are exact.
+_WAL = re.compile(r"Cumulative WAL: (\S+) writes, (\S+) syncs")
+_STALL = re.compile(r"Cumulative stall: (\d+):(\d+):([\d.]+) H:M:S")
+_STALL_COUNTS = re.compile(r"\btotal-(delays|stops): (\d+)")
+_TICKER = re.compile(r"^(rocksdb\.[\w.]+) COUNT : (\d+)$", re.MULTILINE)
+_HUMAN = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _human(text: str) -> int:
+    """RocksDB's NumberToHumanString back to a number (`12K` -> 12000)."""
+    digits, unit = (text[:-1], text[-1]) if text[-1:] in _HUMAN else (text, "")
+    return int(digits) * _HUMAN[unit]
+
+
+@dataclass(frozen=True)
+class RocksdbFigures:
+    """What RocksDB says about itself, read at scrape time."""
+
+    properties: dict[str, int]  # the integer properties asked for
+    wal_writes: int  # write batches through the write-ahead log (approximate above 9999)
+    wal_syncs: int  # fsyncs of the write-ahead log (approximate above 9999)
+    stall_seconds: float  # time writes spent delayed or stopped
+    stalls: dict[str, int]  # "delays" and "stops": times RocksDB slowed or stopped writes
+    tickers: dict[str, int] = field(default_factory=dict)  # every statistics ticker, with --rocksdb-statistics
 
 
 class StartupError(Exception):
@@ -155,6 +184,8 @@ def rocksdb_options(settings: ShardSettings) -> rocksdict.Options:
     opts.set_block_based_table_factory(table)
     if settings.row_cache_mb > 0:
         opts.set_row_cache(rocksdict.Cache(settings.row_cache_mb * 1024 * 1024))
+    if settings.rocksdb_statistics:
+        opts.enable_statistics()
     opts.set_max_background_jobs(2)
     opts.set_keep_log_file_num(5)
     return opts
@@ -214,6 +245,23 @@ class ShardStore:
 
     def sst_bytes(self) -> int:
         return self._db.property_int_value("rocksdb.total-sst-files-size") or 0
+
+    def figures(self, properties: Iterable[str]) -> RocksdbFigures:
+        """RocksDB's own figures for /metrics: the integer `properties`, DB and column-family stats,
+        and the statistics tickers when they are on. Thread-safe (RocksDB's property calls are)."""
+        db = self._db
+        values = {name: db.property_int_value(name) or 0 for name in properties}
+        db_stats = db.property_value("rocksdb.dbstats") or ""
+        wal = _WAL.search(db_stats)
+        stall = _STALL.search(db_stats)
+        stall_seconds = int(stall[1]) * 3600 + int(stall[2]) * 60 + float(stall[3]) if stall else 0.0
+        cf_stats = db.property_value("rocksdb.cfstats-no-file-histogram") or ""
+        tickers = {}
+        if self.settings.rocksdb_statistics:
+            tickers = {name: int(n) for name, n in _TICKER.findall(db.property_value("rocksdb.options-statistics")
+                                                                    or "")}
+        return RocksdbFigures(values, _human(wal[1]) if wal else 0, _human(wal[2]) if wal else 0,
+                              stall_seconds, {kind: int(n) for kind, n in _STALL_COUNTS.findall(cf_stats)}, tickers)
 
     def bytes_on_disk(self) -> int:
         """SST files plus write-ahead logs."""

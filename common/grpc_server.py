@@ -24,8 +24,11 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import Collector
 
+from common import tracing
 from common.malformed import MalformedRequests
+from common.metrics_http import MetricsEndpoint, serve_metrics
 from common.peers import AllowedPeers
 from common.settings import Settings, group, setting
 from common.tls import DEFAULT_MAX_MESSAGE_BYTES, TlsServerOptions, server_tls_group
@@ -83,12 +86,17 @@ class ServerOptions(Settings):
     grace_seconds: float = setting(30.0, "seconds in-flight RPCs get to finish after the port closes")
     # Not a transport knob, but every server process has it.
     log_level: str = setting("INFO", "logging level")
+    # Not gRPC either: where the process serves its Prometheus metrics (common/metrics_http.py).
+    metrics_port: int = setting(0, "port of the plain-HTTP Prometheus endpoint (GET /metrics), 0 = off")
+    metrics_host: str = setting("127.0.0.1", "address the metrics endpoint binds; it has no authentication, so "
+                                             "keep it on loopback or a network only the scraper reaches")
     # None = plaintext; see common/tls.py (client_ca set = mutual TLS).
     tls: TlsServerOptions | None = server_tls_group()
 
     def problems(self) -> list[str]:
         wrong = [f"--{name.replace('_', '-')} must not be negative" for name in
-                 ("port", "max_connection_age_ms", "max_connection_age_grace_ms", "drain_seconds", "grace_seconds")
+                 ("port", "metrics_port", "max_connection_age_ms", "max_connection_age_grace_ms", "drain_seconds",
+                  "grace_seconds")
                  if getattr(self, name) < 0]
         return wrong + [f"--{name.replace('_', '-')} must be positive" for name in
                         ("max_message_bytes", "max_concurrent_rpcs") if getattr(self, name) <= 0]
@@ -117,14 +125,19 @@ class ServiceServer:
     through itself."""
 
     def __init__(self, options: ServerOptions, service_names: Sequence[str],
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 metrics: Collector | None = None) -> None:
+        """`metrics`: the process's Prometheus registry, served on `options.metrics_port` (when
+        not 0) from construction, like the gRPC port, until `close_metrics`."""
         self.options = options
         # AllowedPeers first: a caller the service does not answer learns nothing more. MalformedRequests
-        # last (innermost): a guard before it may refuse the call first.
+        # last (innermost): a guard before it may refuse the call first. With tracing on, the server
+        # span is outermost, so it also times (and shows) what the guards refuse.
         tls = options.tls
         peers = [AllowedPeers(tls.allowed_clients)] if tls is not None and tls.allowed_clients else []
+        traced = [tracing.ServerSpans()] if tracing.enabled() else []
         self.server = grpc.aio.server(options=options.channel_args(),
-                                      interceptors=[*peers, *interceptors, MalformedRequests()],
+                                      interceptors=[*traced, *peers, *interceptors, MalformedRequests()],
                                       maximum_concurrent_rpcs=options.max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -139,9 +152,17 @@ class ServiceServer:
             self.port = self.server.add_secure_port(address, options.tls.credentials())
         if self.port == 0:
             raise OSError(f"could not bind {options.host}:{options.port}")
+        self.metrics: MetricsEndpoint | None = None
+        if metrics is not None and options.metrics_port:
+            self.metrics = serve_metrics(options.metrics_host, options.metrics_port, metrics)
         self._ready = False
         self._draining = False
         self.fault: str | None = None
+
+    def close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     async def set_serving(self, serving: bool) -> None:
         """Ready (or not) to take traffic; readiness also needs no draining and no fault."""
@@ -214,16 +235,25 @@ async def run_until_signalled(
             await server.drain_and_stop(pre_stop)
     finally:
         await server.server.stop(0)
+        # Scrapes read what `cleanup` closes (the shard's database): stop them first.
+        server.close_metrics()
         if cleanup is not None:
             await cleanup()
     log.info("stopped cleanly")
 
 
-def server_settings(*, port: int, port_env: str, connection_age: bool = False, **defaults: object):
+def server_settings(*, port: int, port_env: str, connection_age: bool = False, metrics: bool = True,
+                    **defaults: object):
     """The `server` field of a service's settings: ServerOptions' flags, this service's port and
-    port variable, and its own defaults; the connection-age flags only where `connection_age`."""
-    overrides = {"port": {"default": port, "env": port_env}, **{k: {"default": v} for k, v in defaults.items()}}
+    port variable, and its own defaults; the connection-age flags only where `connection_age`, the
+    metrics endpoint's only where `metrics` (its port variable is the port's with METRICS_ before
+    PORT, e.g. SUTRA_CACHE_SHARD_METRICS_PORT, so two services on one host never share one)."""
+    overrides = {"port": {"default": port, "env": port_env},
+                 "metrics_port": {"env": port_env.removesuffix("PORT") + "METRICS_PORT"},
+                 **{k: {"default": v} for k, v in defaults.items()}}
     omit = () if connection_age else ("max_connection_age_ms", "max_connection_age_grace_ms")
+    if not metrics:
+        omit += ("metrics_port", "metrics_host")
     return group(ServerOptions, overrides=overrides, omit=omit)
 
 

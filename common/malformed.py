@@ -23,6 +23,7 @@ import inspect
 import grpc
 
 from common.errors import InvalidInput
+from common.handlers import HandlerWrapper
 
 
 class _Unparsable:
@@ -42,19 +43,9 @@ def _describe(exc: Exception) -> str:
     return f"the request message could not be parsed: {exc}"
 
 
-class MalformedRequests(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, tolerant(handler))
-            self._wrapped[handler_call_details.method] = cached
-        return cached[1]
+class MalformedRequests(HandlerWrapper):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+        return None if handler.request_deserializer is None else tolerant(handler)
 
 
 def tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

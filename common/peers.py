@@ -13,37 +13,11 @@ wraps each handler and reads `context.auth_context()` when a call starts.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 
 import grpc
 
-# Methods every authenticated caller may use (health probes, `grpcurl list`); no data behind them.
-OPEN_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
-
-Check = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
-
-
-def checked(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
-    """`handler` with `check(context)` awaited before its behaviour starts (the check may abort)."""
-    kind = {(False, False): "unary_unary", (False, True): "unary_stream",
-            (True, False): "stream_unary", (True, True): "stream_stream"}[
-        (handler.request_streaming, handler.response_streaming)]
-    behaviour = getattr(handler, kind)
-    if inspect.isasyncgenfunction(behaviour):
-        async def wrapped(request, context):
-            await check(context)
-            async for reply in behaviour(request, context):
-                yield reply
-    else:
-        async def wrapped(request, context):
-            await check(context)
-            return await behaviour(request, context)
-    return handler._replace(**{kind: wrapped})
+from common.handlers import OPEN_PREFIXES, HandlerWrapper, checked
 
 
 def common_names(context: grpc.aio.ServicerContext) -> list[str]:
@@ -51,10 +25,10 @@ def common_names(context: grpc.aio.ServicerContext) -> list[str]:
     return [name.decode(errors="replace") for name in context.auth_context().get("x509_common_name", [])]
 
 
-class AllowedPeers(grpc.aio.ServerInterceptor):
+class AllowedPeers(HandlerWrapper):
     def __init__(self, allowed: Collection[str]) -> None:
+        super().__init__()
         self._allowed = frozenset(allowed)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         names = common_names(context)
@@ -63,12 +37,5 @@ class AllowedPeers(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"this service only answers {', '.join(sorted(self._allowed))} (caller: {who})")
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
-            return handler
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, checked(handler, self._check))
-            self._wrapped[handler_call_details.method] = cached
-        return cached[1]
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+        return None if method.startswith(OPEN_PREFIXES) else checked(handler, self._check)

@@ -1,16 +1,19 @@
 """The `sutra` command: run the local stack and check it.
 
     sutra up [--replicas N] [ports...]   start everything, wait until healthy
-    sutra status                          health of each process, HAProxy's view of each replica
+    sutra status [--json]                 health of each process, its /metrics URL, HAProxy's view of each replica
+    sutra top [--once] [--interval S]     live rates, hit rates, latencies and queues from every /metrics
     sutra validate [--phases 0,1,2]       the seed's validation against the running stack
     sutra down                            stop exactly what `up` started
     sutra ctl ARGS...                     supervisorctl against the stack (e.g. `ctl restart cacheshard`)
     sutra manifests [--check]             regenerate the HAProxy config in deploy/compose and deploy/k8s
+    sutra tune [--quick] [--out FILE]     measure backends x precisions on this CPU, record the winner
+                                          for `python -m mlbase --backend auto` (mlbase/tune.py)
     sutra embed / embed-file ...          the frontend's client commands (embedding/cli.py)
 
 Flags fall back to environment variables of the same meaning (shown in each
 flag's help; StackSettings declares them) and then to the architecture's
-defaults. `status`, `validate`
+defaults. `status`, `top`, `validate`
 and `down` read what `up` recorded in the run directory.
 """
 
@@ -23,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from common.settings import add_flags, from_args, load
-from deploy import stack
+from deploy import stack, top
 from deploy.settings import StackSettings
 
 CLIENT_COMMANDS = ("embed", "embed-file")
@@ -43,7 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_up_flags(sub.add_parser("up", help="start the stack and wait until it is healthy"))
     add_run_dir(sub.add_parser("down", help="stop everything `up` started"))
-    add_run_dir(sub.add_parser("status", help="health of each process and HAProxy's view of each replica"))
+    st = sub.add_parser("status", help="health of each process and HAProxy's view of each replica")
+    add_run_dir(st)
+    st.add_argument("--json", action="store_true",
+                    help='print one JSON object instead: {"processes": [{"name", "role", "address", "metrics_url", '
+                         '"health", "state", "pid", "uptime"}...], "replicas": [HAProxy\'s view]}')
+    t = sub.add_parser("top", help="a live view of the stack, read from every process's /metrics")
+    add_run_dir(t)
+    top.add_flags(t)
     v = sub.add_parser("validate", help="phase 0/1/2 checks against the running stack")
     add_run_dir(v)
     v.add_argument("--phases", default="0,1,2", help="comma-separated phases to run (default %(default)s)")
@@ -54,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("args", nargs=argparse.REMAINDER, help="supervisorctl arguments, e.g. `restart cacheshard`")
     m = sub.add_parser("manifests", help="regenerate HAProxy's config for compose and Kubernetes")
     m.add_argument("--check", action="store_true", help="only report whether the committed files are current")
+    from mlbase.tune import TuneSettings, __doc__ as tune_doc  # light: measuring imports torch/onnxruntime lazily
+    add_flags(sub.add_parser("tune", help="measure each backend x precision on this CPU (speed and both quality "
+                                          "gates) and record the winner for --backend auto",
+                             description=tune_doc, formatter_class=argparse.RawDescriptionHelpFormatter),
+              TuneSettings)
     client = client_module()
     if client is not None:
         client.add_subcommands(sub)
@@ -94,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "manifests":
         from deploy import manifests
         return manifests.main(["--check"] if args.check else [])
+    if args.command == "tune":
+        from mlbase import tune
+        try:
+            settings = from_args(tune.TuneSettings, args)
+        except ValueError as exc:
+            print(f"sutra tune: {exc}", file=sys.stderr)
+            return 2
+        return tune.run(settings)
     try:
         if args.command == "up":
             try:
@@ -106,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "down":
             return stack.down(settings)
         if args.command == "status":
-            return stack.status(settings)
+            return stack.status(settings, as_json=args.json)
+        if args.command == "top":
+            return top.main(settings, args)
         if args.command == "validate":
             from deploy.validate import validate
             phases = [int(p) for p in args.phases.split(",") if p.strip()]

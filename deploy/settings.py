@@ -55,6 +55,11 @@ class StackSettings(Settings):
     # Frontend's HTTP admin port (/cache/stats, /metrics); 0 disables it.
     admin_port: int = setting(9100, "frontend HTTP admin port (/cache/stats, /metrics); 0 disables",
                               env=_as(FrontendSettings, "admin_port"))
+    # Prometheus endpoints (plain HTTP on `host`); the frontend's is its admin port, HAProxy's its stats port.
+    shard_metrics_port: int = setting(9102, "cache shard's Prometheus endpoint (GET /metrics, plain HTTP)",
+                                      env=_as(ShardSettings, "server.metrics_port"))
+    replica_metrics_base_port: int = setting(9111, "Prometheus endpoint (GET /metrics, plain HTTP) of the first "
+                                                   "replica; replica i uses base + i - 1")
     # Torch threads per replica; 0 = max(1, cores // replicas).
     threads: int = setting(0, "inference threads per replica (onnxruntime or torch intra-op); 0 = max(1, cores // "
                               "replicas)", env="SUTRA_TORCH_THREADS")
@@ -132,6 +137,9 @@ class StackSettings(Settings):
     def replica_port(self, index: int) -> int:
         return self.replica_base_port + index - 1
 
+    def replica_metrics_port(self, index: int) -> int:
+        return self.replica_metrics_base_port + index - 1
+
     def replica_names(self) -> list[str]:
         return [f"mlbase{i}" for i in range(1, self.replicas + 1)]
 
@@ -145,7 +153,22 @@ class StackSettings(Settings):
             ports["admin"] = self.admin_port
         for i, name in enumerate(self.replica_names(), start=1):
             ports[name] = self.replica_port(i)
+        ports["shard_metrics"] = self.shard_metrics_port
+        for i, name in enumerate(self.replica_names(), start=1):
+            ports[f"{name}_metrics"] = self.replica_metrics_port(i)
         return ports
+
+    def metrics_port(self, name: str) -> int | None:
+        """The port where process `name` (supervisord's name) serves GET /metrics; None if it has none
+        (a frontend without an admin port)."""
+        if name in self.replica_names():
+            return self.replica_metrics_port(self.replica_names().index(name) + 1)
+        return {"embedding": self.admin_port or None, "cacheshard": self.shard_metrics_port,
+                "haproxy": self.stats_port}.get(name)
+
+    def metrics_url(self, name: str) -> str | None:
+        port = self.metrics_port(name)
+        return None if port is None else f"http://{self.address(port)}/metrics"
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -218,13 +219,17 @@ def print_endpoints(settings: StackSettings, out: Printer) -> None:
     out(f"  HAProxy             {s.lb_address}   -> {', '.join(s.replica_addresses())}")
     out(f"  stats page          http://{s.address(s.stats_port)}/stats   (Prometheus: /metrics)")
     if s.admin_port:
-        out(f"  frontend admin      http://{s.address(s.admin_port)}/cache/stats")
+        out(f"  frontend admin      http://{s.address(s.admin_port)}/cache/stats   (Prometheus: /metrics)")
+    out(f"  shard metrics       {s.metrics_url('cacheshard')}")
+    replicas = s.replica_names()
+    out(f"  replica metrics     {s.metrics_url(replicas[0])}"
+        + (f" ... {s.metrics_url(replicas[-1])}" if len(replicas) > 1 else ""))
     out(f"  logs                {s.log_dir}")
     out("")
     out("try:")
     out(f"  grpcurl -plaintext -d '{{\"inputs\": [\"hello world\"], \"dimensions\": 64}}' "
         f"{s.frontend_address} sutra.embedding.v1.EmbeddingService/Embed")
-    out("  sutra status    sutra validate    sutra down")
+    out("  sutra status [--json]    sutra top    sutra validate    sutra down")
 
 
 def down(settings: StackSettings, out: Printer = print, timeout: float | None = None) -> int:
@@ -263,17 +268,31 @@ def down(settings: StackSettings, out: Printer = print, timeout: float | None = 
     return 0
 
 
-def status(settings: StackSettings, out: Printer = print) -> int:
-    """Each process's supervisor state and health, and HAProxy's view of each replica.
-    Exit code 0 when everything is healthy, 1 when something is not, 3 when not running."""
-    sup = Supervisor(settings.supervisor_socket)
-    if not sup.reachable():
-        out(f"stack not running (no supervisord at {settings.supervisor_socket})")
-        return 3
-    healthy = True
+@dataclass(frozen=True)
+class ProcessView:
+    """One supervised process as `sutra status` reports it (and `--json` prints it)."""
+
+    name: str
+    role: str  # frontend, cacheshard, mlbase or haproxy
+    state: str  # supervisord's: RUNNING, STARTING, BACKOFF, EXITED, FATAL...
+    pid: int | None
+    address: str  # where it takes its traffic (gRPC; HAProxy: the port the frontend sends batches to)
+    health: str  # gRPC health (SERVING...), HAProxy: RUNNING or NO SOCKET, "-" when not running
+    metrics_url: str | None  # its GET /metrics (plain HTTP)
+    uptime: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "RUNNING" and self.health in ("SERVING", "RUNNING")
+
+
+def processes(settings: StackSettings, sup: Supervisor | None = None) -> list[ProcessView]:
+    """Every process of a running stack with its state, health and endpoints: what `status`
+    prints and what `top` scrapes. Health is probed now (gRPC health, with the operator's
+    certificate on internal ports)."""
+    sup = sup or Supervisor(settings.supervisor_socket)
     progs = {p.name: p for p in programs(settings)}
-    out(f"supervisord pid {sup.pid()}, run dir {settings.run_dir}")
-    out(f"{'process':12} {'state':9} {'pid':>7}  {'health':12} {'address':22} uptime")
+    found = []
     for info in sup.processes():
         prog = progs.get(info["name"])
         if prog is None:
@@ -285,22 +304,48 @@ def status(settings: StackSettings, out: Printer = print) -> int:
             health = probe.grpc_health(address, tls=prog.tls)
         else:
             health = "RUNNING" if settings.haproxy_socket.exists() else "NO SOCKET"
-        ok = info["statename"] == "RUNNING" and health in ("SERVING", "RUNNING")
-        healthy &= ok
         uptime = info["description"].split("uptime ")[-1] if "uptime" in info["description"] else ""
-        out(f"{info['name']:12} {info['statename']:9} {info['pid'] or '-':>7}  {health:12} {address:22} {uptime}")
+        found.append(ProcessView(info["name"], prog.role, info["statename"], info["pid"] or None, address, health,
+                                 settings.metrics_url(info["name"]), uptime))
+    return found
+
+
+def status(settings: StackSettings, out: Printer = print, as_json: bool = False) -> int:
+    """Each process's supervisor state and health, and HAProxy's view of each replica; as text,
+    or as one JSON object (`as_json`: {"processes": [...], "replicas": [...]}, see ProcessView).
+    Exit code 0 when everything is healthy, 1 when something is not, 3 when not running."""
+    sup = Supervisor(settings.supervisor_socket)
+    if not sup.reachable():
+        if as_json:
+            out(json.dumps({"running": False, "run_dir": str(settings.run_dir), "processes": []}))
+        else:
+            out(f"stack not running (no supervisord at {settings.supervisor_socket})")
+        return 3
+    views = processes(settings, sup)
+    healthy = all(v.ok for v in views)
+    try:
+        replicas, lb_error = runtime.servers(settings.haproxy_socket), None
+    except OSError as exc:
+        replicas, lb_error = [], f"runtime API not answering: {exc}"
+    healthy &= lb_error is None and len(replicas) == settings.replicas and all(r.up for r in replicas)
+    if as_json:
+        out(json.dumps({"running": True, "healthy": healthy, "run_dir": str(settings.run_dir),
+                        "supervisord_pid": sup.pid(), "processes": [dataclasses.asdict(v) for v in views],
+                        "replicas": [dataclasses.asdict(r) for r in replicas],
+                        **({"haproxy_error": lb_error} if lb_error else {})}, indent=2))
+        return 0 if healthy else 1
+    out(f"supervisord pid {sup.pid()}, run dir {settings.run_dir}")
+    out(f"{'process':12} {'state':9} {'pid':>7}  {'health':12} {'address':22} {'metrics':32} uptime")
+    for v in views:
+        out(f"{v.name:12} {v.state:9} {v.pid or '-':>7}  {v.health:12} {v.address:22} {v.metrics_url or '-':32} "
+            f"{v.uptime}")
     out("")
     out(f"HAProxy {settings.lb_address} (stats http://{settings.address(settings.stats_port)}/stats):")
-    try:
-        views = runtime.servers(settings.haproxy_socket)
-    except OSError as exc:
-        out(f"  runtime API not answering: {exc}")
+    if lb_error:
+        out(f"  {lb_error}")
         return 1
     out(f"  {'server':10} {'address':22} {'status':9} {'check':7} {'conns':>5} {'total':>6} {'bytes in':>10}")
-    for v in views:
-        healthy &= v.up
-        out(f"  {v.name:10} {v.address:22} {v.status:9} {v.check_status:7} {v.sessions_current:>5} "
-            f"{v.sessions_total:>6} {v.bytes_in:>10}")
-    if len(views) != settings.replicas:
-        healthy = False
+    for r in replicas:
+        out(f"  {r.name:10} {r.address:22} {r.status:9} {r.check_status:7} {r.sessions_current:>5} "
+            f"{r.sessions_total:>6} {r.bytes_in:>10}")
     return 0 if healthy else 1

@@ -37,6 +37,7 @@ STOP_MARGIN_SECONDS = 10.0
 # so it closes its port at once on SIGTERM.
 SHARD_DRAIN_SECONDS = 0.0
 HAPROXY_STOP_WAIT = 10
+ROLES = ("frontend", "cacheshard", "mlbase", "haproxy")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Program:
     group: str | None = None
     # How the stack's own tools reach this port (health probes): None = plaintext.
     tls: TlsClientOptions | None = None
+    # What it is in the architecture, for `sutra status --json`: one of ROLES.
+    role: str = ""
 
     @property
     def full_name(self) -> str:
@@ -91,22 +94,25 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
     shard = _launch(shard_recipe, {
         "server.host": settings.host, "server.port": settings.shard_port, "path": settings.shard_path,
         "server.drain_seconds": SHARD_DRAIN_SECONDS, "server.grace_seconds": grace, "sync": settings.shard_sync,
+        "server.metrics_host": settings.host, "server.metrics_port": settings.shard_metrics_port,
         **served("cacheshard"),
     }, python)
     found = [Program("cacheshard", shard, 10, stop_wait(SHARD_DRAIN_SECONDS, grace), "grpc", settings.shard_port,
-                     tls=probe_tls)]
+                     tls=probe_tls, role="cacheshard")]
     # Replica stop: drain (NOT_SERVING while HAProxy notices), then in-flight work finishes.
     for i, name in enumerate(settings.replica_names(), start=1):
         replica = _launch(replica_recipe, {
             "server.host": settings.host, "server.port": settings.replica_port(i), "threads": settings.torch_threads,
             "server.drain_seconds": drain, "server.grace_seconds": grace,
             "server.max_connection_age_ms": settings.max_connection_age_ms,
-            "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms, **served("mlbase"),
+            "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms,
+            "server.metrics_host": settings.host, "server.metrics_port": settings.replica_metrics_port(i),
+            **served("mlbase"),
         }, python)
         found.append(Program(name, replica, 20, stop_wait(drain, grace), "grpc", settings.replica_port(i),
-                             group=MLBASE_GROUP, tls=probe_tls))
+                             group=MLBASE_GROUP, tls=probe_tls, role="mlbase"))
     found.append(Program("haproxy", haproxy_command(settings.haproxy_config, haproxy), 30, HAPROXY_STOP_WAIT,
-                         "haproxy", settings.lb_port))
+                         "haproxy", settings.lb_port, role="haproxy"))
     # Frontend stop: drain, in-flight RPCs (open EmbedStreams too) finish, then queued L2
     # write-backs are stored; SIGKILL before the end would lose them.
     flush = settings.writeback_flush_seconds
@@ -116,7 +122,8 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
         "mlbase_connections": settings.frontend_connections, "l1_entries": settings.l1_entries,
         "server.drain_seconds": drain, "server.grace_seconds": grace, "writeback_flush_s": flush, **calling,
     }, python)
-    found.append(Program("embedding", frontend, 40, stop_wait(drain, grace, flush), "grpc", settings.frontend_port))
+    found.append(Program("embedding", frontend, 40, stop_wait(drain, grace, flush), "grpc", settings.frontend_port,
+                         role="frontend"))
     return found
 
 

@@ -12,12 +12,14 @@ import asyncio
 import logging
 import sys
 
+from common import tracing
 from common.grpc_server import ServiceServer, configure_logging, run_until_signalled
 from embedding.admin import AdminServer
 from embedding.auth import AuthInterceptor
 from embedding.engine import FrontendEngine
 from embedding.l2_client import L2Client
 from embedding.mlbase_pool import MLBasePool
+from embedding.request_ids import RequestIds
 from embedding.server import SERVICE_NAME, EmbeddingServicer, add_to_server
 from embedding.settings import FrontendSettings, load_settings
 from embedding.stats import Stats, make_registry
@@ -41,8 +43,9 @@ async def serve(settings: FrontendSettings) -> None:
     engine = FrontendEngine(settings, stats, pool.embed_full, l2)
     gate = Gate(settings.access)
     log.info("%s", settings.access.describe())
-    server = ServiceServer(settings.server, [SERVICE_NAME],
-                           interceptors=[AuthInterceptor(gate)] if gate.auth_enabled else [])
+    # Request ids outside authentication, so a refused call is named (and logged) too.
+    auth = [AuthInterceptor(gate)] if gate.auth_enabled else []
+    server = ServiceServer(settings.server, [SERVICE_NAME], interceptors=[RequestIds(f"/{SERVICE_NAME}/"), *auth])
     servicer = EmbeddingServicer(engine, settings.stream_window, gate, stream_idle_s=settings.stream_idle_s)
     add_to_server(servicer, server.server)
     watchdog = StallWatchdog(lambda: engine.inflight, server, stall_s=settings.stall_s)
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     configure_logging(settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        with tracing.installed(settings.tracing, starts_traces=True):  # the edge: a call without a trace starts one
+            asyncio.run(serve(settings))
     except Exception as exc:  # noqa: BLE001 - a clear one-line reason and a non-zero exit
         log.error("frontend failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1

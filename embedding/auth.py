@@ -15,13 +15,8 @@ from __future__ import annotations
 import grpc
 
 from common.errors import Unauthenticated
+from common.handlers import OPEN_PREFIXES
 from embedding.tenants import Gate
-
-OPEN_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

@@ -15,6 +15,10 @@ frontend serving TLS (cert/key when it requires client certificates),
 `token=` for one that requires `authorization: Bearer <token>`, and
 `tenant=` (the `x-sutra-tenant` header) for one without tokens that
 isolates tenants. Messages are capped at `max_message_bytes` both ways.
+
+Tracing: a call made while an OpenTelemetry span is current (the caller
+traces with its own SDK) carries that span's W3C `traceparent`, so the
+frontend's spans join the caller's trace.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import grpc
 import numpy as np
 
 from common.tls import DEFAULT_MAX_MESSAGE_BYTES, TlsClientOptions, open_channel
+from common.tracing import outgoing
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -162,7 +167,7 @@ class Client(_ClientBase):
         attempt = 0
         while True:
             try:
-                return method(request, timeout=_time_left(deadline), metadata=self._metadata)
+                return method(request, timeout=_time_left(deadline), metadata=outgoing(self._metadata))
             except grpc.RpcError as exc:
                 pause = self._retry_pause(exc, attempt, deadline)
                 if pause is None:
@@ -208,7 +213,7 @@ class Client(_ClientBase):
                 sizes.append(len(batch))
                 yield pb.EmbedStreamRequest(inputs=batch, dimensions=dimensions, encoding=pb.ENCODING_PACKED)
 
-        for i, reply in enumerate(self._stub.EmbedStream(requests(), metadata=self._metadata)):
+        for i, reply in enumerate(self._stub.EmbedStream(requests(), metadata=outgoing(self._metadata))):
             yield decode(reply.result, sizes[i]), reply.result
 
 
@@ -240,7 +245,7 @@ class AsyncClient(_ClientBase):
         attempt = 0
         while True:
             try:
-                return await method(request, timeout=_time_left(deadline), metadata=self._metadata)
+                return await method(request, timeout=_time_left(deadline), metadata=outgoing(self._metadata))
             except grpc.aio.AioRpcError as exc:
                 pause = self._retry_pause(exc, attempt, deadline)
                 if pause is None:

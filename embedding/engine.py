@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common import codec
+from common import codec, tracing
 from common.cache_key import cache_key
 from common.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 from common.limits import check_texts
@@ -172,7 +172,9 @@ class FrontendEngine:
         truncated = np.zeros(len(uniq), dtype=bool)
         usage = Usage(duplicates=len(texts) - len(uniq))
 
-        missing = self._from_l1(keys, full, truncated, usage, range(len(uniq)))
+        with tracing.span("l1.lookup", attributes={"sutra.keys": len(uniq)}) as span:
+            missing = self._from_l1(keys, full, truncated, usage, range(len(uniq)))
+            span.set_attribute("sutra.hits", len(uniq) - len(missing))
         waiting: list[tuple[int, asyncio.Future]] = []
         try:
             to_l2: list[int] = []
@@ -187,17 +189,22 @@ class FrontendEngine:
             if to_compute:
                 # Another request may have filled L1 while we waited on L2.
                 to_compute = self._from_l1(keys, full, truncated, usage, to_compute, recheck=True)
-            if to_compute:
-                try:
-                    waiters, joined = inflight.request([keys[j] for j in to_compute], [uniq[j] for j in to_compute],
-                                                       deadline)
-                except Overloaded:
-                    self.stats.rejected_overloaded += 1
-                    raise
-                self.stats.coalesced += joined
-                waiting.extend(zip(to_compute, waiters))
-            usage.computed = len(waiting)
-            results = await _wait([w for _, w in waiting], deadline)
+            # The single-flight wait: on computations other requests started, and on our own.
+            coalesced = len(waiting)
+            with tracing.span("inflight.wait") if to_compute or waiting else tracing.NO_SPAN as span:
+                if to_compute:
+                    try:
+                        waiters, joined = inflight.request([keys[j] for j in to_compute],
+                                                           [uniq[j] for j in to_compute], deadline)
+                    except Overloaded:
+                        self.stats.rejected_overloaded += 1
+                        raise
+                    self.stats.coalesced += joined
+                    coalesced += joined
+                    waiting.extend(zip(to_compute, waiters))
+                usage.computed = len(waiting)
+                span.set_attributes({"sutra.texts": len(waiting), "sutra.coalesced": coalesced})
+                results = await _wait([w for _, w in waiting], deadline)
         finally:
             # Detach from whatever is still unsettled (an error, a deadline, our own cancellation);
             # settled waiters ignore it. The owner also settles every waiter when its batch ends.
@@ -246,7 +253,10 @@ class FrontendEngine:
     async def _from_l2(self, m: ModelConfig, uniq, keys, full, truncated, usage: Usage, which: list[int]) -> list[int]:
         if self.l2 is None or not which:
             return which
-        results = await self.l2.lookup([keys[j] for j in which])
+        with tracing.span("l2.lookup", attributes={"sutra.keys": len(which)}) as span:
+            results = await self.l2.lookup([keys[j] for j in which])
+            if span.is_recording():
+                span.set_attribute("sutra.found", sum(value is not None for value in results))
         missing = []
         for j, value in zip(which, results):
             if value is None:

@@ -34,7 +34,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry.trace import SpanKind
 
+from common import tracing
 from common.errors import Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class Flight:
     queued_at: float
     waiters: dict[asyncio.Future, float | None] = field(default_factory=dict)
     batch: "Batch | None" = None
+    # Trace contexts of the callers that waited on it (tracing on only): its batch's spans descend
+    # from the first and link the others.
+    callers: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -188,6 +193,9 @@ class InFlight:
     def _attach(self, flight: Flight, deadline: float | None) -> asyncio.Future:
         waiter = asyncio.get_running_loop().create_future()
         flight.waiters[waiter] = deadline
+        caller = tracing.current()
+        if caller is not None:
+            flight.callers.append(caller)
         waiter.add_done_callback(functools.partial(self._detach, flight))
         return waiter
 
@@ -246,13 +254,21 @@ class InFlight:
             flight.batch = batch
         batch.fix_deadline()
         timeout = batch.timeout(self._default_timeout_s)
-        batch.task = asyncio.get_running_loop().create_task(
-            self._bounded([f.text for f in flights], timeout), name="mlbase-batch")
+        loop = asyncio.get_running_loop()
+        callers = tracing.distinct(c for f in flights for c in f.callers) if tracing.enabled() else None
+        if callers:
+            tracing.record("inflight.queue", tracing.epoch_ns(min(f.queued_at for f in flights)), time.time_ns(),
+                           attributes={"sutra.texts": len(flights)}, callers=callers)
+        batch.task = loop.create_task(self._bounded([f.text for f in flights], timeout, callers), name="mlbase-batch")
         self._batches.add(batch)
         batch.task.add_done_callback(functools.partial(self._settle, batch))
 
-    async def _bounded(self, texts: list[str], timeout: float) -> tuple[np.ndarray, set[int]]:
-        return await asyncio.wait_for(self._compute(texts, timeout), max(0.0, timeout) + _HARD_BOUND_SLACK_S)
+    async def _bounded(self, texts: list[str], timeout: float, callers: list | None) -> tuple[np.ndarray, set[int]]:
+        """The compute call, cut off past its time; with tracing on, inside the batch's ML-base span
+        (which the call's metadata carries to the replica), in the trace of the first of `callers`."""
+        with tracing.span("mlbase.embed", kind=SpanKind.CLIENT, attributes={"sutra.texts": len(texts)},
+                          callers=callers):
+            return await asyncio.wait_for(self._compute(texts, timeout), max(0.0, timeout) + _HARD_BOUND_SLACK_S)
 
     def _settle(self, batch: Batch, task: asyncio.Task) -> None:
         """The batch ended, however: settle its waiters, forget its flights, free its slot."""

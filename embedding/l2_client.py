@@ -42,6 +42,7 @@ import time
 
 import grpc
 
+from common import tracing
 from common.grpc_server import keepalive_options
 from common.tls import TlsClientOptions, open_channel
 from embedding.stats import Stats
@@ -257,7 +258,9 @@ class ShardConnection:
         fut.add_done_callback(lambda f: self._settled(stream, batch_id, timer, f))
         if probe:
             self._probe = fut
-        stream.outbox.put_nowait((fut, pb.LookupRequest(batch_id=batch_id, keys=keys)))
+        # The stream is shared by many requests: the trace context rides in the message.
+        stream.outbox.put_nowait((fut, pb.LookupRequest(batch_id=batch_id, keys=keys,
+                                                        traceparent=tracing.traceparent())))
         reply = await fut
         if len(reply.found) != len(keys) or len(reply.values) != len(keys):
             raise L2Error(f"shard {self.address} answered {len(reply.found)} results for {len(keys)} keys")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from common import tracing
 from common.errors import DeadlineExceeded, InvalidInput, Unavailable
 from common.grpc_server import keepalive_options
 from common.tls import TlsClientOptions, open_channel
@@ -138,6 +139,8 @@ class MLBasePool:
         request = pb.EmbedRequest(texts=texts, full_width=True, truncation=pb.TRUNCATION_TRUNCATE)
         tried: set[int] = set()
         last: str = "no attempt made"
+        # The batch's span (embedding/inflight.py), so the replica's server span is its child.
+        metadata = tracing.outgoing()
         for attempt in range(self._max_attempts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -148,7 +151,7 @@ class MLBasePool:
             conn.calls += 1
             started = time.monotonic()
             try:
-                reply = await conn.stub.Embed(request, timeout=remaining)
+                reply = await conn.stub.Embed(request, timeout=remaining, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code in RETRYABLE:
@@ -156,6 +159,7 @@ class MLBasePool:
                     self._stats.mlbase_retries += 1
                     log.warning("ML-base batch of %d on connection %d failed (%s); retrying",
                                 len(texts), conn.index, last)
+                    tracing.event("retry", {"rpc.grpc.status_code": code.value[0], "sutra.connection": conn.index})
                     if attempt + 1 < self._max_attempts:
                         await asyncio.sleep(min(0.05 * (2 ** attempt), 1.0, max(0.0, deadline - time.monotonic())))
                     continue

@@ -16,6 +16,7 @@ from common.grpc_server import ServerOptions, server_settings
 from common.matryoshka import parse_widths
 from common.settings import ServiceCli, Settings, at_least, item, not_negative, one_of, positive, setting
 from common.tls import TlsClientOptions, client_tls_group
+from common.tracing import TracingOptions, tracing_group
 from embedding.tenants import AccessConfig, load_access
 from mlbase.settings import MLBaseSettings
 
@@ -40,7 +41,10 @@ def _replica_env(name: str) -> str:
 class FrontendSettings(Settings):
     """Everything the frontend needs; validated at construction."""
 
-    server: ServerOptions = server_settings(port=DEFAULT_PORT, port_env="SUTRA_EMBEDDING_PORT")
+    # No --metrics-port: /metrics is on the admin port, behind the bearer tokens (a second,
+    # unauthenticated endpoint would bypass them).
+    server: ServerOptions = server_settings(port=DEFAULT_PORT, port_env="SUTRA_EMBEDDING_PORT", metrics=False)
+    tracing: TracingOptions = tracing_group(MODULE)
     mlbase_address: str = setting(
         DEFAULT_MLBASE, "ML-base address HOST:PORT, normally HAProxy's; a single replica works too",
         flag="mlbase", env="SUTRA_MLBASE_ADDRESS")

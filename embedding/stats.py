@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from common import histogram
 from common.hit_counts import HitCounts
 from common.latency import LatencyWindow
+from common.metrics_http import process_registry
+
+# The RPCs whose answer times /metrics shows (EmbedStream: each message of a stream).
+TIMED_METHODS = ("Embed", "EmbedStream")
 
 
 @dataclass
@@ -45,6 +50,9 @@ class Stats:
     truncated: int = 0
     rejected_overloaded: int = 0
     mlbase_latency: LatencyWindow = field(default_factory=LatencyWindow)
+    # Answered requests by method (the servicer times them; `requests` counts them).
+    request_latency: dict[str, LatencyWindow] = field(
+        default_factory=lambda: {method: LatencyWindow() for method in TIMED_METHODS})
 
 
 class StatsCollector(Collector):
@@ -96,11 +104,18 @@ class StatsCollector(Collector):
             for q in (50, 99):
                 quantiles.add_metric([stage, f"0.{q}"], window.percentile_ms(q))
         yield quantiles
+        yield histogram.family("sutra_embedding_request_duration_seconds",
+                               "Time to answer one Embed request or EmbedStream message", ["method"],
+                               [((method,), w.histogram) for method, w in s.request_latency.items()])
+        yield histogram.family("sutra_embedding_lookup_duration_seconds", "Time of one cache lookup by level "
+                               "(L1: a request's keys; L2: one batch to the shards)", ["level"],
+                               [(("l1",), s.l1.latency.histogram), (("l2",), s.l2.latency.histogram)])
+        yield histogram.family("sutra_embedding_mlbase_batch_duration_seconds",
+                               "Time of one successful batch call to a model replica",
+                               series=[((), s.mlbase_latency.histogram)])
         for name, value in self._gauges().items():
             yield GaugeMetricFamily(f"sutra_embedding_{name}", name.replace("_", " "), value=value)
 
 
 def make_registry(stats: Stats, gauges) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(stats, gauges))
-    return registry
+    return process_registry(StatsCollector(stats, gauges))

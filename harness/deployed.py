@@ -27,15 +27,25 @@ def sutra(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def up_args(run_dir: Path, replicas: int) -> list[str]:
-    """`up` flags for `replicas` replicas on free ports (replica ports are consecutive)."""
-    ports = [free_port() for _ in range(5)]
-    base = free_port()
-    while not all(probe.port_free("127.0.0.1", base + i) for i in range(1, replicas)):
+def free_run(count: int, avoid: set[int]) -> int:
+    """The first of `count` consecutive free ports, none of them in `avoid`."""
+    while True:
         base = free_port()
+        run = range(base, base + count)
+        if avoid.isdisjoint(run) and all(probe.port_free("127.0.0.1", port) for port in run[1:]):
+            return base
+
+
+def up_args(run_dir: Path, replicas: int) -> list[str]:
+    """`up` flags for `replicas` replicas on free ports (each replica's gRPC and metrics ports are
+    consecutive, as `up` numbers them)."""
+    ports = [free_port() for _ in range(6)]
+    base = free_run(replicas, set(ports))
+    metrics_base = free_run(replicas, {*ports, *range(base, base + replicas)})
     return ["--run-dir", str(run_dir), "--replicas", str(replicas), "--frontend-port", str(ports[0]),
             "--shard-port", str(ports[1]), "--lb-port", str(ports[2]), "--stats-port", str(ports[3]),
-            "--admin-port", str(ports[4]), "--replica-base-port", str(base)]
+            "--admin-port", str(ports[4]), "--shard-metrics-port", str(ports[5]), "--replica-base-port", str(base),
+            "--replica-metrics-base-port", str(metrics_base)]
 
 
 @contextmanager

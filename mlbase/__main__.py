@@ -7,7 +7,9 @@ import logging
 import signal
 import sys
 
+from common import tracing
 from common.grpc_server import configure_logging
+from mlbase import tuned
 from mlbase.settings import load_settings
 
 
@@ -17,12 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     from mlbase.server import serve  # after parsing, so --help does not import grpc/torch
 
     try:
-        asyncio.run(serve(settings))
+        # --backend auto: the tuner's choice for this CPU (tuning first if asked), else the default.
+        settings = tuned.resolve(settings)
+        with tracing.installed(settings.tracing, starts_traces=False):  # continues its callers' traces only
+            asyncio.run(serve(settings))
+            # Drained and stopped: a repeated SIGTERM while the last spans are exported or during
+            # interpreter teardown must not turn exit 0 into -15.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except Exception:
         logging.getLogger("mlbase").exception("replica failed")
         return 1
-    # Drained and stopped: a repeated SIGTERM during interpreter teardown must not turn exit 0 into -15.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common import tracing
 from common.errors import Overloaded, Unavailable
+from common.histogram import COUNT_BUCKETS, TOKEN_BUCKETS, Histogram
 from mlbase.backends.tokens import Encoded
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ class _Request:
     future: asyncio.Future
     # Set by the event loop on cancellation, by the worker on failure; read by the worker.
     abandoned: bool = False
+    queued: float = field(default_factory=time.monotonic)
+    # Tracing on only: the forward passes that computed its texts, appended by the worker as
+    # (started, ended, its texts, batch texts), monotonic; the caller turns them into spans.
+    passes: list[tuple[float, float, int, int]] | None = None
 
 
 @dataclass(slots=True)
@@ -73,14 +79,20 @@ class _Item:
 
 @dataclass
 class BatchStats:
-    """Counters, written by the worker thread only."""
+    """Counters and histograms, written by the worker thread only; /metrics renders them
+    (mlbase/metrics.py) from the endpoint's thread."""
 
     batches: int = 0
     texts: int = 0
     tokens: int = 0
     padded_tokens: int = 0
     generations: int = 0
+    failed_batches: int = 0
     sizes: list[int] = field(default_factory=list)
+    batch_texts: Histogram = field(default_factory=lambda: Histogram(COUNT_BUCKETS))
+    batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))  # padding included
+    queue_wait: Histogram = field(default_factory=Histogram)  # seconds, per text: submitted -> its batch starts
+    inference: Histogram = field(default_factory=Histogram)  # seconds per forward pass
 
 
 def plan_batches(items: Sequence[_Item], limits: BatchLimits) -> list[list[_Item]]:
@@ -138,6 +150,28 @@ def _fail(request: _Request, exc: BaseException) -> None:
         request.future.set_exception(exc)
 
 
+def _note_pass(batch: list[_Item], started: float, ended: float) -> None:
+    """Worker thread: tell each traced request of `batch` that this forward pass computed texts of it."""
+    counts: dict[_Request, int] = {}
+    for it in batch:
+        if it.request.passes is not None:
+            counts[it.request] = counts.get(it.request, 0) + 1
+    for request, texts in counts.items():
+        request.passes.append((started, ended, texts, len(batch)))
+
+
+def _trace(request: _Request, texts: int) -> None:
+    """Event loop, as the request ends: its queue wait and forward passes as spans of the current
+    (the Embed call's) trace, with the times the worker thread measured."""
+    passes = list(request.passes)
+    first = passes[0][0] if passes else time.monotonic()
+    tracing.record("replica.queue", tracing.epoch_ns(request.queued), tracing.epoch_ns(first),
+                   attributes={"sutra.texts": texts})
+    for started, ended, own, size in passes:
+        tracing.record("replica.inference", tracing.epoch_ns(started), tracing.epoch_ns(ended),
+                       attributes={"sutra.texts": own, "sutra.batch_texts": size})
+
+
 class InferenceBatcher:
     """Owns the inference thread; `embed` is the backend's forward pass."""
 
@@ -179,7 +213,7 @@ class InferenceBatcher:
         """Embed tokenized texts; float32 (len(items), width) in the given order."""
         loop = asyncio.get_running_loop()
         request = _Request(np.empty((len(items), self._width), dtype=np.float32), len(items),
-                           loop, loop.create_future())
+                           loop, loop.create_future(), passes=[] if tracing.enabled() else None)
         if not items:
             return request.out
         # However the caller ends (cancelled, deadline, answered), the worker learns it from the
@@ -190,7 +224,11 @@ class InferenceBatcher:
                 raise Unavailable("replica is shutting down; retry on another replica")
             self._pending.extend(_Item(e, request, row) for row, e in enumerate(items))
             self._cond.notify()
-        return await request.future
+        try:
+            return await request.future
+        finally:
+            if request.passes is not None:
+                _trace(request, len(items))
 
     async def close(self) -> None:
         """Stop taking requests, finish what is queued, join the thread."""
@@ -227,19 +265,30 @@ class InferenceBatcher:
         log.debug("inference thread done")
 
     def _run_batch(self, batch: list[_Item]) -> None:
+        stats = self.stats
+        started = time.monotonic()
+        for it in batch:
+            stats.queue_wait.observe(started - it.request.queued)
         try:
             vectors = self._embed([it.encoded for it in batch])
         except Exception as exc:  # the backend failed: fail these requests, keep serving
+            stats.failed_batches += 1
             log.exception("inference failed for a batch of %d texts", len(batch))
             for request in {id(it.request): it.request for it in batch}.values():
                 request.abandoned = True
                 request.loop.call_soon_threadsafe(_fail, request, exc)
             return
-        stats = self.stats
+        ended = time.monotonic()
+        stats.inference.observe(ended - started)
+        if tracing.enabled():
+            _note_pass(batch, started, ended)
+        padded = len(batch) * max(it.encoded.length for it in batch)
         stats.batches += 1
         stats.texts += len(batch)
         stats.tokens += sum(it.encoded.length for it in batch)
-        stats.padded_tokens += len(batch) * max(it.encoded.length for it in batch)
+        stats.padded_tokens += padded
+        stats.batch_texts.observe(len(batch))
+        stats.batch_tokens.observe(padded)
         stats.sizes.append(len(batch))
         if len(stats.sizes) > 1024:
             del stats.sizes[:512]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import matryoshka
-from common.errors import InvalidInput, Unavailable
+from common import matryoshka, tracing
+from common.errors import InvalidInput, Overloaded, Unavailable
 from common.limits import check_texts
 from mlbase.backends.base import Backend, ModelDescription
 from mlbase.batcher import InferenceBatcher
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Short and long texts, so warm-up touches more than one sequence length.
 _WARMUP_TEXTS = ["warm up", "a replica warms up before it reports SERVING " * 4, ""] * 4
+# Why an Embed call was refused, as /metrics labels it.
+REJECTIONS = {Overloaded: "queue_full", Unavailable: "unavailable", InvalidInput: "invalid_input"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class ReplicaEngine:
         self.batcher: InferenceBatcher | None = None
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbase-tokenize")
         self.ready = False
+        self.rejected = dict.fromkeys(REJECTIONS.values(), 0)  # Embed calls refused, by reason
 
     async def start(self) -> None:
         """Load the model (off the loop), start the inference thread, warm up."""
@@ -87,9 +90,13 @@ class ReplicaEngine:
 
     async def embed(self, texts: Sequence[str], dimensions: int, full_width: bool,
                     reject_truncation: bool) -> ComputedVectors:
-        if not self.ready:
-            raise Unavailable("model is not loaded yet; retry on another replica")
-        return await self._embed(texts, dimensions, full_width, reject_truncation)
+        try:
+            if not self.ready:
+                raise Unavailable("model is not loaded yet; retry on another replica")
+            return await self._embed(texts, dimensions, full_width, reject_truncation)
+        except tuple(REJECTIONS) as exc:
+            self.rejected[next(why for kind, why in REJECTIONS.items() if isinstance(exc, kind))] += 1
+            raise
 
     async def _embed(self, texts: Sequence[str], dimensions: int, full_width: bool,
                      reject_truncation: bool) -> ComputedVectors:
@@ -98,7 +105,8 @@ class ReplicaEngine:
         width = self.description.native_width if full_width else self.policy.resolve(dimensions)
         with self.batcher.reserve(len(texts)):
             loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(self._tokenizer_pool, self.backend.tokenize, texts)
+            with tracing.span("replica.tokenize", attributes={"sutra.texts": len(texts)}):
+                encoded = await loop.run_in_executor(self._tokenizer_pool, self.backend.tokenize, texts)
             truncated = [i for i, e in enumerate(encoded) if e.truncated]
             if truncated and reject_truncation:
                 raise InvalidInput(

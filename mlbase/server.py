@@ -9,6 +9,7 @@ from common.errors import Unavailable, grpc_errors
 from common.grpc_server import ServiceServer, run_until_signalled
 from mlbase.backends import registry
 from mlbase.engine import ReplicaEngine
+from mlbase.metrics import make_registry
 from mlbase.settings import MLBaseSettings
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
@@ -63,7 +64,7 @@ class MLBaseServicer(pb_grpc.MLBaseServiceServicer):
 async def serve(settings: MLBaseSettings) -> None:
     """Bind, load and warm the model while NOT_SERVING, serve until SIGTERM, drain."""
     engine = ReplicaEngine(registry.create(settings.backend_name, settings.backend), settings)
-    server = ServiceServer(settings.server, [SERVICE_NAME])
+    server = ServiceServer(settings.server, [SERVICE_NAME], metrics=make_registry(engine))
     pb_grpc.add_MLBaseServiceServicer_to_server(MLBaseServicer(engine), server.server)
     log.info("listening on %s:%d; loading %s", settings.server.host, server.port, settings.backend.model_path)
     await run_until_signalled(server, ready=engine.start, cleanup=engine.close)

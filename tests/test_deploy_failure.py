@@ -31,7 +31,8 @@ def test_up_reports_a_failing_replica_and_leaves_nothing_running(tmp_path):
     base = free_port()
     args = ["--run-dir", str(run_dir), "--replicas", "1", "--frontend-port", str(free_port()),
             "--shard-port", str(free_port()), "--lb-port", str(free_port()), "--stats-port", str(free_port()),
-            "--admin-port", "0", "--replica-base-port", str(base)]
+            "--admin-port", "0", "--replica-base-port", str(base), "--shard-metrics-port", str(free_port()),
+            "--replica-metrics-base-port", str(free_port())]
     env = dict(os.environ, SUTRA_MLBASE_MODEL=str(tmp_path / "no-such-model"), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-m", "deploy", "up", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)

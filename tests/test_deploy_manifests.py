@@ -4,6 +4,7 @@ agree with the local stack's ports and the generated HAProxy configuration."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -202,7 +203,9 @@ def test_generated_files_are_up_to_date():
 def test_compose_file(tmp_path):
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"cacheshard", "mlbase", "haproxy", "embedding"}
+    assert set(services) == {"cacheshard", "mlbase", "haproxy", "embedding", "prometheus", "grafana"}
+    # Prometheus and Grafana start only with `--profile observability`.
+    assert {name for name, svc in services.items() if svc.get("profiles")} == {"prometheus", "grafana"}
     emb = services["embedding"]["command"]
     assert flag(emb, "--port") == str(D.frontend_port)
     assert flag(emb, "--mlbase") == f"haproxy:{D.lb_port}"
@@ -219,7 +222,7 @@ def test_compose_file(tmp_path):
     result = subprocess.run([HAPROXY, "-c", "-f", str(source)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for name, svc in services.items():
-        if name != "haproxy":
+        if name in ("cacheshard", "mlbase", "embedding"):
             assert svc["image"] == "sutra-embed:latest" and svc["build"]["dockerfile"] == "deploy/Dockerfile"
     assert (ROOT / "deploy" / "Dockerfile").exists()
 
@@ -286,3 +289,59 @@ def test_every_grpc_liveness_probe_asks_the_liveness_service(docs):
             assert grpc_probe.get("service") == LIVENESS, doc["metadata"]["name"]
             probed.append(doc["metadata"]["name"])
     assert len(probed) == 3, probed
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+def metrics_port(module: str, args: list[str]) -> int:
+    """Where a program's command line says it serves /metrics: the frontend's admin port, else
+    --metrics-port (read by the program's own parser)."""
+    parsed = PARSERS[module]().parse_args(args)
+    return parsed.admin_port if module == "embedding" else parsed.metrics_port
+
+
+def test_k8s_pods_ask_prometheus_to_scrape_their_metrics_port(docs):
+    scraped = {}
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        template = doc["spec"]["template"]
+        notes = template["metadata"].get("annotations", {})
+        assert notes.get("prometheus.io/scrape") == "true", doc["metadata"]["name"]
+        assert notes["prometheus.io/path"] == "/metrics"
+        port = int(notes["prometheus.io/port"])
+        c = container(doc)
+        assert port in {p["containerPort"] for p in c["ports"]}, doc["metadata"]["name"]
+        parsed = program_args(c["args"], container_env(c))
+        if parsed is not None:
+            module = parsed[0]
+            assert port == metrics_port(module, c["args"][3:]), module
+            if module != "embedding":
+                assert flag(c["args"], "--metrics-host") == "0.0.0.0"
+        scraped[doc["metadata"]["name"]] = port
+    assert scraped == {"embedding": D.admin_port, "cacheshard": D.shard_metrics_port,
+                       "mlbase": D.replica_metrics_base_port, "haproxy": D.stats_port}
+
+
+def test_compose_prometheus_scrapes_every_process():
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    services = compose["services"]
+    [mount] = services["prometheus"]["volumes"]
+    config = yaml.safe_load((ROOT / "deploy" / mount.split(":")[0]).read_text())
+    targets = {}
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            targets.update(dict(t.rsplit(":", 1) for t in static["targets"]))
+        for dns in job.get("dns_sd_configs", []):
+            targets.update({name: str(dns["port"]) for name in dns["names"]})
+    assert set(targets) == {"embedding", "cacheshard", "mlbase", "haproxy"}
+    for name in ("embedding", "cacheshard", "mlbase"):
+        command = services[name]["command"]
+        assert int(targets[name]) == metrics_port(name, command[3:]), name
+        if name != "embedding":
+            assert flag(command, "--metrics-host") == "0.0.0.0"
+    assert int(targets["haproxy"]) == D.stats_port
+    grafana = services["grafana"]["volumes"]
+    for mount in grafana:
+        assert (ROOT / "deploy" / mount.split(":")[0]).exists(), mount
+    json.loads((ROOT / "deploy" / "grafana" / "sutra.json").read_text())

@@ -5,18 +5,24 @@ process behind (checked by PID)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import time
 
+import grpc
 import psutil
 import pytest
 
 from deploy import probe
+from deploy.scrape import fetch
 from deploy.settings import StackSettings
 from deploy.supervisor import Supervisor
 from harness.deployed import deployed, sutra
 from lb import runtime
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 
 def stack_pids(settings: StackSettings) -> dict[str, int]:
@@ -57,6 +63,42 @@ def test_status_shows_health_and_haproxy_view(stack):
     for name in ("cacheshard", "mlbase1", "mlbase2", "embedding"):
         assert any(line.startswith(name) and "RUNNING" in line and "SERVING" in line for line in lines), name
     assert sum(1 for line in lines if line.strip().startswith("mlbase") and " UP " in line) == 2
+
+
+def test_status_json_lists_every_process_with_its_metrics(stack):
+    settings, _ = stack
+    result = sutra("status", "--json", "--run-dir", str(settings.run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = json.loads(result.stdout)
+    processes = {p["name"]: p for p in found["processes"]}
+    assert {name: p["role"] for name, p in processes.items()} == {
+        "cacheshard": "cacheshard", "mlbase1": "mlbase", "mlbase2": "mlbase", "haproxy": "haproxy",
+        "embedding": "frontend"}
+    for name, p in processes.items():
+        assert {"name", "role", "address", "metrics_url", "health", "state", "pid"} <= p.keys()
+        assert p["state"] == "RUNNING" and p["health"] in ("SERVING", "RUNNING"), p
+        assert p["metrics_url"] == settings.metrics_url(name)
+        page = fetch(p["metrics_url"])
+        assert len(page.families) >= 8, (name, sorted(page.families))
+    assert processes["haproxy"]["metrics_url"] == f"http://{settings.address(settings.stats_port)}/metrics"
+    assert [r["status"] for r in found["replicas"]] == ["UP", "UP"] and found["healthy"] is True
+
+
+def test_top_once_reads_every_endpoint(stack):
+    settings, _ = stack
+    with grpc.insecure_channel(settings.frontend_address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        for i in range(5):
+            stub.Embed(pb.EmbedRequest(inputs=[f"top {i}", "top"], dimensions=64), timeout=60)
+    result = sutra("top", "--once", "--interval", "0.5", "--run-dir", str(settings.run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for words in ("frontend embedding", "requests/s", "L1 hits", "request p99", "cache shard cacheshard",
+                  "keys looked up/s", "replicas", "mlbase1", "mlbase2", "inference p99"):
+        assert words in out, (words, out)
+    assert "unreachable" not in out
+    # HAProxy's exporter says both replicas are UP.
+    assert sum(1 for line in out.splitlines() if re.search(r"mlbase\d .*\bUP\b", line)) == 2, out
 
 
 def test_validate_phases_0_1_2(stack):

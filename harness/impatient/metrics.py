@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections import defaultdict
 
-from prometheus_client.parser import text_string_to_metric_families
+from deploy.scrape import fetch
 
 # Gauges on the frontend's /metrics and their values once traffic has stopped;
 # None = the frontend's --mlbase-concurrency (--expect-free-slots here).
@@ -28,12 +27,9 @@ IDLE_GAUGES: dict[str, int | None] = {
 
 def scrape(url: str, timeout: float = 3.0) -> dict[str, float]:
     """Every sample on a Prometheus text page, summed over labels, by sample name."""
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
-        body = reply.read().decode()
     out: dict[str, float] = defaultdict(float)
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            out[sample.name] += sample.value
+    for name, _labels, value in fetch(url, timeout=timeout).samples:
+        out[name] += value
     return dict(out)
 
 

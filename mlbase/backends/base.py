@@ -36,12 +36,17 @@ class BackendOptions:
     # Longest input in tokens; 0 = the model's own setting.
     max_seq_length: int = 0
     device: str = "cpu"
-    # Numeric precision of the forward pass: "fp32", or "int8" (backends that support it).
+    # Numeric precision of the forward pass: "fp32", or what the backend supports besides
+    # (registry.PRECISIONS: "bf16", "int8", "int8-static").
     precision: str = "fp32"
     # Where a backend keeps files it derives from the model (e.g. exported ONNX graphs); "" = its default.
     cache_dir: str = ""
     # Layers a quantized precision keeps in fp32, as module-name patterns (e.g. "attention.output.dense").
     keep_fp32: tuple[str, ...] = ()
+    # Static int8's calibration text file ("" = the default, see backends.calibration) and how many
+    # of its lines to use (0 = the default).
+    calibration_file: str = ""
+    calibration_texts: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ folder (`--onnx-cache-dir`). A replica starting on a warm cache imports
 neither sentence-transformers nor the exporter. Every graph is checked when
 it is built, before it enters the cache, against `SentenceTransformer.encode`
 on texts of several lengths in one padded batch and one by one: fp32 must
-agree to cosine 0.9999; int8 must stay above 0.95 (a floor that catches a
-broken graph, not a quality bar: STS-B quality is measured by bench/quality.py).
+agree to cosine 0.9999; int8 and int8-static must stay above 0.95 (a floor
+that catches a broken graph, not a quality bar: STS-B quality is judged by
+mlbase.quality_gates, in the tuner and bench/quality.py).
 
-Fingerprint: backend "onnx" and precision "fp32", "int8", or
-"int8+fp32:<patterns>" when --int8-keep-fp32 keeps layers in fp32, so caches
-never mix vectors of different precisions. Fused and plain graphs of one
-precision compute the same function (they differ by float rounding, ~1e-7,
-like different thread counts do) and share a fingerprint.
+Fingerprint: backend "onnx" and precision "fp32", "int8", "int8-static+cal:<tag>"
+(the calibration set, see backends.calibration), each int8 one with
+"+fp32:<patterns>" when --int8-keep-fp32 keeps layers in fp32, so caches
+never mix vectors of different precisions or calibrations. Fused and plain
+graphs of one precision compute the same function (they differ by float
+rounding, ~1e-7, like different thread counts do) and share a fingerprint.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mlbase.backends import calibration
 from mlbase.backends.base import Backend, BackendOptions, ModelDescription
+from mlbase.backends.calibration import Calibration
 from mlbase.backends.digest import files_digest, torch_model_files
 from mlbase.backends.onnx_export import DEFAULT_CACHE_DIR, OUTPUT_NAME, GraphCache, GraphSpec, ModelSource
 from mlbase.backends.tokens import Encoded, TextTokenizer
+from mlbase.quality_gates import cosines
 from mlbase.backends.torch_backend import model_id_for
 
 log = logging.getLogger(__name__)
@@ -45,7 +50,8 @@ log = logging.getLogger(__name__)
 # this machine (README): the plain graphs are faster (fp32 ~15%, int8 ~13% less CPU per batch),
 # because onnxruntime's own session-time fusions already cover the plain graph and its CPU
 # Attention kernel is slower than the unfused MatMul/Softmax path for this small model.
-DEFAULT_FUSED = {"fp32": False, "int8": False}
+# Static int8 (QDQ) has only a plain graph.
+DEFAULT_FUSED = {"fp32": False, "int8": False, "int8-static": False}
 CHECK_TEXTS = [
     "",
     "hello",
@@ -53,7 +59,7 @@ CHECK_TEXTS = [
     "Matryoshka embeddings keep the most useful information in the leading dimensions. " * 3,
     "a very long text that goes past the model window " * 80,
 ]
-MIN_CHECK_COSINE = {"fp32": 0.9999, "int8": 0.95}
+MIN_CHECK_COSINE = {"fp32": 0.9999, "int8": 0.95, "int8-static": 0.95}
 # sentence-transformers' legacy pooling flags, in the order its Pooling concatenates modes.
 _LEGACY_POOLING = {
     "pooling_mode_cls_token": "cls",
@@ -138,10 +144,14 @@ def pool(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str]) -> np.ndarr
 
 
 def precision_label(spec: GraphSpec) -> str:
-    """The fingerprint's precision: names every layer choice that changes the vectors."""
+    """The fingerprint's precision: names every choice that changes the vectors (calibration
+    set, layers kept in fp32)."""
+    label = spec.precision
+    if spec.calibration:
+        label += f"+cal:{spec.calibration}"
     if spec.keep_fp32:
-        return f"{spec.precision}+fp32:{','.join(sorted(set(spec.keep_fp32)))}"
-    return spec.precision
+        label += f"+fp32:{','.join(sorted(set(spec.keep_fp32)))}"
+    return label
 
 
 class OnnxBackend(Backend):
@@ -153,9 +163,10 @@ class OnnxBackend(Backend):
         super().__init__(options)
         if options.device != "cpu":
             raise ValueError(f"the onnx backend runs on the CPU only, not {options.device!r}")
-        precision = options.precision or "fp32"
-        self.spec = GraphSpec(precision, DEFAULT_FUSED.get(precision, True) if fused is None else fused,
-                              tuple(options.keep_fp32))
+        self.precision = options.precision or "fp32"
+        self.fused = DEFAULT_FUSED.get(self.precision, True) if fused is None else fused
+        self.spec: GraphSpec | None = None  # known after load (static int8 needs its calibration set)
+        self.calibration: Calibration | None = None
         self.graphs: GraphCache | None = None
         self.graph_path: Path | None = None
         self._reference_vectors: np.ndarray | None = None
@@ -186,7 +197,13 @@ class OnnxBackend(Backend):
             num_heads=int(config.num_attention_heads),
             hidden_size=int(config.hidden_size),
         )
-        self.graphs = GraphCache(self.options.cache_dir or DEFAULT_CACHE_DIR, source, check=self._check)
+        if self.precision == "int8-static":
+            self.calibration = calibration.load(self.options.calibration_file,
+                                                self.options.calibration_texts or calibration.DEFAULT_TEXTS)
+        self.spec = GraphSpec(self.precision, self.fused, tuple(self.options.keep_fp32),
+                              self.calibration.tag() if self.calibration else "")
+        self.graphs = GraphCache(self.options.cache_dir or DEFAULT_CACHE_DIR, source, check=self._check,
+                                 calibration=self._calibration_inputs)
         self.graph_path = self.graphs.ensure(self.spec)
         self.session = self._session(self.graph_path)
         self._input_names = [i.name for i in self.session.get_inputs()]
@@ -224,6 +241,11 @@ class OnnxBackend(Backend):
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def _calibration_inputs(self):
+        assert self.calibration is not None
+        log.info("calibrating static int8 on %d texts of %s", len(self.calibration.texts), self.calibration.source)
+        return self.calibration.batches(self.tokenizer)
+
     def _reference(self) -> np.ndarray:
         """SentenceTransformer.encode of CHECK_TEXTS (only when a graph is being built)."""
         if self._reference_vectors is None:
@@ -246,7 +268,7 @@ class OnnxBackend(Backend):
         together = self._forward(session, names, encoded)
         alone = np.concatenate([self._forward(session, names, [e]) for e in encoded])
         ref = self._reference()
-        cosine = min(float(_cosines(together, ref).min()), float(_cosines(alone, ref).min()))
+        cosine = min(float(cosines(together, ref).min()), float(cosines(alone, ref).min()))
         floor = MIN_CHECK_COSINE[spec.precision]
         if cosine < floor:
             raise RuntimeError(f"exported graph {spec.file_name()} differs from SentenceTransformer.encode "
@@ -262,7 +284,3 @@ class OnnxBackend(Backend):
     def embed(self, batch: Sequence[Encoded]) -> np.ndarray:
         return self._forward(self.session, self._input_names, batch)
 
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return (a * b).sum(axis=1) / norms

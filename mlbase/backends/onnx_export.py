@@ -11,6 +11,8 @@ recipe) and kept under the cache folder:
                            SkipLayerNorm and BiasGelu fusion)
         int8-plain[-keep-<h>].onnx   dynamic per-channel QInt8 weights of fp32-plain's MatMuls
         int8-fused[-keep-<h>].onnx   + the transformer optimiser
+        int8-static-plain-cal-<c>[-keep-<h>].onnx   static int8 (QDQ): per-channel QInt8 weights,
+                           per-tensor QUInt8 activations with scales fixed by calibration set <c>
         *.json             how each graph was made and what its check measured
 
 The recipe hash covers everything that could change a graph: this module's
@@ -27,48 +29,69 @@ comes before fusing because the quantizer's shape inference fails on the
 fused graph's contrib ops, and only MatMul weights are quantized: the word
 embedding table stays fp32 (quantizing its Gather lost more STS-B quality
 than it saved time).
+
+Static int8 exists because dynamic int8 scales each activation over the whole
+batch at run time, so a text's vector depends on its batch mates (a cache
+cannot allow that). quantize_static fixes every activation scale once, from
+the min/max seen on calibration texts (`calibration.Calibration`, never STS-B
+test sentences); the graph then computes each row on its own. The file name
+carries the calibration set's tag, so other texts give another file (and the
+backend puts the tag into the fingerprint). MinMax is the calibration method
+on purpose: percentile and entropy clipping scored far worse on STS-B (BERT's
+outlier activations carry meaning; clipping them hurts more than coarse
+steps do).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
+
+from mlbase.filelock import TMP_PREFIX, locked, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = "~/.cache/sutra-embed/onnx"
 # Bump when the way a graph is exported, fused or quantized changes.
 RECIPE_VERSION = 1
+PRECISIONS = ("fp32", "int8", "int8-static")
 OPSET = 17
 ATTENTION = "eager"
 OUTPUT_NAME = "last_hidden_state"
-_TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """Which graph to run: precision, whether it is fused, which MatMuls int8 leaves in fp32."""
+    """Which graph to run: precision, whether it is fused, which MatMuls int8 leaves in fp32,
+    and (static int8) which calibration set fixed the activation scales."""
 
-    precision: str = "fp32"  # fp32 | int8
+    precision: str = "fp32"  # one of PRECISIONS
     fused: bool = True
-    # Module-name patterns (dotted, e.g. "attention.output.dense", "layer.0."); int8 only.
+    # Module-name patterns (dotted, e.g. "attention.output.dense", "layer.0."); int8 precisions only.
     keep_fp32: tuple[str, ...] = ()
+    # Calibration.tag() of the texts; int8-static only (and required there).
+    calibration: str = ""
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "int8"):
-            raise ValueError(f"precision must be fp32 or int8, not {self.precision!r}")
-        if self.keep_fp32 and self.precision != "int8":
-            raise ValueError("keep_fp32 only applies to int8")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.keep_fp32 and self.precision == "fp32":
+            raise ValueError("keep_fp32 only applies to the int8 precisions")
+        if bool(self.calibration) != (self.precision == "int8-static"):
+            raise ValueError("a calibration set is what int8-static needs, and only it")
+        if self.precision == "int8-static" and self.fused:
+            raise ValueError("int8-static has no fused graph (the optimiser does not fuse QDQ graphs)")
 
     def keep_tag(self) -> str:
         if not self.keep_fp32:
@@ -77,10 +100,11 @@ class GraphSpec:
         return "-keep-" + hashlib.sha256(blob).hexdigest()[:10]
 
     def file_name(self) -> str:
-        return f"{self.precision}-{'fused' if self.fused else 'plain'}{self.keep_tag()}.onnx"
+        calibration = f"-cal-{self.calibration}" if self.calibration else ""
+        return f"{self.precision}-{'fused' if self.fused else 'plain'}{calibration}{self.keep_tag()}.onnx"
 
     def unfused(self) -> "GraphSpec":
-        return GraphSpec(self.precision, False, self.keep_fp32)
+        return GraphSpec(self.precision, False, self.keep_fp32, self.calibration)
 
 
 @dataclass(frozen=True)
@@ -136,37 +160,23 @@ def _quiet() -> Iterator[None]:
             logging.disable(logging.NOTSET)
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on the folder, held while graphs are built (blocks other builders)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 class GraphCache:
     """Finds or builds the graphs of one model under one cache root.
 
     `check(path, spec)` is called on every freshly built graph before it is
     renamed into the cache; it raises to reject the graph and returns a dict
-    of measurements recorded in the graph's manifest.
+    of measurements recorded in the graph's manifest. `calibration()` gives
+    the model inputs static int8 calibrates on (called only when such a graph
+    is built).
     """
 
     def __init__(self, cache_root: str | Path, source: ModelSource,
-                 check: Callable[[Path, GraphSpec], dict] | None = None) -> None:
+                 check: Callable[[Path, GraphSpec], dict] | None = None,
+                 calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None) -> None:
         self.source = source
         self.folder = cache_folder(cache_root, source)
         self.check = check
+        self.calibration = calibration
         # File names this instance built (empty when everything came from the cache).
         self.built: list[str] = []
 
@@ -182,13 +192,13 @@ class GraphCache:
         target = self.path(spec)
         if target.is_file():
             return target
-        with _locked(self.folder):
+        with locked(self.folder / ".lock"):
             self._remove_stale_temporaries()
             return self._build(spec)
 
     def _remove_stale_temporaries(self) -> None:
         """Left by a builder that was killed; safe to delete while we hold the lock."""
-        for stale in self.folder.glob(_TMP_PREFIX + "*"):
+        for stale in self.folder.glob(TMP_PREFIX + "*"):
             stale.unlink(missing_ok=True)
 
     def _build(self, spec: GraphSpec) -> Path:
@@ -199,13 +209,17 @@ class GraphCache:
             source = None
         else:
             source = self._build(spec.unfused() if spec.fused else GraphSpec("fp32", False))
-        tmp = target.with_name(f"{_TMP_PREFIX}{os.getpid()}-{target.name}")
+        tmp = target.with_name(f"{TMP_PREFIX}{os.getpid()}-{target.name}")
         started = time.monotonic()
         try:
             if source is None:
                 details = export(self.source, tmp)
             elif spec.fused:
                 details = optimize(source, tmp, self.source)
+            elif spec.precision == "int8-static":
+                if self.calibration is None:
+                    raise ValueError("building an int8-static graph needs calibration inputs")
+                details = quantize_static_graph(source, tmp, spec.keep_fp32, self.calibration())
             else:
                 details = quantize(source, tmp, spec.keep_fp32)
             measured = self.check(tmp, spec) if self.check is not None else {}
@@ -213,7 +227,7 @@ class GraphCache:
         finally:
             tmp.unlink(missing_ok=True)
         seconds = time.monotonic() - started
-        _write_json_atomic(target.with_suffix(".json"), {
+        write_json_atomic(target.with_suffix(".json"), {
             "spec": asdict(spec), "recipe": recipe(), "weights_digest": self.source.weights_digest,
             "built_seconds": round(seconds, 2), "bytes": target.stat().st_size, **details, "check": measured,
         })
@@ -277,13 +291,23 @@ def matmul_names(graph: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
 
 
+def _components_match(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether `pattern` stands as a contiguous run in `parts`, "*" standing for any one part."""
+    n = len(pattern)
+    return any(all(p in ("*", q) for p, q in zip(pattern, parts[i:i + n])) for i in range(len(parts) - n + 1))
+
+
 def select_nodes(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
     """Node names matching any dotted module-name pattern ("/enc/layer.0/x/MatMul" reads as
-    "enc.layer.0.x.MatMul"); a pattern that matches nothing is an error (likely a typo)."""
-    dotted = {name: name.strip("/").replace("/", ".") for name in names}
+    "enc.layer.0.x.MatMul"). A pattern matches whole dotted parts in a row, "*" any one part:
+    "layer.0." is layer 0 (not layer 05), "attention.output.dense" the attention output in
+    every layer, "layer.*.output.dense" the feed-forward output (not the attention's). A
+    pattern that matches nothing is an error (likely a typo)."""
+    dotted = {name: name.strip("/").replace("/", ".").split(".") for name in names}
     chosen: list[str] = []
     for pattern in patterns:
-        hits = [name for name, d in dotted.items() if pattern in d]
+        wanted = [part for part in pattern.strip(".").split(".")]
+        hits = [name for name, parts in dotted.items() if _components_match(wanted, parts)]
         if not hits:
             raise ValueError(f"int8 keep-fp32 pattern {pattern!r} matches no weight MatMul "
                              f"(names look like {next(iter(dotted.values()), '?')!r})")
@@ -303,3 +327,35 @@ def quantize(source_graph: Path, out: Path, keep_fp32: Sequence[str]) -> dict:
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded)
     return {"step": "quantize", "quantized_matmuls": len(all_matmuls) - len(excluded),
             "fp32_matmuls": excluded}
+
+
+def quantize_static_graph(source_graph: Path, out: Path, keep_fp32: Sequence[str],
+                          batches: Iterable[dict[str, np.ndarray]]) -> dict:
+    """Static quantization (QDQ): per-channel QInt8 weights for every weight MatMul not kept
+    in fp32, and per-tensor asymmetric QUInt8 activations whose scale and zero point come
+    from the min/max over `batches` (model inputs of calibration texts). Fixed scales make
+    each row's result independent of the other rows; QUInt8 x QInt8 is the pair x86's
+    VNNI/AMX int8 kernels take. Activation x activation MatMuls (attention scores) stay fp32."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    all_matmuls = matmul_names(source_graph)
+    excluded = select_nodes(all_matmuls, keep_fp32)
+    feeds = list(batches)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.pending = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.pending, None)
+
+    with _quiet():
+        quantize_static(str(source_graph), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"],
+                        nodes_to_quantize=[n for n in all_matmuls if n not in excluded],
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    return {"step": "quantize_static", "format": "QDQ", "calibration_method": "MinMax",
+            "calibration_batches": len(feeds), "calibration_texts": sum(len(f["input_ids"]) for f in feeds),
+            "quantized_matmuls": len(all_matmuls) - len(excluded), "fp32_matmuls": excluded}

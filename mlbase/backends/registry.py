@@ -16,10 +16,27 @@ BACKENDS: dict[str, str] = {
     "torch": "mlbase.backends.torch_backend:TorchBackend",
     "onnx": "mlbase.backends.onnx_backend:OnnxBackend",
 }
+# The precisions each backend runs (--precision), the first its default; declared here so that
+# settings can check them without importing torch or onnxruntime. No onnx bf16: onnxruntime's
+# CPU provider has no bfloat16 MatMul (1.32: NOT_IMPLEMENTED), and its fp16 graph ran no faster
+# than fp32 here.
+PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "bf16"),
+    "onnx": ("fp32", "int8", "int8-static"),
+}
 
 
 def names() -> list[str]:
     return sorted(BACKENDS)
+
+
+def all_precisions() -> list[str]:
+    """Every precision some backend runs, in first-seen order."""
+    return list(dict.fromkeys(p for precisions in PRECISIONS.values() for p in precisions))
+
+
+def backends_for(precision: str) -> list[str]:
+    return [name for name in names() if precision in PRECISIONS[name]]
 
 
 def create(name: str, options: BackendOptions) -> Backend:

@@ -1,0 +1,290 @@
+"""Reduced-precision backends whose vector for a text does not depend on its batch mates
+(torch bf16, onnx static int8), the quality gates, the tuner and `--backend auto`.
+
+The models load once per module; static int8 graphs are built into a temporary cache
+(one fp32 export, then the quantized graphs derived from it) that the tuner and the
+replica started here reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from harness.procs import ROOT
+from harness.stack import service
+from mlbase import quality_gates as gates
+from mlbase import tuned
+from mlbase.backends import calibration, registry
+from mlbase.backends.base import BackendOptions
+from mlbase.backends.onnx_export import select_nodes
+from mlbase.data_files import CORPUS_FILE, STS_TEST_FILE, first_existing
+from mlbase.settings import DEFAULT_INT8_KEEP_FP32, MLBaseSettings, bundled_model_path, load_settings
+from sutra.mlbase.v1 import mlbase_service_pb2 as pb
+from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
+from tests.support import AWKWARD_TEXTS, cosines, serving
+
+MODEL = bundled_model_path()
+TEXTS = AWKWARD_TEXTS + [
+    "Matryoshka embeddings keep the most useful information in the leading dimensions. " * 4,
+    "word " * 300,  # over the 256-token window: truncated
+]
+STATIC_KEEP = tuple(DEFAULT_INT8_KEEP_FP32["int8-static"].split(","))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+def load(backend: str, precision: str, cache_dir: Path | None = None, **kw):
+    b = registry.create(backend, BackendOptions(model_path=MODEL, threads=1, precision=precision,
+                                                cache_dir=str(cache_dir or ""), **kw))
+    b.load()
+    return b
+
+
+@pytest.fixture(scope="module")
+def torch_fp32():
+    return load("torch", "fp32")
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    return load("torch", "bf16")
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(cache_dir):
+    return load("onnx", "fp32", cache_dir)
+
+
+@pytest.fixture(scope="module")
+def static(cache_dir, onnx_fp32):
+    return load("onnx", "int8-static", cache_dir, keep_fp32=STATIC_KEEP)
+
+
+@pytest.fixture(scope="module")
+def gate_texts() -> list[str]:
+    lines = [line for line in first_existing((CORPUS_FILE,)).read_text().splitlines() if line.strip()]
+    return TEXTS + gates.mixed_length_texts(lines[:200], 24)
+
+
+def test_new_backends_give_float32_unit_vectors_of_the_native_width(bf16, static, torch_fp32):
+    reference, _ = torch_fp32.encode(TEXTS, batch_size=3)
+    for backend in (bf16, static):
+        vectors, truncated = backend.encode(TEXTS, batch_size=3)
+        assert vectors.dtype == np.float32 and vectors.shape == (len(TEXTS), 384)
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+        assert truncated == [False] * 6 + [True]
+        cos = cosines(vectors, reference)
+        assert cos.min() > 0.95 and cos.mean() > 0.98, (backend.describe().precision, cos)  # close to fp32...
+        assert cos.min() < 0.999999  # ...yet a different computation
+    assert bf16.describe().precision == "bf16"
+    dtypes = {type(m).__name__: str(next(m.parameters()).dtype) for m in bf16.model[0].modules()
+              if type(m).__name__ in ("Linear", "LayerNorm", "Embedding")}
+    assert dtypes == {"Linear": "torch.bfloat16", "LayerNorm": "torch.float32", "Embedding": "torch.float32"}
+
+
+def test_a_text_alone_and_inside_a_batch_get_the_same_vector(bf16, static, onnx_fp32, gate_texts):
+    for backend in (bf16, static, onnx_fp32):
+        gate = gates.batch_gate(backend, gate_texts, batch_size=8)
+        assert gate.passed, (backend.describe().precision, gate.min_cosine)
+        assert set(gate.min_cosine) == set(gates.WIDTHS) and gate.texts == len(gate_texts)
+
+
+def test_dynamic_int8_fails_the_batch_gate(cache_dir, onnx_fp32, gate_texts):
+    """Why the gate exists: dynamic int8 scales activations over the whole batch."""
+    gate = gates.batch_gate(load("onnx", "int8", cache_dir), gate_texts, batch_size=8)
+    assert not gate.passed and gate.worst < 0.999
+
+
+def test_the_static_graph_keeps_the_feed_forward_outputs_in_fp32(static):
+    manifest = static.graphs.manifest(static.spec)
+    assert manifest["step"] == "quantize_static" and manifest["format"] == "QDQ"
+    assert manifest["quantized_matmuls"] == 30 and len(manifest["fp32_matmuls"]) == 6
+    assert all("/output/dense/" in n and "/attention/" not in n for n in manifest["fp32_matmuls"])
+    assert manifest["calibration_texts"] == calibration.DEFAULT_TEXTS
+    assert manifest["check"]["min_cosine_vs_sentence_transformers"] > 0.95
+    assert static.graph_path.name.startswith(f"int8-static-plain-cal-{static.spec.calibration}-keep-")
+
+
+def test_star_patterns_match_one_dotted_part():
+    names = ["/inner/encoder/layer.0/attention/output/dense/MatMul", "/inner/encoder/layer.0/output/dense/MatMul",
+             "/inner/encoder/layer.10/output/dense/MatMul", "/inner/encoder/layer.1/intermediate/dense/MatMul"]
+    assert select_nodes(names, ["layer.*.output.dense"]) == names[1:3]
+    assert select_nodes(names, ["output.dense"]) == names[:3]
+    assert select_nodes(names, ["layer.1."]) == names[3:]  # not layer.10
+
+
+def test_calibration_never_uses_sts_test_sentences(tmp_path):
+    test_sentences = calibration.sts_test_sentences()
+    assert len(test_sentences) > 2000  # the test split is found (bundled in bench/data at least)
+    default = calibration.load()
+    assert len(default.texts) == calibration.DEFAULT_TEXTS and not set(default.texts) & test_sentences
+    mixed = tmp_path / "cal.txt"
+    some_test = sorted(test_sentences)[:5]
+    mixed.write_text("\n".join(["first own line", *some_test, "second own line", "first own line"]) + "\n")
+    chosen = calibration.load(str(mixed), 10)
+    assert chosen.texts == ("first own line", "second own line")
+    assert calibration.load(str(mixed), 1).tag() != chosen.tag()
+    assert calibration.load(str(mixed), 10).tag() == chosen.tag()  # named by content: stable
+
+
+def test_precision_and_calibration_change_the_fingerprint(torch_fp32, bf16, onnx_fp32, static, cache_dir):
+    other_calibration = load("onnx", "int8-static", cache_dir, keep_fp32=STATIC_KEEP, calibration_texts=64)
+    descriptions = [b.describe() for b in (torch_fp32, bf16, onnx_fp32, static, other_calibration)]
+    assert [(d.backend, d.precision.split("+")[0]) for d in descriptions] == [
+        ("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8-static"), ("onnx", "int8-static")]
+    assert static.describe().precision == (f"int8-static+cal:{static.spec.calibration}"
+                                           f"+fp32:{','.join(STATIC_KEEP)}")
+    assert len({d.fingerprint() for d in descriptions}) == len(descriptions)
+    assert len({(d.weights_digest, d.native_width, d.max_seq_length) for d in descriptions}) == 1
+    assert other_calibration.graph_path != static.graph_path and other_calibration.graph_path.is_file()
+
+
+def test_precision_settings():
+    assert load_settings(["--backend", "torch", "--precision", "bf16"], {}).backend.precision == "bf16"
+    static_settings = load_settings(["--backend", "onnx", "--precision", "int8-static"], {})
+    assert static_settings.backend.keep_fp32 == STATIC_KEEP
+    assert load_settings(["--backend", "onnx", "--precision", "int8"], {}).backend.keep_fp32 == ("layer.0.",)
+    for argv in (["--backend", "onnx", "--precision", "bf16"], ["--backend", "torch", "--precision", "int8-static"],
+                 ["--backend", "auto", "--precision", "fp32"], ["--backend", "torch", "--int8-keep-fp32", "x"]):
+        with pytest.raises(SystemExit):
+            load_settings(argv, {})
+    assert load_settings(["--backend", "auto"], {}).backend_name == "auto"
+
+
+# ---- the gates on known numbers ------------------------------------------------------------
+
+def test_gate_arithmetic():
+    reference = {384: 0.80, 64: 0.70}
+    assert gates.sts_gate({384: 0.797, 64: 0.6966}, reference).passed  # -0.375%, -0.486%
+    failed = gates.sts_gate({384: 0.81, 64: 0.6960}, reference)  # better at 384, -0.57% at 64
+    assert not failed.passed and failed.worst_drop == pytest.approx(0.04 / 7)
+    assert gates.BatchGate({384: 0.99995, 64: 0.99991}, 10).passed
+    assert not gates.BatchGate({384: 0.99995, 64: 0.99989}, 10).passed
+    texts = gates.mixed_length_texts(["a", "b", "c"], 5, longest=4)
+    assert [len(t.split()) for t in texts] == [1, 2, 3, 4, 1]
+
+
+def test_sts_pairs_index_distinct_sentences():
+    pairs = gates.StsPairs.load(first_existing((STS_TEST_FILE,)), 50)
+    assert len(pairs.gold) == 50 and len(pairs.sentences) == len(set(pairs.sentences)) <= 100
+    gold, first, _ = gates.load_sts(first_existing((STS_TEST_FILE,)))
+    assert [pairs.sentences[i] for i in pairs.first] == first[:50]
+
+
+# ---- the tuner and --backend auto ------------------------------------------------------------
+
+CPUINFO = """processor\t: 0
+model name\t: Test CPU 9000
+flags\t\t: fpu sse avx2 fma avx512f avx512_vnni amx_tile amx_bf16 amx_int8
+processor\t: 1
+model name\t: Test CPU 9000
+flags\t\t: fpu sse avx2 fma avx512f avx512_vnni amx_tile amx_bf16 amx_int8
+"""
+
+
+def test_cpu_identity_reads_model_and_relevant_flags():
+    cpu = tuned.cpu_identity(CPUINFO)
+    assert cpu.model == "Test CPU 9000"
+    assert cpu.flags == ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    no_amx = tuned.cpu_identity(CPUINFO.replace(" amx_tile amx_bf16 amx_int8", ""))
+    assert no_amx.model == cpu.model and no_amx.key != cpu.key
+    here = tuned.cpu_identity()
+    assert here.model and here.key.startswith(here.model)
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory, cache_dir, static, onnx_fp32):
+    """`sutra tune --quick` through the CLI, on the graphs this module built."""
+    out = tmp_path_factory.mktemp("tune") / "tuned.json"
+    proc = subprocess.run([sys.executable, "-m", "deploy", "tune", "--quick", "--out", str(out),
+                           "--onnx-cache-dir", str(cache_dir)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_tune_records_a_winner_that_passed_both_gates(tuned_run):
+    out, stdout = tuned_run
+    cpu = tuned.cpu_identity()
+    record = json.loads(out.read_text())["records"][cpu.key]
+    assert record["cpu"]["model"] == cpu.model and record["cpu"]["flags"] == list(cpu.flags)
+    assert record["mode"] == "quick" and record["model_digest"] == tuned.model_digest(MODEL)
+    rows = {r["candidate"]: r for r in record["candidates"]}
+    assert set(rows) == {"torch:fp32", "torch:bf16", "onnx:fp32", "onnx:int8", "onnx:int8-static"}
+    winner = record["choice"]
+    row = rows[f"{winner['backend']}:{winner['precision']}"]
+    assert row["passed"] and row["sts_passed"] and row["batch_passed"] and row["label"] == winner["label"]
+    assert all(float(v) <= 100 * gates.STS_TOLERANCE for v in row["sts_drop_pct"].values())
+    assert min(row["batch_min_cosine"].values()) >= gates.MIN_BATCH_COSINE
+    assert row["texts_per_s"] >= max(r["texts_per_s"] for r in rows.values() if r["passed"]) * 0.97 - 1e-9
+    assert not rows["onnx:int8"]["batch_passed"] and not rows["onnx:int8"]["passed"]
+    assert set(rows["torch:fp32"]["sts_spearman"]) == {"384", "256", "128", "64"}
+    assert "winner:" in stdout and "onnx:int8-static" in stdout
+
+
+def auto_settings(path: Path, cache_dir: Path | None = None) -> MLBaseSettings:
+    return MLBaseSettings(backend_name="auto", tuned_file=str(path), onnx_cache_dir=str(cache_dir or ""), threads=1)
+
+
+def test_backend_auto_picks_the_record_for_this_cpu_else_the_default(tmp_path, caplog):
+    path = tmp_path / "tuned.json"
+    cpu = tuned.cpu_identity(CPUINFO)
+    caplog.set_level(logging.INFO, logger="mlbase.tuned")
+    fallback = tuned.resolve(auto_settings(path), cpu)  # no file at all
+    assert (fallback.backend_name, fallback.backend.precision) == ("onnx", "fp32")
+    assert "no record for this CPU" in caplog.text and "using the default" in caplog.text
+
+    choice = {"backend": "onnx", "precision": "int8-static", "keep_fp32": list(STATIC_KEEP), "label": "x"}
+    tuned.write(path, cpu, {"choice": choice, "model_digest": tuned.model_digest(MODEL)})
+    tuned.write(path, tuned.cpu_identity(CPUINFO.replace(" amx_tile amx_bf16 amx_int8", "")),
+                {"choice": {**choice, "precision": "fp32", "keep_fp32": []}, "model_digest": "other"})
+    assert len(tuned.read(path)["records"]) == 2  # merged, not overwritten
+    picked = tuned.resolve(auto_settings(path), cpu)
+    assert (picked.backend_name, picked.backend.precision, picked.backend.keep_fp32) == (
+        "onnx", "int8-static", STATIC_KEEP)
+    caplog.clear()
+    other_cpu = tuned.cpu_identity(CPUINFO.replace("9000", "8000"))
+    assert tuned.resolve(auto_settings(path), other_cpu).backend_name == "onnx"
+    assert "no record for this CPU (Test CPU 8000" in caplog.text
+    caplog.clear()
+    same_model_name_no_amx = tuned.cpu_identity(CPUINFO.replace(" amx_tile amx_bf16 amx_int8", ""))
+    assert tuned.resolve(auto_settings(path), same_model_name_no_amx).backend.precision == "fp32"
+    assert "another model" in caplog.text
+    explicit = dataclasses.replace(auto_settings(path), backend_name="torch")
+    assert tuned.resolve(explicit, cpu) is explicit
+
+
+@pytest.fixture(scope="module")
+def auto_replica(tmp_path_factory, cache_dir, static):
+    folder = tmp_path_factory.mktemp("auto-replica")
+    path = folder / "tuned.json"
+    choice = {"backend": "onnx", "precision": "int8-static", "keep_fp32": list(STATIC_KEEP),
+              "label": static.describe().precision}
+    tuned.write(path, tuned.cpu_identity(), {"choice": choice, "model_digest": tuned.model_digest(MODEL)})
+    yield from serving(service("mlbase", folder / "mlbase.log",
+                               {"backend_name": "auto", "tuned_file": str(path), "threads": 1,
+                                "server.drain_seconds": 0.0, "onnx_cache_dir": str(cache_dir)}))
+
+
+def test_replica_with_backend_auto_serves_the_recorded_choice(auto_replica, static):
+    with grpc.insecure_channel(auto_replica.address) as channel:
+        stub = pb_grpc.MLBaseServiceStub(channel)
+        info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+        reply = stub.Embed(pb.EmbedRequest(texts=TEXTS, full_width=True), timeout=30)
+    assert (info.backend, info.precision) == ("onnx", static.describe().precision)
+    assert info.fingerprint == static.describe().fingerprint() == reply.model_fingerprint
+    vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(reply.count, reply.width)
+    assert cosines(vectors, static.encode(TEXTS)[0]).min() > 0.9999
+    assert "--backend auto: onnx int8-static" in auto_replica.log()
