@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench import plots, report, stack_bench, workloads
-from deploy.settings import StackSettings
+from deploy.settings import auto_replicas
 from harness.results import RESULTS_DIR
 
 # (cold texts, cold rounds, mixed draws, 1-text requests, 64-text requests) per hit row
@@ -43,7 +43,7 @@ def build_parser(defaults: tuple[str, str]) -> argparse.ArgumentParser:
     ap.add_argument("--precision", default=None,
                     help=f"replica precision, fp32 or int8 (int8 needs onnx) (default: {precision} for the default "
                          "backend, fp32 otherwise)")
-    ap.add_argument("--replicas", type=int, default=StackSettings.replicas,
+    ap.add_argument("--replicas", type=int, default=auto_replicas(os.cpu_count() or 1),
                     help="ML-base replicas behind HAProxy; torch threads each = max(1, cores // replicas) "
                          "(default: what `make up` starts, %(default)s)")
     ap.add_argument("--cold", type=int, default=None, help=f"cold (never-seen) texts (default {FULL[0]})")

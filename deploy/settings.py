@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cacheshard.settings import ShardSettings
 from common.grpc_server import ServerOptions
-from common.settings import Settings, at_least, item, setting
+from common.settings import Settings, at_least, item, not_negative, setting
 from common.tls import TlsClientOptions
 from deploy.pki import StackPki
 from embedding.settings import FrontendSettings
@@ -26,6 +26,14 @@ from mlbase.settings import MLBaseSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_FILE = "stack.json"
+
+
+MAX_AUTO_REPLICAS = 8
+
+
+def auto_replicas(cores: int) -> int:
+    """One replica per core, at most MAX_AUTO_REPLICAS (each holds a copy of the model in memory)."""
+    return max(1, min(cores, MAX_AUTO_REPLICAS))
 
 
 def _as(cls: type, key: str) -> str:
@@ -44,7 +52,11 @@ class StackSettings(Settings):
 
     run_dir: Path = setting(ROOT / ".run", "directory for configs, logs, PID files, sockets and the shard's data")
     host: str = setting("127.0.0.1", "address every process binds", env=_as(ServerOptions, "host"))
-    replicas: int = setting(3, "ML-base replicas behind HAProxy", check=at_least(1))
+    # 0 = from the core count (auto_replicas): one single-threaded replica per core measured best on
+    # 2 cores (README, Interactive latency), with no OpenMP threads waiting on each other.
+    replicas: int = setting(0, "ML-base replicas behind HAProxy; 0 = one per core, at most "
+                               f"{MAX_AUTO_REPLICAS} (with --threads 0, each gets cores // replicas threads)",
+                            check=not_negative, shown="one per core")
     frontend_port: int = setting(50051, "embedding frontend gRPC port", env=_as(FrontendSettings, "server.port"))
     shard_port: int = setting(50052, "cache shard gRPC port", env=_as(ShardSettings, "server.port"))
     lb_port: int = setting(50060, "HAProxy port the frontend sends batches to", env=_as(LbSettings, "port"))
@@ -106,6 +118,8 @@ class StackSettings(Settings):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
+        if self.replicas == 0:
+            object.__setattr__(self, "replicas", auto_replicas(os.cpu_count() or 1))
         super().__post_init__()
 
     def problems(self) -> list[str]:

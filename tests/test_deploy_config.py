@@ -16,11 +16,21 @@ from deploy.supervisor import programs, render_config, shutdown_seconds
 from tests.test_deploy_manifests import program_args, shutdown_budget
 
 
-def test_defaults_are_the_architecture_ports():
+def test_defaults_are_the_architecture_ports(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
     s = StackSettings()
     assert (s.frontend_port, s.shard_port, s.lb_port, s.stats_port) == (50051, 50052, 50060, 9999)
     assert s.replica_addresses() == ["127.0.0.1:50061", "127.0.0.1:50062", "127.0.0.1:50063"]
     assert s.replicas == 3 and s.run_dir == ROOT / ".run"
+
+
+@pytest.mark.parametrize("cores, replicas, threads", [(1, 1, 1), (2, 2, 1), (4, 4, 1), (16, 8, 2), (64, 8, 8)])
+def test_default_replicas_and_threads_follow_the_cores(cores, replicas, threads, monkeypatch):
+    """One single-threaded replica per core (measured best on 2 cores), at most 8, the rest as threads."""
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    s = StackSettings()
+    assert (s.replicas, s.torch_threads) == (replicas, threads)
+    assert StackSettings(replicas=3).replicas == 3
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3, 8])
@@ -35,7 +45,7 @@ def test_overlapping_ports_are_refused():
     with pytest.raises(ValueError):
         StackSettings(replicas=3, lb_port=50062)
     with pytest.raises(ValueError):
-        StackSettings(replicas=0)
+        StackSettings(replicas=-1)
 
 
 def test_settings_round_trip_through_the_run_dir(tmp_path):
