@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cacheshard.settings import ShardSettings
 from common.grpc_server import ServerOptions
-from common.settings import Settings, at_least, item, not_negative, setting
+from common.settings import Settings, item, not_negative, setting
 from common.tls import TlsClientOptions
 from deploy.pki import StackPki
 from embedding.settings import FrontendSettings
