@@ -4,6 +4,10 @@ Engines raise these; every handler, unary or streaming, goes through
 `grpc_errors`, which hands whatever escapes to `abort_for`: a domain error
 becomes its own code and message, an abort or a cancellation passes through,
 and anything else is logged with its traceback and reported as INTERNAL.
+
+The HTTP transport (embedding/http_api.py) answers the same errors with the
+HTTP status of their gRPC code (`HTTP_STATUS`, the mapping grpc-gateway and
+Google APIs use), so both transports refuse a request for the same reason.
 """
 
 from __future__ import annotations
@@ -58,6 +62,23 @@ class DeadlineExceeded(SutraError):
     """The caller's deadline (or a stream's idle limit) passed before the work was done."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# gRPC code -> HTTP status, for every code a SutraError carries (and INTERNAL for the rest).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(exc: SutraError) -> int:
+    """The HTTP status that answers `exc`: its gRPC code's (500 for a code without one)."""
+    return HTTP_STATUS.get(exc.code, 500)
 
 
 async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext, where: str,

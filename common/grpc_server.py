@@ -174,12 +174,22 @@ class ServiceServer:
         self.fault = reason
         await self._publish()
 
+    @property
+    def ready(self) -> bool:
+        """Readiness, as health "" and each service's name report it (an HTTP port mirrors it)."""
+        return self._ready and not self._draining and self.fault is None
+
+    @property
+    def live(self) -> bool:
+        """Liveness, as the `liveness` health name reports it."""
+        return self.fault is None
+
     async def _publish(self) -> None:
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        ready = self._ready and not self._draining and self.fault is None
+        ready = self.ready
         for name in ["", *self.service_names]:
             await self.health.set(name, serving if ready else not_serving)
-        await self.health.set(LIVENESS, serving if self.fault is None else not_serving)
+        await self.health.set(LIVENESS, serving if self.live else not_serving)
 
     async def start(self) -> None:
         await self.set_serving(False)

@@ -236,6 +236,26 @@ def remote_span(name: str, traceparent_value: str, *, attributes: dict[str, Any]
     return tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
 
 
+def incoming(name: str, carrier, *, attributes: dict[str, Any] | None = None):
+    """A SERVER span for a call whose headers or metadata (`carrier`, a mapping) may carry a trace
+    context: its child when they do, else a new trace (the edge) or none (ParentBased(ALWAYS_OFF)
+    elsewhere); the no-op when off. Exceptions are neither recorded nor turned into a status: the
+    caller sets the status its protocol ended with."""
+    tracer = _tracer
+    if tracer is None:
+        return NO_SPAN
+    from opentelemetry import propagate
+
+    return tracer.start_as_current_span(name, context=propagate.extract(carrier), kind=SpanKind.SERVER,
+                                        attributes=attributes, record_exception=False,
+                                        set_status_on_exception=False)
+
+
+def set_error(span, description: str) -> None:
+    """Mark `span` (a no-op span too) as failed, with `description`."""
+    span.set_status(Status(StatusCode.ERROR, description))
+
+
 class _ServerSpan:
     """One call's SERVER span, the caller's child when its metadata carries a trace context."""
 
@@ -247,23 +267,16 @@ class _ServerSpan:
         self._context = context
 
     async def __aenter__(self) -> None:
-        tracer = _tracer
-        if tracer is None:  # shut down while the server still runs
-            self._scope = NO_SPAN
-        else:
-            from opentelemetry import propagate
-
-            parent = propagate.extract(dict(self._context.invocation_metadata() or ()))
-            self._scope = tracer.start_as_current_span(
-                self._name, context=parent, kind=SpanKind.SERVER, attributes=self._attributes,
-                record_exception=False, set_status_on_exception=False)
+        # NO_SPAN when tracing was shut down while the server still runs.
+        self._scope = incoming(self._name, dict(self._context.invocation_metadata() or ()),
+                               attributes=self._attributes)
         self._span = self._scope.__enter__()
 
     async def __aexit__(self, kind, exc, tb) -> None:
         code = status_of(self._context, exc)
         self._span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code != grpc.StatusCode.OK:
-            self._span.set_status(Status(StatusCode.ERROR, f"{code.name}: {self._context.details() or ''}"))
+            set_error(self._span, f"{code.name}: {self._context.details() or ''}")
         self._scope.__exit__(kind, exc, tb)
 
 

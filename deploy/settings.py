@@ -67,6 +67,9 @@ class StackSettings(Settings):
     # Frontend's HTTP admin port (/cache/stats, /metrics); 0 disables it.
     admin_port: int = setting(9100, "frontend HTTP admin port (/cache/stats, /metrics); 0 disables",
                               env=_as(FrontendSettings, "admin_port"))
+    # The frontend's OpenAI-compatible HTTP API (POST /v1/embeddings); 0 disables it.
+    http_port: int = setting(8080, "frontend's OpenAI-compatible HTTP API port (POST /v1/embeddings); 0 disables",
+                             env=_as(FrontendSettings, "http_port"))
     # Prometheus endpoints (plain HTTP on `host`); the frontend's is its admin port, HAProxy's its stats port.
     shard_metrics_port: int = setting(9102, "cache shard's Prometheus endpoint (GET /metrics, plain HTTP)",
                                       env=_as(ShardSettings, "server.metrics_port"))
@@ -165,6 +168,8 @@ class StackSettings(Settings):
                  "stats": self.stats_port}
         if self.admin_port:
             ports["admin"] = self.admin_port
+        if self.http_port:
+            ports["http"] = self.http_port
         for i, name in enumerate(self.replica_names(), start=1):
             ports[name] = self.replica_port(i)
         ports["shard_metrics"] = self.shard_metrics_port

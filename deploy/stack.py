@@ -215,6 +215,8 @@ def print_endpoints(settings: StackSettings, out: Printer) -> None:
     out("")
     out("stack is up:")
     out(f"  embedding frontend  {s.frontend_address}   sutra.embedding.v1.EmbeddingService")
+    if s.http_port:
+        out(f"  HTTP API            http://{s.address(s.http_port)}/v1/embeddings   (OpenAI-compatible)")
     out(f"  cache shard         {s.shard_address}   sutra.cache.v1.CacheShardService ({s.shard_path})")
     out(f"  HAProxy             {s.lb_address}   -> {', '.join(s.replica_addresses())}")
     out(f"  stats page          http://{s.address(s.stats_port)}/stats   (Prometheus: /metrics)")
@@ -229,6 +231,9 @@ def print_endpoints(settings: StackSettings, out: Printer) -> None:
     out("try:")
     out(f"  grpcurl -plaintext -d '{{\"inputs\": [\"hello world\"], \"dimensions\": 64}}' "
         f"{s.frontend_address} sutra.embedding.v1.EmbeddingService/Embed")
+    if s.http_port:
+        out(f"  curl -s http://{s.address(s.http_port)}/v1/embeddings -H 'Content-Type: application/json' "
+            "-d '{\"input\": [\"hello world\"], \"dimensions\": 64}'")
     out("  sutra status [--json]    sutra top    sutra validate    sutra down")
 
 

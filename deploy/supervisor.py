@@ -118,7 +118,7 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
     flush = settings.writeback_flush_seconds
     frontend = _launch(frontend_recipe, {
         "server.host": settings.host, "server.port": settings.frontend_port, "mlbase_address": settings.lb_address,
-        "cache_shards": (settings.shard_address,), "admin_port": settings.admin_port,
+        "cache_shards": (settings.shard_address,), "admin_port": settings.admin_port, "http_port": settings.http_port,
         "mlbase_connections": settings.frontend_connections, "l1_entries": settings.l1_entries,
         "server.drain_seconds": drain, "server.grace_seconds": grace, "writeback_flush_s": flush, **calling,
     }, python)

@@ -1,9 +1,11 @@
 """`python -m embedding`: run the frontend until SIGTERM.
 
 Wires the pieces together from one FrontendSettings: ML-base pool, L2
-client, engine, gRPC servicer, admin HTTP server. Health stays NOT_SERVING
-until ML-base has answered GetInfo (fingerprint, widths, limits); after
-that a watchdog turns it NOT_SERVING if cache misses stop progressing.
+client, engine, gRPC servicer, the OpenAI-compatible HTTP API and the admin
+HTTP server (both aiohttp, on this event loop, calling the same engine).
+Health stays NOT_SERVING until ML-base has answered GetInfo (fingerprint,
+widths, limits); after that a watchdog turns it NOT_SERVING if cache misses
+stop progressing. The HTTP API's /ready and /health read the same state.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from common.grpc_server import ServiceServer, configure_logging, run_until_signa
 from embedding.admin import AdminServer
 from embedding.auth import AuthInterceptor
 from embedding.engine import FrontendEngine
+from embedding.http_api import api_app
+from embedding.http_server import HttpServer
 from embedding.l2_client import L2Client
 from embedding.mlbase_pool import MLBasePool
 from embedding.request_ids import RequestIds
@@ -24,12 +28,15 @@ from embedding.server import SERVICE_NAME, EmbeddingServicer, add_to_server
 from embedding.settings import FrontendSettings, load_settings
 from embedding.stats import Stats, make_registry
 from embedding.tenants import Gate
+from embedding.token_counts import TokenCounter
 from embedding.watchdog import StallWatchdog
 
 log = logging.getLogger("embedding")
 
 
 async def serve(settings: FrontendSettings) -> None:
+    # Loaded first: a tokenizer that is not there stops the frontend before it takes a port.
+    counter = TokenCounter.load(settings.tokenizer) if settings.http_port else None
     stats = Stats()
     pool = MLBasePool(settings.mlbase_address, settings.mlbase_connections, stats,
                       max_message_bytes=settings.server.max_message_bytes, max_attempts=settings.mlbase_attempts,
@@ -77,14 +84,26 @@ async def serve(settings: FrontendSettings) -> None:
                             make_registry(stats, gauges), ready=lambda: engine.model is not None,
                             refresh=engine.refresh_l2_stats, gate=gate)
         await admin.start()
+    api = None
+    if counter is not None:
+        api = HttpServer(api_app(engine, gate, counter, ready=lambda: server.ready, live=lambda: server.live,
+                                 max_body_bytes=settings.server.max_message_bytes),
+                         settings.http_host, settings.http_port, shutdown_s=settings.server.grace_seconds)
+        await api.start()
+        log.info("HTTP API on %s (POST /v1/embeddings, GET /v1/models; /health, /ready)", api.url)
 
     async def ready() -> None:
         log.info("waiting for ML-base at %s (%d connections)", settings.mlbase_address, pool.connections)
-        engine.configure(await pool.wait_for_info(settings.mlbase_wait_s))
+        info = await pool.wait_for_info(settings.mlbase_wait_s)
+        engine.configure(info)
+        if counter is not None:
+            counter.configure(info.max_seq_length, info.model_id)
         watchdog.start()
 
     async def cleanup() -> None:
         await watchdog.close()
+        if api is not None:  # requests still in progress finish first: they need the engine
+            await api.close()
         await engine.close(settings.writeback_flush_s)
         if admin is not None:
             await admin.close()

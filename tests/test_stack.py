@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import time
+import urllib.request
 
 import grpc
 import psutil
@@ -42,6 +43,11 @@ def test_up_starts_everything_healthy(stack):
     settings, out = stack
     assert "stack is up" in out and "grpcurl -plaintext" in out
     assert probe.grpc_health(settings.frontend_address) == "SERVING"
+    # The OpenAI-compatible HTTP API is on its own port, ready, and `up` says where.
+    http = f"http://{settings.address(settings.http_port)}"
+    assert f"{http}/v1/embeddings" in out and settings.ports()["http"] == settings.http_port
+    with urllib.request.urlopen(f"{http}/ready", timeout=10) as ready:
+        assert ready.status == 200
     # The internal ports speak mutual TLS: the operator's certificate gets an answer.
     for address in (settings.shard_address, *settings.replica_addresses()):
         assert probe.grpc_health(address, tls=settings.client_tls()) == "SERVING", address

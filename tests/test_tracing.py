@@ -13,6 +13,8 @@ and "off installs nothing" in a fresh interpreter.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import re
 import secrets
@@ -82,9 +84,15 @@ def balancer(workdir, model):
 
 
 @pytest.fixture(scope="module")
-def traced(workdir, receiver, balancer, cache_shard):
+def http_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def traced(workdir, receiver, balancer, cache_shard, http_port):
     yield from serving(_exporting(frontend(workdir, balancer.address, cache_shard.address, "traced",
-                                           "--otlp-endpoint", receiver.endpoint, "--log-level", "DEBUG")))
+                                           "--otlp-endpoint", receiver.endpoint, "--log-level", "DEBUG",
+                                           "--http-port", str(http_port))))
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +152,26 @@ def test_one_embed_is_one_trace_across_frontend_shard_and_replica(traced, receiv
     assert span["mlbase.embed"].start_ns <= replica_server.start_ns <= replica_server.end_ns \
         <= span["mlbase.embed"].end_ns
     assert "request_id=trace-test-1 Embed started" in traced.log()
+
+
+def test_an_http_request_is_a_server_span_in_the_callers_trace(traced, receiver, http_port):
+    header, trace_id, parent = _traceparent()
+    body = json.dumps({"input": [f"traced over HTTP {uuid.uuid4()}"]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+    try:
+        conn.request("POST", "/v1/embeddings", body, {"traceparent": header, "x-request-id": "http-trace-1"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.getheader("x-request-id") == "http-trace-1", reply.read()
+    finally:
+        conn.close()
+    name = "POST /v1/embeddings"
+    spans = receiver.wait_for(lambda found: {name, "mlbase.embed", REPLICA_EMBED} <= {s.name for s in found},
+                              trace_id)
+    server = next(s for s in spans if s.name == name)
+    assert server.parent_id == parent and server.kind == SERVER
+    assert server.attributes["sutra.request_id"] == "http-trace-1"
+    assert server.attributes["http.response.status_code"] == 200
+    assert [s.parent_id for s in spans if s.name in ("l1.lookup", "inflight.wait")] == [server.span_id] * 2
 
 
 def test_request_id_is_returned_and_logged_on_errors(traced):
