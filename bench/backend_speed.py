@@ -6,8 +6,8 @@ Rows (with --threads threads unless marked "1 thread"):
   onnx fp32 plain / fused         the exported graph without / with onnxruntime's
                                   transformer fusions (Attention, LayerNorm, GELU)
   onnx int8 plain / fused         dynamic per-channel int8 weights
-  onnx int8-static                static int8 (calibrated activation scales), its default
-                                  layers in fp32
+  onnx int8-static                static int8 (SmoothQuant, calibrated activation scales),
+                                  its default layers (if any) in fp32
   torch bf16                      the torch backend with the transformer in bfloat16
   onnx int8 keep ...              int8 with some layers kept in fp32 (--keep-fp32)
   ..., 1 thread                   the same with one thread: on a machine whose cores are
@@ -76,8 +76,8 @@ def rows_for(keep_sets: Sequence[tuple[str, ...]], single_thread_rows: bool = Tr
         Row("onnx int8 fused", "onnx", "int8", fused=True),
     ]
     reduced = [Row("torch bf16", "torch", "bf16"),
-               Row(f"onnx int8-static, fp32 {','.join(STATIC_KEEP_FP32)}", "onnx", "int8-static", False,
-                   STATIC_KEEP_FP32)]
+               Row("onnx int8-static" + (f", fp32 {','.join(STATIC_KEEP_FP32)}" if STATIC_KEEP_FP32 else ""),
+                   "onnx", "int8-static", False, STATIC_KEEP_FP32)]
     rows += reduced
     graph = {p: "fused" if DEFAULT_FUSED[p] else "plain" for p in DEFAULT_FUSED}
     for keep in keep_sets:

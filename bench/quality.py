@@ -5,8 +5,8 @@ Quality: Spearman correlation between the gold similarity scores of the
 STS-B test pairs (shared/data/sts-test.tsv) and the cosine of the two
 sentences' vectors, for
 
-  backends   torch fp32 and bf16, onnx fp32, onnx int8, onnx int8-static (its default layers in
-             fp32), onnx int8 with --keep-fp32 layers in fp32
+  backends   torch fp32 and bf16, onnx fp32, onnx int8, onnx int8-static (its default layers,
+             if any, in fp32), onnx int8 with --keep-fp32 layers in fp32
   storage    float32 and float16, through the cache codec (common.codec encode/decode)
   widths     384, 256, 128, 64 through common.matryoshka.reduce, layer norm off and on
 
@@ -75,7 +75,8 @@ def configs(keep_sets: Sequence[tuple[str, ...]]) -> list[Config]:
     static_keep = tuple(split_csv(DEFAULT_INT8_KEEP_FP32["int8-static"]))
     out = [Config("torch fp32", "torch"), Config("torch bf16", "torch", "bf16"), Config("onnx fp32", "onnx"),
            Config("onnx int8", "onnx", "int8"),
-           Config(f"onnx int8-static+fp32 {','.join(static_keep)}", "onnx", "int8-static", static_keep)]
+           Config("onnx int8-static" + (f"+fp32 {','.join(static_keep)}" if static_keep else ""), "onnx",
+                  "int8-static", static_keep)]
     for keep in keep_sets:
         out.append(Config(f"onnx int8+fp32 {','.join(keep)}", "onnx", "int8", tuple(keep)))
     return out

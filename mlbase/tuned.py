@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -61,8 +62,6 @@ class CpuIdentity:
 def cpu_identity(cpuinfo: str | None = None) -> CpuIdentity:
     """This machine's CPU, from /proc/cpuinfo (or the text given); elsewhere the platform's
     processor name and no flags."""
-    import os
-
     if cpuinfo is None:
         cpuinfo = CPUINFO.read_text(errors="replace") if CPUINFO.is_file() else ""
     fields: dict[str, str] = {}
@@ -107,8 +106,8 @@ def write(path: Path, cpu: CpuIdentity, record: dict) -> None:
         write_json_atomic(path, data)
 
 
-def lookup(path: Path, cpu: CpuIdentity, model_digest: str) -> tuple[Choice | None, str]:
-    """The recorded choice for this CPU and model, or None and why not."""
+def lookup(path: Path, cpu: CpuIdentity, model_digest: str) -> tuple[dict | None, str]:
+    """The record with a winner for this CPU and model, or None and why not."""
     try:
         data = read(Path(path))
     except (OSError, ValueError) as exc:
@@ -120,7 +119,7 @@ def lookup(path: Path, cpu: CpuIdentity, model_digest: str) -> tuple[Choice | No
         return None, f"{path}'s record for this CPU was tuned for another model"
     if not record.get("choice"):
         return None, f"{path}'s record for this CPU has no winner (no candidate passed both gates)"
-    return Choice.from_json(record["choice"]), f"tuned {record.get('tuned_at', '?')}"
+    return record, f"tuned {record.get('tuned_at', '?')} at {record.get('threads', '?')} threads"
 
 
 def model_digest(model_path: str) -> str:
@@ -141,21 +140,26 @@ def resolve(settings, cpu: CpuIdentity | None = None):
     cpu = cpu or cpu_identity()
     path = Path(settings.tuned_file)
     digest = model_digest(settings.model_path)
-    choice, why = lookup(path, cpu, digest)
-    if choice is None and settings.tune_at_start:
+    record, why = lookup(path, cpu, digest)
+    if record is None and settings.tune_at_start:
         # One replica tunes; the others starting with it wait here, then read its record.
         with locked(path.with_name(path.name + ".tuning")):
-            choice, why = lookup(path, cpu, digest)
-            if choice is None:
+            record, why = lookup(path, cpu, digest)
+            if record is None:
                 tune_now(settings)
-                choice, why = lookup(path, cpu, digest)
-    if choice is None:
+                record, why = lookup(path, cpu, digest)
+    if record is None:
         fallback = mlbase_settings.DEFAULT_BACKEND
         log.warning("--backend auto: %s; using the default, %s %s (run `sutra tune` on this machine to choose)",
                     why, fallback, mlbase_settings.DEFAULT_PRECISION[fallback])
         return dataclasses.replace(settings, backend_name=fallback, precision="", int8_keep_fp32=None)
+    choice = Choice.from_json(record["choice"])
     log.info("--backend auto: %s %s%s from %s for this CPU (%s; %s)", choice.backend, choice.precision,
              f" (fp32 layers {','.join(choice.keep_fp32)})" if choice.keep_fp32 else "", path, cpu.key, why)
+    threads = settings.threads or os.cpu_count() or 1
+    if record.get("threads") != threads:
+        log.warning("--backend auto: this replica runs %d threads but the record was measured at %s; the winner "
+                    "can differ (run `sutra tune --threads %d`)", threads, record.get("threads"), threads)
     return dataclasses.replace(settings, backend_name=choice.backend, precision=choice.precision,
                                int8_keep_fp32=choice.keep_fp32)
 

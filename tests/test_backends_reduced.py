@@ -19,10 +19,11 @@ import grpc
 import numpy as np
 import pytest
 
+from common.flags import split_csv
 from harness.procs import ROOT
 from harness.stack import service
 from mlbase import quality_gates as gates
-from mlbase import tuned
+from mlbase import tune, tuned
 from mlbase.backends import calibration, registry
 from mlbase.backends.base import BackendOptions
 from mlbase.backends.onnx_export import select_nodes
@@ -37,7 +38,9 @@ TEXTS = AWKWARD_TEXTS + [
     "Matryoshka embeddings keep the most useful information in the leading dimensions. " * 4,
     "word " * 300,  # over the 256-token window: truncated
 ]
-STATIC_KEEP = tuple(DEFAULT_INT8_KEEP_FP32["int8-static"].split(","))
+STATIC_KEEP = tuple(split_csv(DEFAULT_INT8_KEEP_FP32["int8-static"]))
+# Fewer calibration texts than the default (256) keep each static graph's build short here.
+CALIBRATION_TEXTS = 32
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def onnx_fp32(cache_dir):
 
 @pytest.fixture(scope="module")
 def static(cache_dir, onnx_fp32):
-    return load("onnx", "int8-static", cache_dir, keep_fp32=STATIC_KEEP)
+    return load("onnx", "int8-static", cache_dir, keep_fp32=STATIC_KEEP, calibration_texts=CALIBRATION_TEXTS)
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +110,25 @@ def test_dynamic_int8_fails_the_batch_gate(cache_dir, onnx_fp32, gate_texts):
     assert not gate.passed and gate.worst < 0.999
 
 
-def test_the_static_graph_keeps_the_feed_forward_outputs_in_fp32(static):
+def test_the_static_graph_is_smoothed_and_quantizes_every_weight_matmul(static):
     manifest = static.graphs.manifest(static.spec)
-    assert manifest["step"] == "quantize_static" and manifest["format"] == "QDQ"
+    assert manifest["step"] == "quantize_static" and manifest["recipe"]["format"] == "QDQ"
+    assert manifest["quantized_matmuls"] == 36 and manifest["fp32_matmuls"] == []
+    assert manifest["smoothed_activations"] == 24  # per layer: Q/K/V's input, attention out, FFN in, FFN out
+    assert manifest["calibration_texts"] == CALIBRATION_TEXTS
+    assert manifest["check"]["min_cosine_vs_sentence_transformers"] > 0.95
+    assert static.graph_path.name == f"int8-static-plain-cal-{static.spec.calibration}.onnx"
+    assert not list(static.graph_path.parent.glob(".tmp-*"))  # the smoothed intermediate is gone
+
+
+def test_keeping_layers_in_fp32_gives_another_graph_and_fingerprint(static, cache_dir):
+    kept = load("onnx", "int8-static", cache_dir, keep_fp32=("layer.*.output.dense",),
+                calibration_texts=CALIBRATION_TEXTS)
+    manifest = kept.graphs.manifest(kept.spec)
     assert manifest["quantized_matmuls"] == 30 and len(manifest["fp32_matmuls"]) == 6
     assert all("/output/dense/" in n and "/attention/" not in n for n in manifest["fp32_matmuls"])
-    assert manifest["calibration_texts"] == calibration.DEFAULT_TEXTS
-    assert manifest["check"]["min_cosine_vs_sentence_transformers"] > 0.95
-    assert static.graph_path.name.startswith(f"int8-static-plain-cal-{static.spec.calibration}-keep-")
+    assert kept.describe().precision == f"int8-static+cal:{static.spec.calibration}+fp32:layer.*.output.dense"
+    assert kept.describe().fingerprint() != static.describe().fingerprint()
 
 
 def test_star_patterns_match_one_dotted_part():
@@ -130,22 +144,25 @@ def test_calibration_never_uses_sts_test_sentences(tmp_path):
     assert len(test_sentences) > 2000  # the test split is found (bundled in bench/data at least)
     default = calibration.load()
     assert len(default.texts) == calibration.DEFAULT_TEXTS and not set(default.texts) & test_sentences
+    lengths = [len(t.split()) for t in default.texts]
+    assert min(lengths) < 15 and max(lengths) > 150  # short and long inputs, up to the window
     mixed = tmp_path / "cal.txt"
-    some_test = sorted(test_sentences)[:5]
+    some_test = sorted(test_sentences, key=len)[-5:]
     mixed.write_text("\n".join(["first own line", *some_test, "second own line", "first own line"]) + "\n")
     chosen = calibration.load(str(mixed), 10)
-    assert chosen.texts == ("first own line", "second own line")
-    assert calibration.load(str(mixed), 1).tag() != chosen.tag()
+    assert all(t not in text for t in some_test for text in chosen.texts)
+    assert chosen.texts[0] == "first own line"
+    assert chosen.texts[1] == " ".join(["second own line", "first own line"] * 3)  # 6 lines, cycling
+    assert calibration.load(str(mixed), 9).tag() != chosen.tag()
     assert calibration.load(str(mixed), 10).tag() == chosen.tag()  # named by content: stable
 
 
 def test_precision_and_calibration_change_the_fingerprint(torch_fp32, bf16, onnx_fp32, static, cache_dir):
-    other_calibration = load("onnx", "int8-static", cache_dir, keep_fp32=STATIC_KEEP, calibration_texts=64)
+    other_calibration = load("onnx", "int8-static", cache_dir, keep_fp32=STATIC_KEEP, calibration_texts=16)
     descriptions = [b.describe() for b in (torch_fp32, bf16, onnx_fp32, static, other_calibration)]
     assert [(d.backend, d.precision.split("+")[0]) for d in descriptions] == [
         ("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8-static"), ("onnx", "int8-static")]
-    assert static.describe().precision == (f"int8-static+cal:{static.spec.calibration}"
-                                           f"+fp32:{','.join(STATIC_KEEP)}")
+    assert static.describe().precision == f"int8-static+cal:{static.spec.calibration}"
     assert len({d.fingerprint() for d in descriptions}) == len(descriptions)
     assert len({(d.weights_digest, d.native_width, d.max_seq_length) for d in descriptions}) == 1
     assert other_calibration.graph_path != static.graph_path and other_calibration.graph_path.is_file()
@@ -154,7 +171,7 @@ def test_precision_and_calibration_change_the_fingerprint(torch_fp32, bf16, onnx
 def test_precision_settings():
     assert load_settings(["--backend", "torch", "--precision", "bf16"], {}).backend.precision == "bf16"
     static_settings = load_settings(["--backend", "onnx", "--precision", "int8-static"], {})
-    assert static_settings.backend.keep_fp32 == STATIC_KEEP
+    assert static_settings.backend.keep_fp32 == STATIC_KEEP == ()
     assert load_settings(["--backend", "onnx", "--precision", "int8"], {}).backend.keep_fp32 == ("layer.0.",)
     for argv in (["--backend", "onnx", "--precision", "bf16"], ["--backend", "torch", "--precision", "int8-static"],
                  ["--backend", "auto", "--precision", "fp32"], ["--backend", "torch", "--int8-keep-fp32", "x"]):
@@ -204,12 +221,35 @@ def test_cpu_identity_reads_model_and_relevant_flags():
     assert here.model and here.key.startswith(here.model)
 
 
+def measured(candidate: str, texts_per_s: float, latency_ms: float, sts_drop: float,
+             batch_cosine: float = 0.99999) -> tune.Result:
+    result = tune.Result(candidate, tuned.Choice(*candidate.split(":"), ()))
+    result.texts, result.seconds, result.latencies_ms = 100, [100 / texts_per_s], [latency_ms]
+    result.sts = gates.sts_gate({384: 0.8 * (1 - sts_drop)}, {384: 0.8})
+    result.batch = gates.BatchGate({384: batch_cosine}, 1)
+    return result
+
+
+def test_the_winner_is_the_fastest_that_passes_and_a_close_call_goes_to_latency():
+    dynamic = measured("onnx:int8", 1000, 2.0, 0.002, batch_cosine=0.99)  # fastest, but batch-dependent
+    bf16 = measured("torch:bf16", 600, 12.0, 0.0)
+    static = measured("onnx:int8-static", 590, 3.0, 0.002)  # within 3% of bf16: a tie, lower latency
+    fp32 = measured("onnx:fp32", 300, 6.0, 0.0)
+    assert tune.decide([dynamic, bf16, static, fp32]) is static
+    static.seconds = [100 / 560]  # 7% slower: no longer a tie
+    assert tune.decide([dynamic, bf16, static, fp32]) is bf16
+    too_lossy = measured("onnx:int8-static", 2000, 1.0, 0.006)  # 0.6% STS-B drop
+    assert tune.decide([too_lossy, fp32]) is fp32
+    assert tune.decide([dynamic]) is None
+
+
 @pytest.fixture(scope="module")
 def tuned_run(tmp_path_factory, cache_dir, static, onnx_fp32):
     """`sutra tune --quick` through the CLI, on the graphs this module built."""
     out = tmp_path_factory.mktemp("tune") / "tuned.json"
     proc = subprocess.run([sys.executable, "-m", "deploy", "tune", "--quick", "--out", str(out),
-                           "--onnx-cache-dir", str(cache_dir)], cwd=ROOT, capture_output=True, text=True,
+                           "--onnx-cache-dir", str(cache_dir), "--calibration-texts", str(CALIBRATION_TEXTS)],
+                          cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
@@ -247,13 +287,18 @@ def test_backend_auto_picks_the_record_for_this_cpu_else_the_default(tmp_path, c
     assert "no record for this CPU" in caplog.text and "using the default" in caplog.text
 
     choice = {"backend": "onnx", "precision": "int8-static", "keep_fp32": list(STATIC_KEEP), "label": "x"}
-    tuned.write(path, cpu, {"choice": choice, "model_digest": tuned.model_digest(MODEL)})
+    tuned.write(path, cpu, {"choice": choice, "model_digest": tuned.model_digest(MODEL), "threads": 1})
     tuned.write(path, tuned.cpu_identity(CPUINFO.replace(" amx_tile amx_bf16 amx_int8", "")),
                 {"choice": {**choice, "precision": "fp32", "keep_fp32": []}, "model_digest": "other"})
     assert len(tuned.read(path)["records"]) == 2  # merged, not overwritten
+    caplog.clear()
     picked = tuned.resolve(auto_settings(path), cpu)
     assert (picked.backend_name, picked.backend.precision, picked.backend.keep_fp32) == (
         "onnx", "int8-static", STATIC_KEEP)
+    assert "--backend auto: onnx int8-static" in caplog.text and "measured at" not in caplog.text
+    caplog.clear()
+    assert tuned.resolve(dataclasses.replace(auto_settings(path), threads=2), cpu).backend.precision == "int8-static"
+    assert "runs 2 threads but the record was measured at 1" in caplog.text
     caplog.clear()
     other_cpu = tuned.cpu_identity(CPUINFO.replace("9000", "8000"))
     assert tuned.resolve(auto_settings(path), other_cpu).backend_name == "onnx"
@@ -275,7 +320,8 @@ def auto_replica(tmp_path_factory, cache_dir, static):
     tuned.write(path, tuned.cpu_identity(), {"choice": choice, "model_digest": tuned.model_digest(MODEL)})
     yield from serving(service("mlbase", folder / "mlbase.log",
                                {"backend_name": "auto", "tuned_file": str(path), "threads": 1,
-                                "server.drain_seconds": 0.0, "onnx_cache_dir": str(cache_dir)}))
+                                "server.drain_seconds": 0.0, "onnx_cache_dir": str(cache_dir),
+                                "calibration_texts": CALIBRATION_TEXTS}))
 
 
 def test_replica_with_backend_auto_serves_the_recorded_choice(auto_replica, static):
