@@ -5,6 +5,7 @@ process behind (checked by PID)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -13,6 +14,8 @@ import time
 import urllib.request
 
 import grpc
+import numpy as np
+import openai
 import psutil
 import pytest
 
@@ -20,6 +23,7 @@ from deploy import probe
 from deploy.scrape import fetch
 from deploy.settings import StackSettings
 from deploy.supervisor import Supervisor
+from embedding.client import Client
 from harness.deployed import deployed, sutra
 from lb import runtime
 from sutra.embedding.v1 import embedding_service_pb2 as pb
@@ -59,6 +63,29 @@ def test_up_starts_everything_healthy(stack):
         assert psutil.pid_exists(pid), name
     # Logs land in the run directory.
     assert (settings.log_dir / "mlbase1.log").stat().st_size > 0
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+def test_the_openai_client_gets_grpcs_vectors_from_the_default_stack(stack, encoding_format):
+    """The done-criterion of the HTTP API, on the stack `make up` starts: the official client's
+    embeddings.create(dimensions=256) answers exactly what gRPC's Embed does."""
+    settings, _ = stack
+    texts = ["the default stack speaks OpenAI", "and gRPC, with one cache"]
+    client = openai.OpenAI(base_url=f"http://{settings.address(settings.http_port)}/v1", api_key="unused",
+                           max_retries=0)
+    reply = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts, dimensions=256,
+                                     encoding_format=encoding_format)
+    with Client(settings.frontend_address) as grpc_client:
+        expected = grpc_client.embed(texts, 256)
+    if encoding_format == "base64":
+        got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in reply.data])
+    else:
+        got = np.asarray([d.embedding for d in reply.data], dtype=np.float32)
+    assert got.shape == (2, 256) and np.array_equal(got, expected)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="all-MiniLM-L6-v2", input=[], dimensions=256)
+    error = err.value.response.json()["error"]
+    assert err.value.status_code == 400 and error["message"] and error["type"]
 
 
 def test_status_shows_health_and_haproxy_view(stack):
