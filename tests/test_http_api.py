@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import random
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from deploy.scrape import fetch
 from embedding.client import Client
 from embedding.token_counts import TokenCounter
+from harness.impatient.metrics import gauge_view
 from harness.procs import ROOT, Proc, free_port, wait_until
 from harness.stack import backends, service
 from mlbase.settings import bundled_model_path
@@ -43,9 +47,10 @@ FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 
 class Frontend:
-    def __init__(self, proc: Proc, http_port: int) -> None:
+    def __init__(self, proc: Proc, http_port: int, admin_port: int = 0) -> None:
         self.proc = proc
         self.http_port = http_port
+        self.admin_port = admin_port
 
     @property
     def base_url(self) -> str:
@@ -74,12 +79,12 @@ class Frontend:
         return status, headers, json.loads(raw)
 
 
-def start_frontend(tmp: Path, name: str, values: dict, env: dict | None = None) -> Frontend:
-    http_port = free_port()
-    proc = service("embedding", tmp / f"{name}.log", {"admin_port": 0, "http_port": http_port,
+def start_frontend(tmp: Path, name: str, values: dict, env: dict | None = None, admin: bool = False) -> Frontend:
+    http_port, admin_port = free_port(), free_port() if admin else 0
+    proc = service("embedding", tmp / f"{name}.log", {"admin_port": admin_port, "http_port": http_port,
                                                       "mlbase_connections": 1, **values})
     proc.env = env or {}
-    return Frontend(proc, http_port)
+    return Frontend(proc, http_port, admin_port)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,7 @@ def live(tmp_path_factory):
     replica, shard = backends(tmp)
     backend = {"mlbase_address": replica.address, "cache_shards": (shard.address,)}
     fronts = {
-        "api": start_frontend(tmp, "api", backend, env={"SUTRA_AUTH_TOKEN": TOKEN}),
+        "api": start_frontend(tmp, "api", backend, env={"SUTRA_AUTH_TOKEN": TOKEN}, admin=True),
         "tiny": start_frontend(tmp, "tiny", {**backend, "max_pending": 1}),
         "starting": start_frontend(tmp, "starting", {"mlbase_address": f"127.0.0.1:{free_port()}",
                                                      "cache_shards": ()}),
@@ -371,6 +376,41 @@ def test_a_timeout_header_is_the_deadline(live, api):
     for bad in ("0", "-1", "soon", "nan", "inf"):
         status, _, body = api.embed({"input": "x"}, headers={"x-request-timeout": bad})
         assert_error(status, body, 400, "invalid_timeout")
+    still_works(api)
+
+
+def test_impatient_http_clients_leave_nothing_pending(api):
+    """Callers that hang up at random moments (mid-headers, mid-body, while their texts compute)
+    and callers with a 1 ms deadline: afterwards every in-flight gauge is back at idle (nothing
+    pending, queued, or leaked), the log has no traceback, and a new request is computed."""
+    rng = random.Random(7)
+
+    def hang_up() -> None:
+        body = json.dumps({"input": fresh(rng.randrange(1, 9), "impatient")}).encode()
+        head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        raw = head + body
+        with socket.create_connection(("127.0.0.1", api.http_port), timeout=5) as sock:
+            sock.sendall(raw[:rng.randrange(1, len(raw) + 1)])
+            time.sleep(rng.uniform(0, 0.03))
+
+    def one_ms() -> int:
+        return api.embed({"input": fresh(2, "1ms")}, headers={"x-request-timeout": "0.001"})[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        hung = [pool.submit(hang_up) for _ in range(80)]
+        rushed = [pool.submit(one_ms) for _ in range(30)]
+        for f in hung:
+            f.result()
+        assert {f.result() for f in rushed} <= {200, 504}
+    url = f"http://127.0.0.1:{api.admin_port}/metrics"
+
+    def idle() -> bool:
+        sample = {name: value for name, _labels, value in fetch(url, token=TOKEN).samples}
+        return gauge_view(sample, free_slots=8)[1]
+
+    wait_until(idle, 30, "every in-flight gauge back at idle")
+    assert "Traceback" not in api.proc.log()
     still_works(api)
 
 
