@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 HEADER = "x-request-id"
 # Accepted as sent: ids that are safe to print in a log line and short enough to index.
 _ACCEPTED = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
-# Failures caused by the request itself, logged at INFO; the rest are ours or a backend's.
+# Failures caused by the request itself, logged at INFO; the rest are ours or a backend's. A
+# deadline is the caller's choice: a client with 1 ms deadlines must not fill the log with warnings.
 CALLER_FAULTS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+                           grpc.StatusCode.DEADLINE_EXCEEDED,
                            grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND,
                            grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION,
                            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.CANCELLED})
