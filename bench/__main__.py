@@ -1,6 +1,6 @@
 """`make bench`: start a full stack, measure it against in-process encode, report.
 
-    .venv/bin/python -m bench [--quick] [--backend torch|onnx] [--precision fp32|int8] [--replicas N]
+    .venv/bin/python -m bench [--quick] [--backend auto|torch|onnx] [--precision P] [--replicas N]
 
 Starts its own stack (cache shard, replicas, HAProxy, frontend) on free
 ports in a temporary run directory, measures cold, L1, L2 and mixed
@@ -25,24 +25,28 @@ from pathlib import Path
 from bench import plots, report, stack_bench, workloads
 from deploy.settings import auto_replicas
 from harness.results import RESULTS_DIR
+from mlbase.backends import registry
+from mlbase.settings import AUTO_BACKEND, DEFAULT_PRECISION
 
 # (cold texts, cold rounds, mixed draws, 1-text requests, 64-text requests) per hit row
 FULL = (1536, 6, 6000, 1500, 200)
 QUICK = (256, 2, 1200, 300, 40)
 
 
-def build_parser(defaults: tuple[str, str]) -> argparse.ArgumentParser:
-    backend, precision = defaults
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help=f"small samples (cold {QUICK[0]} texts in {QUICK[1]} rounds, mixed {QUICK[2]} texts, "
                          f"{QUICK[3]}/{QUICK[4]} requests per hit row); under 3 minutes on 2 cores")
-    ap.add_argument("--backend", default=backend,
-                    help=f"replica backend, torch or onnx (default: the replicas' own default, {backend})")
+    ap.add_argument("--backend", default=AUTO_BACKEND,
+                    help=f"replica backend: {AUTO_BACKEND} (what `make up` runs: the tuner's choice for this CPU, "
+                         f"tuned first when there is no record) or one of {', '.join(registry.names())} "
+                         "(default: %(default)s)")
     ap.add_argument("--precision", default=None,
-                    help=f"replica precision, fp32 or int8 (int8 needs onnx) (default: {precision} for the default "
-                         "backend, fp32 otherwise)")
+                    help="replica precision with an explicit --backend, one of "
+                         + "; ".join(f"{b}: {', '.join(p)}" for b, p in registry.PRECISIONS.items())
+                         + " (default: that backend's default)")
     ap.add_argument("--replicas", type=int, default=auto_replicas(os.cpu_count() or 1),
                     help="ML-base replicas behind HAProxy; torch threads each = max(1, cores // replicas) "
                          "(default: what `make up` starts, %(default)s)")
@@ -61,19 +65,25 @@ def build_parser(defaults: tuple[str, str]) -> argparse.ArgumentParser:
     return ap
 
 
-def config_from(args: argparse.Namespace, defaults: tuple[str, str]) -> stack_bench.BenchConfig:
+def config_from(args: argparse.Namespace, default: tuple[str, str]) -> stack_bench.BenchConfig:
+    """`default` is what `make up` runs on this machine (`--backend auto` resolved)."""
     cold, rounds, mixed, single, batch = QUICK if args.quick else FULL
-    precision = args.precision or (defaults[1] if args.backend == defaults[0] else "fp32")
-    if args.backend not in ("torch", "onnx"):
-        raise SystemExit("--backend must be torch or onnx")
-    if precision not in ("fp32", "int8") or (precision == "int8" and args.backend != "onnx"):
-        raise SystemExit("--precision must be fp32, or int8 with --backend onnx")
+    if args.backend == AUTO_BACKEND:
+        if args.precision:
+            raise SystemExit(f"--backend {AUTO_BACKEND} takes its precision from the tuner's record")
+        backend, precision = default
+    elif args.backend not in registry.names():
+        raise SystemExit(f"--backend must be {AUTO_BACKEND} or one of {', '.join(registry.names())}")
+    else:
+        backend, precision = args.backend, args.precision or DEFAULT_PRECISION[args.backend]
+    if precision not in registry.PRECISIONS[backend]:
+        raise SystemExit(f"--precision {precision} needs --backend {' or '.join(registry.backends_for(precision))}")
     if args.replicas < 1:
         raise SystemExit("--replicas must be at least 1")
     if not 0 < args.mixed_l1_fraction <= 1:
         raise SystemExit("--mixed-l1-fraction must be in (0, 1]")
     return stack_bench.BenchConfig(
-        backend=args.backend, precision=precision, replicas=args.replicas,
+        backend=backend, precision=precision, replicas=args.replicas,
         cold_texts=args.cold or cold, rounds=args.rounds or rounds, mixed_draws=args.mixed or mixed,
         mixed_l1_fraction=args.mixed_l1_fraction, single_requests=single, batch_requests=batch,
         data_dir=args.data or workloads.data_dir(), quick=args.quick)
@@ -82,8 +92,8 @@ def config_from(args: argparse.Namespace, defaults: tuple[str, str]) -> stack_be
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    defaults = workloads.mlbase_defaults()
-    args = build_parser(defaults).parse_args(argv)
+    args = build_parser().parse_args(argv)
+    defaults = workloads.stack_default(args.replicas)
     cfg = config_from(args, defaults)
 
     result = stack_bench.run(cfg)
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                          "platform": platform.platform(), "load_average_end": os.getloadavg()}
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result["command"] = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    result["replica_default"] = {"backend": defaults[0], "precision": defaults[1]}
+    result["make_up_default"] = {"backend": defaults[0], "precision": defaults[1]}
     result["goals"] = report.goals(result, defaults)
 
     args.out.mkdir(parents=True, exist_ok=True)

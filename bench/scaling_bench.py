@@ -43,6 +43,7 @@ from deploy import stack
 from deploy.settings import StackSettings
 from harness.results import results_path
 from lb import runtime
+from mlbase.settings import DEFAULT_BACKEND
 
 RESULTS = results_path("scaling.json")
 MIXED_INFLIGHT = 4
@@ -54,7 +55,9 @@ def per_replica_bytes(settings: StackSettings) -> dict[str, int]:
 
 def run_stack(replicas: int, slices: list[list[str]], baseline: "InProcess", mixed: list[str] | None,
               workdir: Path, mixed_l1_entries: int) -> dict:
-    settings = stack_settings(workdir / f"stack{replicas}", replicas)
+    # The replicas' built-in default backend, as this benchmark has always measured (not the tuner's
+    # choice: scaling with replicas is the question here, and the choice can differ between machines).
+    settings = stack_settings(workdir / f"stack{replicas}", replicas, DEFAULT_BACKEND)
     quiet = lambda line: None  # noqa: E731
     if mixed is not None:
         settings = dataclasses.replace(settings, l1_entries=mixed_l1_entries)

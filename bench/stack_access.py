@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -37,38 +37,23 @@ from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
 Printer = Callable[[str], None]
 
 
-@contextlib.contextmanager
-def replica_environment(backend: str, precision: str) -> Iterator[None]:
-    """Replicas read SUTRA_MLBASE_BACKEND/PRECISION (the env mirror of their flags); supervisord
-    and its children inherit this process's environment when `stack.up` starts them."""
-    saved = {k: os.environ.get(k) for k in ("SUTRA_MLBASE_BACKEND", "SUTRA_MLBASE_PRECISION")}
-    os.environ["SUTRA_MLBASE_BACKEND"], os.environ["SUTRA_MLBASE_PRECISION"] = backend, precision
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def stack_settings(run_dir: Path, replicas: int) -> StackSettings:
-    """A stack on free loopback ports in `run_dir` (replicas on consecutive free ports), admin HTTP off."""
+def stack_settings(run_dir: Path, replicas: int, backend: str, precision: str = "") -> StackSettings:
+    """A stack of `backend` replicas (`precision`; empty = the backend's default, and none with
+    `auto`) on free loopback ports in `run_dir` (replicas on consecutive free ports), admin HTTP off."""
     base = free_port()
     while any(not stack.probe.port_free("127.0.0.1", base + i) for i in range(1, replicas)):
         base = free_port()
     return StackSettings(run_dir=run_dir, replicas=replicas, frontend_port=free_port(), shard_port=free_port(),
-                         lb_port=free_port(), stats_port=free_port(), admin_port=0, replica_base_port=base)
+                         lb_port=free_port(), stats_port=free_port(), admin_port=0, replica_base_port=base,
+                         backend=backend, precision=precision)
 
 
 def start_stack(run_dir: Path, replicas: int, backend: str, precision: str,
                 out: Printer) -> tuple[StackSettings, float]:
     """`stack.up` on free ports in `run_dir` (`stack_settings`); (settings, seconds to healthy)."""
-    settings = stack_settings(run_dir, replicas)
+    settings = stack_settings(run_dir, replicas, backend, precision)
     started = time.perf_counter()
-    with replica_environment(backend, precision):
-        stack.up(settings, out=lambda line: None)
+    stack.up(settings, out=lambda line: None)
     took = time.perf_counter() - started
     out(f"  stack up in {took:.1f}s: {replicas} replica(s) x {settings.torch_threads} thread(s), "
         f"frontend {settings.frontend_address}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,12 +225,13 @@ class BackendBaseline(Baseline):
         return time.perf_counter() - start
 
 
-def mlbase_defaults() -> tuple[str, str]:
-    """(backend, precision) a replica runs when given no flags and no environment."""
-    from mlbase.settings import load_settings
+def stack_default(replicas: int, announce: Callable[[str], None] = print) -> tuple[str, str]:
+    """(backend, precision) the replicas of `make up` run: `sutra up`'s default --backend auto,
+    resolved as `up` resolves it (the tuner's record for this CPU, tuned first when there is none)."""
+    from deploy.settings import StackSettings
+    from deploy.stack import ensure_tuned
 
-    settings = load_settings([], {})
-    return settings.backend_name, settings.backend.precision
+    return ensure_tuned(StackSettings(replicas=replicas, internal_tls=False), announce)
 
 
 def base_precision(label: str) -> str:

@@ -22,7 +22,8 @@ from common.tls import TlsClientOptions
 from deploy.pki import StackPki
 from embedding.settings import FrontendSettings
 from lb.render import LbSettings
-from mlbase.settings import MLBaseSettings
+from mlbase.backends import registry
+from mlbase.settings import AUTO_BACKEND, DEFAULT_TUNED_FILE, MLBaseSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_FILE = "stack.json"
@@ -78,6 +79,16 @@ class StackSettings(Settings):
     # Torch threads per replica; 0 = max(1, cores // replicas).
     threads: int = setting(0, "inference threads per replica (onnxruntime or torch intra-op); 0 = max(1, cores // "
                               "replicas)", env="SUTRA_TORCH_THREADS")
+    # The replicas' backend. auto: the fastest backend and precision that passed both quality gates
+    # on this CPU, as `sutra tune` recorded it (which one wins depends on the CPU; README, Backends).
+    backend: str = setting(
+        AUTO_BACKEND, f"replica inference backend: {AUTO_BACKEND} (the backend and precision `sutra tune` recorded "
+        "for this CPU in --tuned; with no record `up` tunes first, once per machine and model, about 2 minutes "
+        f"on 2 cores), or {', '.join(registry.names())}", env=_as(MLBaseSettings, "backend_name"))
+    precision: str = setting("", "replica precision with an explicit --backend; empty = that backend's default",
+                             env=_as(MLBaseSettings, "precision"))
+    tuned: str = setting(DEFAULT_TUNED_FILE, "the tuner's record that --backend auto reads (and `up` writes when "
+                         "it has no record for this CPU)", env=_as(MLBaseSettings, "tuned_file"))
     # SIGTERM budget, passed to each program as flags (supervisor.py derives
     # every stop wait from these). A stopping frontend or replica stays
     # NOT_SERVING this long first, so HAProxy (about 1.5 s to notice) takes a
@@ -131,6 +142,13 @@ class StackSettings(Settings):
             return ["--run-dir must not contain '%'"]
         if self.replicas < 1:
             return []  # the per-setting check said it
+        if self.backend not in (AUTO_BACKEND, *registry.names()):
+            return [f"--backend must be {AUTO_BACKEND} or one of {', '.join(registry.names())}"]
+        if self.precision and self.backend == AUTO_BACKEND:
+            return [f"--backend {AUTO_BACKEND} takes its precision from --tuned; give --precision with an explicit "
+                    "--backend"]
+        if self.precision and self.precision not in registry.PRECISIONS[self.backend]:
+            return [f"--precision {self.precision} needs --backend {' or '.join(registry.backends_for(self.precision))}"]
         problems = [f"{flag} must not be negative" for flag, value in (
             ("--drain-seconds", self.drain_seconds), ("--grace-seconds", self.grace_seconds),
             ("--writeback-flush", self.writeback_flush_seconds)) if value < 0]

@@ -184,6 +184,7 @@ def up(settings: StackSettings, out: Printer = print) -> int:
     else:
         out("WARNING: --no-internal-tls: the cache shard and the replicas accept any caller in plaintext; "
             "for development only")
+    ensure_tuned(settings, out)
     progs = programs(settings, haproxy=haproxy)
     write_haproxy_config(settings, haproxy)
     settings.supervisor_config.write_text(render_config(settings, progs, CHILD_ENV))
@@ -208,6 +209,32 @@ def up(settings: StackSettings, out: Printer = print) -> int:
         raise
     print_endpoints(settings, out)
     return 0
+
+
+def ensure_tuned(settings: StackSettings, out: Printer) -> tuple[str, str]:
+    """The replicas' (backend, precision): with --backend auto, the tuner's record for this CPU,
+    made before any replica starts when there is none.
+
+    Tuning takes minutes; done here, the user sees why `up` waits, and the replicas (which
+    resolve `auto` themselves from the same file, so GetInfo and the fingerprint name the
+    choice) start in seconds instead of running into `up`'s health wait."""
+    from common.settings import evolve
+    from mlbase import settings as replica_recipe
+    from mlbase import tuned
+
+    if settings.backend != replica_recipe.AUTO_BACKEND:
+        return settings.backend, settings.precision or replica_recipe.DEFAULT_PRECISION[settings.backend]
+    replica = evolve(replica_recipe.load_settings([], {}), {"threads": settings.torch_threads,
+                                                            "tuned_file": settings.tuned})
+    record, why = tuned.ensure(replica, announce=out)
+    if record is None:
+        fallback = replica_recipe.DEFAULT_BACKEND
+        out(f"WARNING: --backend auto: {why}; the replicas run the default, {fallback} "
+            f"{replica_recipe.DEFAULT_PRECISION[fallback]}")
+        return fallback, replica_recipe.DEFAULT_PRECISION[fallback]
+    choice = tuned.Choice.from_json(record["choice"])
+    out(f"replicas: --backend auto -> {choice.backend} {choice.precision}, the tuner's choice for this CPU ({why})")
+    return choice.backend, choice.precision
 
 
 def print_endpoints(settings: StackSettings, out: Printer) -> None:

@@ -107,6 +107,8 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
             "server.max_connection_age_ms": settings.max_connection_age_ms,
             "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms,
             "server.metrics_host": settings.host, "server.metrics_port": settings.replica_metrics_port(i),
+            "backend_name": settings.backend, "tuned_file": settings.tuned,
+            **({"precision": settings.precision} if settings.precision else {}),
             **served("mlbase"),
         }, python)
         found.append(Program(name, replica, 20, stop_wait(drain, grace), "grpc", settings.replica_port(i),

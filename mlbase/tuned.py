@@ -139,15 +139,7 @@ def resolve(settings, cpu: CpuIdentity | None = None):
         return settings
     cpu = cpu or cpu_identity()
     path = Path(settings.tuned_file)
-    digest = model_digest(settings.model_path)
-    record, why = lookup(path, cpu, digest)
-    if record is None and settings.tune_at_start:
-        # One replica tunes; the others starting with it wait here, then read its record.
-        with locked(path.with_name(path.name + ".tuning")):
-            record, why = lookup(path, cpu, digest)
-            if record is None:
-                tune_now(settings)
-                record, why = lookup(path, cpu, digest)
+    record, why = ensure(settings, cpu) if settings.tune_at_start else lookup(path, cpu, model_digest(settings.model_path))
     if record is None:
         fallback = mlbase_settings.DEFAULT_BACKEND
         log.warning("--backend auto: %s; using the default, %s %s (run `sutra tune` on this machine to choose)",
@@ -162,6 +154,28 @@ def resolve(settings, cpu: CpuIdentity | None = None):
                     "can differ (run `sutra tune --threads %d`)", threads, record.get("threads"), threads)
     return dataclasses.replace(settings, backend_name=choice.backend, precision=choice.precision,
                                int8_keep_fp32=choice.keep_fp32)
+
+
+def ensure(settings, cpu: CpuIdentity | None = None, announce=None) -> tuple[dict | None, str]:
+    """The record for this CPU and model in `settings.tuned_file`, tuning (quick) first when there
+    is none. Replicas starting together and `sutra up` tune once: the others wait on the lock,
+    then read the record. `announce(line)` is told before a tune starts (it takes minutes)."""
+    cpu = cpu or cpu_identity()
+    path = Path(settings.tuned_file)
+    digest = model_digest(settings.model_path)
+    record, why = lookup(path, cpu, digest)
+    if record is not None:
+        return record, why
+    with locked(path.with_name(path.name + ".tuning")):
+        record, why = lookup(path, cpu, digest)
+        if record is None:
+            if announce:
+                announce(f"no tuned backend for this CPU in {path} ({why}); running `sutra tune --quick` at "
+                         f"{settings.threads or os.cpu_count() or 1} thread(s) first (once per machine and model, "
+                         "about 2 minutes on 2 cores)")
+            tune_now(settings)
+            record, why = lookup(path, cpu, digest)
+    return record, why
 
 
 def tune_now(settings) -> None:

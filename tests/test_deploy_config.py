@@ -106,6 +106,26 @@ def test_programs_cover_the_stack(tmp_path):
     assert all(p.tls is not None for p in progs.values() if p.kind == "grpc" and p.name != "embedding")
 
 
+def test_replicas_get_the_stacks_backend_flags(tmp_path):
+    """--backend auto (the default) reaches every replica with the tuner's record to read; an explicit
+    backend and precision reach them as given, and impossible pairs stop `up` before anything starts."""
+    auto = {p.name: p.command for p in programs(StackSettings(run_dir=tmp_path, replicas=2, internal_tls=False))}
+    for name in ("mlbase1", "mlbase2"):
+        argv = auto[name]
+        assert argv[argv.index("--backend") + 1] == "auto" and "--precision" not in argv
+        assert argv[argv.index("--tuned") + 1] == StackSettings().tuned
+    chosen = programs(StackSettings(run_dir=tmp_path, replicas=1, backend="onnx", precision="int8-static",
+                                    tuned=str(tmp_path / "t.json"), internal_tls=False))
+    argv = next(p.command for p in chosen if p.name == "mlbase1")
+    assert argv[argv.index("--backend") + 1] == "onnx" and argv[argv.index("--precision") + 1] == "int8-static"
+    assert argv[argv.index("--tuned") + 1] == str(tmp_path / "t.json")
+    for bad, message in (({"backend": "tensorrt"}, "--backend must be auto or one of"),
+                         ({"precision": "int8"}, "takes its precision from --tuned"),
+                         ({"backend": "torch", "precision": "int8"}, "--precision int8 needs --backend onnx")):
+        with pytest.raises(ValueError, match=message):
+            StackSettings(run_dir=tmp_path, replicas=1, **bad)
+
+
 def test_no_internal_tls_starts_plaintext_hops(tmp_path):
     s = StackSettings(run_dir=tmp_path, replicas=1, internal_tls=False)
     commands = [" ".join(p.command) for p in programs(s)]

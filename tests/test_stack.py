@@ -12,6 +12,7 @@ import re
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -28,6 +29,8 @@ from harness.deployed import deployed, sutra
 from lb import runtime
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
+from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
 
 
 def stack_pids(settings: StackSettings) -> dict[str, int]:
@@ -63,6 +66,25 @@ def test_up_starts_everything_healthy(stack):
         assert psutil.pid_exists(pid), name
     # Logs land in the run directory.
     assert (settings.log_dir / "mlbase1.log").stat().st_size > 0
+
+
+def test_the_default_stack_runs_the_tuners_choice_for_this_cpu(stack):
+    """`up` defaults to --backend auto: it made sure a record for this CPU exists (tuning when
+    there was none) and every replica serves that record's backend and precision, named in GetInfo."""
+    from mlbase import tuned
+    from mlbase.settings import load_settings
+
+    settings, out = stack
+    assert settings.backend == "auto" and "--backend auto ->" in out
+    record, why = tuned.lookup(Path(settings.tuned), tuned.cpu_identity(),
+                               tuned.model_digest(load_settings([], {}).model_path))
+    assert record is not None, why
+    choice = tuned.Choice.from_json(record["choice"])
+    assert f"--backend auto -> {choice.backend} {choice.precision}" in out
+    for address in settings.replica_addresses():
+        with grpc.secure_channel(address, settings.client_tls("embedding").credentials()) as ch:
+            info = mpb_grpc.MLBaseServiceStub(ch).GetInfo(mpb.GetInfoRequest(), timeout=30)
+        assert (info.backend, info.precision.split("+", 1)[0]) == (choice.backend, choice.precision), address
 
 
 @pytest.mark.parametrize("encoding_format", ["float", "base64"])

@@ -155,3 +155,20 @@ def test_table_and_plots_from_a_result_document(tmp_path):
     (tmp_path / "latest.json").write_text(json.dumps(doc))
     assert plots.main([str(tmp_path / "latest.json"), "--out", str(tmp_path / "again")]) == 0
     assert (Path(tmp_path) / "again" / "throughput.png").exists()
+
+
+def test_backend_flags_follow_make_up_and_the_registry():
+    """--backend auto (the default) measures what `make up` runs; explicit backends take any precision
+    the registry lists for them, and nothing else."""
+    from bench import __main__ as cli
+
+    def config(*argv):
+        return cli.config_from(cli.build_parser().parse_args(["--quick", *argv]), ("onnx", "int8-static"))
+
+    assert (config().backend, config().precision) == ("onnx", "int8-static")
+    assert (config("--backend", "torch").backend, config("--backend", "torch").precision) == ("torch", "fp32")
+    assert config("--backend", "torch", "--precision", "bf16").precision == "bf16"
+    assert config("--backend", "onnx", "--precision", "int8-static").precision == "int8-static"
+    for bad in (["--backend", "torch", "--precision", "int8"], ["--precision", "fp32"], ["--backend", "tvm"]):
+        with pytest.raises(SystemExit):
+            config(*bad)
