@@ -133,9 +133,10 @@ def plan_batches(items: Sequence[_Item], limits: BatchLimits) -> list[list[_Item
     return batches
 
 
-def _resolve(request: _Request) -> None:
-    if not request.future.done():
-        request.future.set_result(request.out)
+def _resolve_all(requests: list[_Request]) -> None:
+    for request in requests:
+        if not request.future.done():
+            request.future.set_result(request.out)
 
 
 def _abandon_if_cancelled(request: _Request) -> Callable[[asyncio.Future], None]:
@@ -292,9 +293,14 @@ class InferenceBatcher:
         stats.sizes.append(len(batch))
         if len(stats.sizes) > 1024:
             del stats.sizes[:512]
+        finished: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
         for k, it in enumerate(batch):
             request = it.request
             request.out[it.row] = vectors[k]
             request.remaining -= 1
             if request.remaining == 0:
-                request.loop.call_soon_threadsafe(_resolve, request)
+                finished.setdefault(request.loop, []).append(request)
+        # One wake-up per loop for the whole batch: each call_soon_threadsafe writes to the loop's
+        # self-pipe, which cost about 8% of a replica's CPU with one wake-up per finished request.
+        for loop, requests in finished.items():
+            loop.call_soon_threadsafe(_resolve_all, requests)
