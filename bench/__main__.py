@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import plots, report, stack_bench, workloads
+from bench import plots, report, shard_scale, stack_bench, workloads
 from deploy.settings import auto_replicas
 from harness.results import RESULTS_DIR
 from mlbase.backends import registry
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"folder holding corpus.txt (default: ${workloads.DATA_ENV}, else <repo>/../shared/data)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR,
                     help="folder for latest.json and the PNG plots (default results/ at the repository root)")
+    ap.add_argument("--no-shard-scale", action="store_true",
+                    help="skip the quick cache-shard scale run (bench.shard_scale --quick, under a minute) that follows; `python -m bench.shard_scale` runs the full one (20k to 10M entries)")
     return ap
 
 
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     pngs = plots.write_all(result, args.out)
     report.print_table(result)
     print(f"\nwrote {path}, " + ", ".join(str(p) for p in pngs))
+    if not args.no_shard_scale:
+        print("\ncache shard at scale (quick form; `python -m bench.shard_scale` for 20k..10M entries):")
+        shard_scale.main(["--quick", "--out", str(args.out / "shard_scale_quick.json")])
     return 0
 
 

@@ -25,9 +25,12 @@ EXIT_STARTUP = 2
 
 
 def serve(argv: list[str]) -> int:
+    from cacheshard.budget import MALLOC_KEEP_BYTES
     from common.malloc_tuning import tune_malloc
 
-    tune_malloc()  # before gRPC allocates anything; see the module for the numbers
+    # Before gRPC allocates anything; see the module for the numbers. The free heap kept back is
+    # part of --memory-budget's fixed share, so it is smaller than the module's default.
+    tune_malloc(trim_threshold=MALLOC_KEEP_BYTES)
     settings = load_settings(argv)
     from common.grpc_server import configure_logging
 
@@ -52,9 +55,11 @@ async def _serve(settings) -> int:
         return EXIT_STARTUP
     shard = Shard(store, settings)
     log.info("opened %s: ~%d entries; budget %d entries = %d bytes (SST limit %d + 2 memtables of %d); "
-             "memory tier %d entries / %d bytes; %s mode; checkpoints in %s", settings.path, store.entries_at_open,
-             settings.max_entries, settings.budget_bytes, settings.sst_limit_bytes, settings.memtable_bytes,
-             settings.memory_entries, settings.memory_bytes, "sync (fsync before ack)" if settings.sync else "WAL",
+             "memory tier %d entries / %d bytes; block cache %d bytes%s; %s mode; checkpoints in %s", settings.path,
+             store.entries_at_open, settings.max_entries, settings.budget_bytes, settings.sst_limit_bytes,
+             settings.memtable_bytes, settings.tier_entries, settings.tier_value_bytes, settings.block_cache_bytes,
+             f" (--memory-budget {settings.memory_budget} bytes)" if settings.memory_budget else "",
+             "sync (fsync before ack)" if settings.sync else "WAL",
              settings.backups)
     try:
         server = ServiceServer(settings.server, [SERVICE_NAME], metrics=make_registry(shard))

@@ -77,6 +77,13 @@ class MemoryTier:
                 self.bytes += len(value)
         self._evict()
 
+    def delete_many(self, keys: Iterable[bytes]) -> None:
+        pop = self._entries.pop
+        for key in keys:
+            old = pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
+
     def _evict(self) -> None:
         """Drop the oldest entries until both bounds hold."""
         entries = self._entries

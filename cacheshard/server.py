@@ -139,6 +139,16 @@ class CacheShardServicer(pb_grpc.CacheShardServiceServicer):
             for c in found])
 
 
+    @grpc_errors
+    async def Delete(self, request, context):
+        return pb.DeleteResponse(deleted=await self.shard.delete(list(request.keys)))
+
+    @grpc_errors
+    async def Scan(self, request, context):
+        entries, done = await self.shard.scan(request.start_after, request.limit)
+        return pb.ScanResponse(entries=[pb.Entry(key=k, value=v) for k, v in entries], done=done)
+
+
 def add_to_server(shard: Shard, server: grpc.aio.Server) -> CacheShardServicer:
     """Serve `shard` on `server`; run the returned servicer's `close_idle_streams` as the server's
     pre-stop hook (`run_until_signalled(..., pre_stop=...)`), so open Lookup streams end before the

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cacheshard import budget
 from common.cache_key import KEY_BYTES
 from common.grpc_server import ServerOptions, server_settings
 from common.settings import ServiceCli, Settings, at_least, not_negative, setting
@@ -88,6 +89,16 @@ class ShardSettings(Settings):
         "dropped until both this and --memory-entries hold, so wide values cannot grow the process (Python's "
         "own overhead, about 200 bytes an entry with its key, is bounded by --memory-entries)", check=not_negative)
     block_cache_mb: int = setting(64, "RocksDB block cache in MiB", check=not_negative)
+    memory_budget: int = setting(
+        0, "bytes of RAM the shard may use (e.g. 2GiB, 512MiB), 0 = size the caches by --memory-entries, "
+        "--memory-bytes and --block-cache-mb instead. When set it replaces those three: the process gets "
+        f"{budget.BASE_BYTES // budget.MIB} MiB (idle RSS, free heap kept, messages in flight), two memtables "
+        f"1/{budget.MEMTABLE_SHARE} of the rest each (at most 64 MiB), the block cache "
+        f"1/{budget.BLOCK_CACHE_SHARE} of it or {budget.METADATA_BYTES_PER_ENTRY} bytes per --max-entries if more "
+        "(every index and filter block stays cached), and the in-memory tier all that is left (a tier entry "
+        "costs its value plus about 220 bytes). Resident memory stays within the budget; data beyond it is read "
+        "from the page cache or the disk (cacheshard/budget.py)", parse=budget.parse_bytes, show=budget.show_bytes,
+        metavar="BYTES", check=not_negative)
     row_cache_mb: int = setting(0, "RocksDB row cache in MiB, 0 = off; caches whole values so a repeated RocksDB "
                                    "read skips the block search. Mostly useful with --memory-entries 0",
                                 check=not_negative)
@@ -118,6 +129,11 @@ class ShardSettings(Settings):
         if self.max_entries >= 1 and self.entry_bytes >= 1 and self.sst_limit_bytes < MIN_MEMTABLE_BYTES:
             problems.append(f"--max-entries x --entry-bytes must be at least "
                             f"{(MAX_MEMTABLES + 1) * MIN_MEMTABLE_BYTES // 1024} KiB")
+        if self.memory_budget:
+            try:
+                self.memory_plan
+            except ValueError as exc:
+                problems.append(str(exc))
         backups = self.backups
         if backups == self.path or self.path in backups.parents or backups in self.path.parents:
             problems.append("--backup-dir must be outside --path (and not contain it)")
@@ -137,8 +153,38 @@ class ShardSettings(Settings):
         return self.max_entries * self.entry_bytes
 
     @property
-    def memtable_bytes(self) -> int:
+    def memory_plan(self) -> budget.MemoryPlan | None:
+        """How --memory-budget is split; None without one (ValueError if it cannot be split)."""
+        if not self.memory_budget:
+            return None
+        return budget.plan(self.memory_budget, self.max_entries, self._disk_memtable_bytes, MAX_MEMTABLES)
+
+    @property
+    def _disk_memtable_bytes(self) -> int:
         return max(MIN_MEMTABLE_BYTES, min(MAX_MEMTABLE_BYTES, self.budget_bytes // MEMTABLE_FRACTION))
+
+    @property
+    def memtable_bytes(self) -> int:
+        """Each memtable: an eighth of the disk budget, at most 64 MiB, and within --memory-budget's share."""
+        plan = self.memory_plan
+        return self._disk_memtable_bytes if plan is None else plan.memtable_bytes
+
+    @property
+    def block_cache_bytes(self) -> int:
+        plan = self.memory_plan
+        return max(1, self.block_cache_mb) * budget.MIB if plan is None else plan.block_cache_bytes
+
+    @property
+    def tier_entries(self) -> int:
+        """The in-memory tier's entry bound: --memory-entries, or --memory-budget's share."""
+        plan = self.memory_plan
+        return self.memory_entries if plan is None else plan.tier_entries
+
+    @property
+    def tier_value_bytes(self) -> int:
+        """The in-memory tier's value-byte bound: --memory-bytes, or --memory-budget's share."""
+        plan = self.memory_plan
+        return self.memory_bytes if plan is None else plan.tier_value_bytes
 
     @property
     def sst_limit_bytes(self) -> int:

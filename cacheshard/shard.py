@@ -94,7 +94,7 @@ class Shard:
         self.settings = settings
         self.counters = Counters()
         self._checker = ValueChecker(settings.max_width)
-        self.memory = MemoryTier(settings.memory_entries, settings.memory_bytes)
+        self.memory = MemoryTier(settings.tier_entries, settings.tier_value_bytes)
         self._pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="rocksdb")
         self._checkpointing = asyncio.Lock()  # one at a time: pruning must not race a checkpoint
         self._started = time.monotonic()
@@ -208,6 +208,35 @@ class Shard:
         c.stored_bytes += size
         c.store_seconds.observe(time.perf_counter() - started)
         return n
+
+    async def delete(self, keys: list[bytes]) -> int:
+        """Remove `keys` from RocksDB and the memory tier (the frontend's invalidation)."""
+        n = len(keys)
+        if n == 0:
+            raise InvalidInput("`keys` cannot be empty")
+        if n > self.settings.max_batch:
+            raise InvalidInput(f"`keys` has {n} keys; the limit is {self.settings.max_batch}")
+        check_keys(keys, "keys[{}]")
+        self.memory.delete_many(keys)  # first: a lookup meanwhile reads RocksDB, never a stale copy
+        try:
+            await self._blocking(self.store.delete, keys)
+        except StoreError as exc:
+            log.error("delete of %d keys failed: %s", n, exc)
+            self.counters.errors += 1
+            raise Unavailable("the shard could not write to disk; retry later") from exc
+        self.memory.delete_many(keys)  # a lookup during the write may have refilled the tier
+        return n
+
+    async def scan(self, start_after: bytes, limit: int) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """A page of stored entries in key order (the frontend's export), and whether it is the last."""
+        if limit > self.settings.max_batch:
+            raise InvalidInput(f"`limit` {limit} is over the limit of {self.settings.max_batch}")
+        try:
+            return await self._blocking(self.store.scan, bytes(start_after), limit or self.settings.max_batch)
+        except StoreError as exc:
+            log.error("scan failed: %s", exc)
+            self.counters.errors += 1
+            raise Unavailable("the shard could not read its database; retry later") from exc
 
     async def stats(self) -> ShardStats:
         return await self._blocking(self.snapshot)

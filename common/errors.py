@@ -58,6 +58,12 @@ class Unauthenticated(SutraError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(SutraError):
+    """The caller is authenticated but may not do this (a cache-management call without an admin token)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DeadlineExceeded(SutraError):
     """The caller's deadline (or a stream's idle limit) passed before the work was done."""
 
@@ -68,6 +74,7 @@ class DeadlineExceeded(SutraError):
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.INTERNAL: 500,

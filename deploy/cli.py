@@ -5,6 +5,11 @@
     sutra top [--once] [--interval S]     live rates, hit rates, latencies and queues from every /metrics
     sutra validate [--phases 0,1,2]       the seed's validation against the running stack
     sutra down                            stop exactly what `up` started
+    sutra rollout [--prewarm N] [replica flags]
+                                          move the replicas to new flags one at a time, without failed
+                                          requests (e.g. `--backend torch`, `--model PATH`; deploy/rollout.py)
+    sutra cache invalidate|export|import|prewarm ...
+                                          manage the frontend's cache (deploy/cache_cmd.py)
     sutra ctl ARGS...                     supervisorctl against the stack (e.g. `ctl restart cacheshard`)
     sutra manifests [--check]             regenerate the HAProxy config in deploy/compose and deploy/k8s
     sutra tune [--quick] [--out FILE]     measure backends x precisions on this CPU, record the winner
@@ -26,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from common.settings import add_flags, from_args, load
-from deploy import stack, top
+from deploy import cache_cmd, stack, top
 from deploy.settings import StackSettings
 
 CLIENT_COMMANDS = ("embed", "embed-file")
@@ -59,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--phases", default="0,1,2", help="comma-separated phases to run (default %(default)s)")
     v.add_argument("--address", default=None,
                    help="frontend HOST:PORT (default: the one `up` recorded, else 127.0.0.1:50051)")
+    r = sub.add_parser("rollout", help="restart the replicas one at a time with new flags (replica flags follow, "
+                                       "see `python -m mlbase --help`); the frontend follows without a restart",
+                       description=rollout_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_dir(r)
+    r.add_argument("--prewarm", type=int, default=0, metavar="N",
+                   help="once the first replica runs the new flags, embed the N most recently used texts with it "
+                        "and store them (PrewarmCache), so the new model starts warm (default: 0, off)")
+    r.add_argument("--target", default="", metavar="MODEL",
+                   help="roll out the replicas of this --models-file model instead of the default model's")
+    cc = sub.add_parser("cache", help="invalidate, export, import or pre-warm the frontend's cache",
+                        description=cache_cmd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_dir(cc)
+    cache_cmd.add_flags(cc)
     c = sub.add_parser("ctl", help="run supervisorctl against the stack's supervisord")
     add_run_dir(c)
     c.add_argument("args", nargs=argparse.REMAINDER, help="supervisorctl arguments, e.g. `restart cacheshard`")
@@ -73,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     if client is not None:
         client.add_subcommands(sub)
     return parser
+
+
+def rollout_doc() -> str:
+    from deploy import rollout
+    return rollout.__doc__ or ""
 
 
 def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> StackSettings:
@@ -98,7 +121,11 @@ def client_module():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `sutra rollout` passes every flag it does not know itself on to the replicas.
+    args, passed_on = parser.parse_known_args(argv)
+    if passed_on and args.command != "rollout":
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
     if args.command in CLIENT_COMMANDS:
         import grpc
         try:
@@ -139,6 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("sutra validate: --phases takes 0, 1 and/or 2", file=sys.stderr)
                 return 2
             return validate(settings, phases, args.address)
+        if args.command == "rollout":
+            from deploy import rollout
+            try:
+                return rollout.rollout(settings, [f for f in passed_on if f != "--"], prewarm=args.prewarm,
+                                       target=args.target)
+            except rollout.RolloutError as exc:
+                print(f"sutra rollout: {exc}", file=sys.stderr)
+                return 1
+        if args.command == "cache":
+            return cache_cmd.run(args, settings.frontend_address)
         if args.command == "ctl":
             return subprocess.call([sys.executable, "-m", "supervisor.supervisorctl",
                                     "-c", str(settings.supervisor_config), *args.args])

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from cacheshard.settings import ShardSettings
 from common.grpc_server import ServerOptions
-from common.settings import Settings, item, not_negative, setting
+from common.settings import Settings, at_least, item, not_negative, setting
 from common.tls import TlsClientOptions
+from deploy.models_file import ModelSpec
+from deploy.models_file import read as read_models
 from deploy.pki import StackPki
 from embedding.settings import FrontendSettings
 from lb.render import LbSettings
@@ -129,9 +131,24 @@ class StackSettings(Settings):
         "the cache or call a replica)")
     shard_sync: bool = setting(False, "cache shard fsyncs before acknowledging writes (the shard's own variable)",
                                env=_as(ShardSettings, "sync"))
+    # Shard i (1-based) uses shard_port + i - 1, shard_metrics_port + i - 1 and its own data directory;
+    # the frontend reads the list from <run dir>/shards.txt (re-read while it runs).
+    shards: int = setting(1, "cache shards (L2); keys are spread by rendezvous hashing. Shard i uses --shard-port "
+                             "+ i - 1 and --shard-metrics-port + i - 1", check=at_least(1))
+    l2_copies: int = setting(1, "shards that hold each L2 entry (the frontend's --l2-copies); 2 keeps the hit "
+                                "rate when a shard is lost", env=_as(FrontendSettings, "l2_copies"), check=at_least(1))
+    # More models beside the default one (deploy/models_file.py): each its own replicas and HAProxy.
+    models_file: str = setting(
+        "", "YAML (or .json) `models: [{name, path, replicas, backend}]`: more models served beside the default "
+        "one, each with its own replicas and HAProxy; EmbedRequest.model names one (deploy/models_file.py)")
+    models_base_port: int = setting(
+        50100, "first port of the --models-file models: model k uses a block of 20 ports from base + 20 (k - 1) "
+        "(its HAProxy, stats page, replicas, replica metrics)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).resolve())
+        if self.models_file:  # recorded for later commands, which may run elsewhere
+            object.__setattr__(self, "models_file", str(Path(self.models_file).expanduser().resolve()))
         if self.replicas == 0:
             object.__setattr__(self, "replicas", auto_replicas(os.cpu_count() or 1))
         super().__post_init__()
@@ -140,8 +157,10 @@ class StackSettings(Settings):
         if "%" in str(self.run_dir):
             # supervisord expands %(name)s, twice for log paths; keep paths plain.
             return ["--run-dir must not contain '%'"]
-        if self.replicas < 1:
+        if self.replicas < 1 or self.shards < 1:
             return []  # the per-setting check said it
+        if self.l2_copies > self.shards:
+            return [f"--l2-copies {self.l2_copies} needs at least as many --shards"]
         if self.backend not in (AUTO_BACKEND, *registry.names()):
             return [f"--backend must be {AUTO_BACKEND} or one of {', '.join(registry.names())}"]
         if self.precision and self.backend == AUTO_BACKEND:
@@ -152,6 +171,10 @@ class StackSettings(Settings):
         problems = [f"{flag} must not be negative" for flag, value in (
             ("--drain-seconds", self.drain_seconds), ("--grace-seconds", self.grace_seconds),
             ("--writeback-flush", self.writeback_flush_seconds)) if value < 0]
+        try:
+            self.models
+        except (OSError, ValueError) as exc:
+            return [f"--models-file: {exc}"]
         ports = self.ports()
         if len(set(ports.values())) != len(ports):
             problems.append(f"ports overlap: {ports}")
@@ -191,17 +214,39 @@ class StackSettings(Settings):
         for i, name in enumerate(self.replica_names(), start=1):
             ports[name] = self.replica_port(i)
         ports["shard_metrics"] = self.shard_metrics_port
+        for i, name in enumerate(self.shard_names()[1:], start=2):
+            ports[name] = self.shard_port_of(i)
+            ports[f"{name}_metrics"] = self.shard_metrics_port_of(i)
         for i, name in enumerate(self.replica_names(), start=1):
             ports[f"{name}_metrics"] = self.replica_metrics_port(i)
+        for model in self.models:
+            ports.update(model.ports())
         return ports
+
+    def model_haproxy_config(self, model: ModelSpec) -> Path:
+        return self.run_dir / f"{model.haproxy_name}.cfg"
+
+    def model_haproxy_socket(self, model: ModelSpec) -> Path:
+        return self.run_dir / f"{model.haproxy_name}.sock"
+
+    @property
+    def models(self) -> tuple[ModelSpec, ...]:
+        """The --models-file models (none without one)."""
+        return read_models(self.models_file, self.models_base_port) if self.models_file else ()
 
     def metrics_port(self, name: str) -> int | None:
         """The port where process `name` (supervisord's name) serves GET /metrics; None if it has none
         (a frontend without an admin port)."""
         if name in self.replica_names():
             return self.replica_metrics_port(self.replica_names().index(name) + 1)
-        return {"embedding": self.admin_port or None, "cacheshard": self.shard_metrics_port,
-                "haproxy": self.stats_port}.get(name)
+        for model in self.models:
+            if name in model.replica_names():
+                return model.metrics_port(model.replica_names().index(name) + 1)
+            if name == model.haproxy_name:
+                return model.stats_port
+        if name in self.shard_names():
+            return self.shard_metrics_port_of(self.shard_names().index(name) + 1)
+        return {"embedding": self.admin_port or None, "haproxy": self.stats_port}.get(name)
 
     def metrics_url(self, name: str) -> str | None:
         port = self.metrics_port(name)
@@ -218,6 +263,22 @@ class StackSettings(Settings):
     def shard_address(self) -> str:
         return self.address(self.shard_port)
 
+    # Shard 1 keeps the names a one-shard stack always had (program `cacheshard`, data in `cache`).
+    def shard_names(self) -> list[str]:
+        return ["cacheshard"] + [f"cacheshard{i}" for i in range(2, self.shards + 1)]
+
+    def shard_port_of(self, index: int) -> int:
+        return self.shard_port + index - 1
+
+    def shard_metrics_port_of(self, index: int) -> int:
+        return self.shard_metrics_port + index - 1
+
+    def shard_path_of(self, index: int) -> Path:
+        return self.shard_path if index == 1 else self.run_dir / f"cache-{index}"
+
+    def shard_addresses(self) -> list[str]:
+        return [self.address(self.shard_port_of(i)) for i in range(1, self.shards + 1)]
+
     @property
     def lb_address(self) -> str:
         return self.address(self.lb_port)
@@ -232,6 +293,7 @@ class StackSettings(Settings):
     supervisor_pidfile = _in_run_dir("supervisord.pid")
     pid_dir = _in_run_dir("pids")
     shard_path = _in_run_dir("cache")
+    shards_file = _in_run_dir("shards.txt")  # the frontend's --cache-shards-file
     tls_dir = _in_run_dir("tls")
 
     @property

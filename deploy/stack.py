@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from deploy import probe
+from deploy.models_file import ModelSpec
 from deploy.settings import ROOT, StackSettings
 from deploy.supervisor import HAPROXY_BIN, Program, Supervisor, programs, render_config, shutdown_seconds
 from lb import render as lb_render
@@ -55,10 +56,16 @@ def haproxy_binary(out: Printer) -> str:
     return found
 
 
-def lb_settings(settings: StackSettings) -> lb_render.LbSettings:
+def lb_settings(settings: StackSettings, model: ModelSpec | None = None) -> lb_render.LbSettings:
+    """HAProxy in front of the default model's replicas, or of a --models-file `model`'s."""
     pki = settings.pki
     # With internal TLS the checks speak TLS to the replicas and present HAProxy's own certificate.
     check = {"check_ssl": True, "check_ca_file": str(pki.ca), "check_crt": str(pki.pem("haproxy"))} if pki else {}
+    if model is not None:
+        return lb_render.LbSettings(
+            replicas=tuple(settings.address(model.replica_port(i)) for i in range(1, model.replicas + 1)),
+            server_names=tuple(model.replica_names()), socket=str(settings.model_haproxy_socket(model)),
+            host=settings.host, port=model.lb_port, stats_host=settings.host, stats_port=model.stats_port, **check)
     return lb_render.LbSettings(
         replicas=tuple(settings.replica_addresses()), server_names=tuple(settings.replica_names()),
         socket=str(settings.haproxy_socket), host=settings.host, port=settings.lb_port,
@@ -66,8 +73,9 @@ def lb_settings(settings: StackSettings) -> lb_render.LbSettings:
     )
 
 
-def write_haproxy_config(settings: StackSettings, haproxy: str) -> Path:
-    path = lb_render.write(lb_settings(settings), settings.haproxy_config)
+def write_haproxy_config(settings: StackSettings, haproxy: str, model: ModelSpec | None = None) -> Path:
+    target = settings.haproxy_config if model is None else settings.model_haproxy_config(model)
+    path = lb_render.write(lb_settings(settings, model), target)
     result = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         raise StackError(f"generated HAProxy config is invalid:\n{result.stdout}{result.stderr}")
@@ -119,17 +127,20 @@ def wait_serving(sup: Supervisor, progs: list[Program], settings: StackSettings,
         time.sleep(0.2)
 
 
-def wait_lb(sup: Supervisor, prog: Program, settings: StackSettings, out: Printer) -> None:
+def wait_lb(sup: Supervisor, prog: Program, settings: StackSettings, out: Printer,
+            model: ModelSpec | None = None) -> None:
     deadline = time.monotonic() + settings.wait_seconds
+    socket = settings.haproxy_socket if model is None else settings.model_haproxy_socket(model)
+    count = settings.replicas if model is None else model.replicas
     while True:
         check_alive(sup, prog)
         try:
-            views = runtime.servers(settings.haproxy_socket)
+            views = runtime.servers(socket)
         except OSError:
             views = []
         running = sup.info(prog.full_name)["statename"] == "RUNNING"
-        if running and len(views) == settings.replicas and all(v.up for v in views):
-            out(f"  {'haproxy':12} all {len(views)} replicas UP behind {settings.lb_address}")
+        if running and len(views) == count and all(v.up for v in views):
+            out(f"  {prog.name:12} all {len(views)} replicas UP behind {settings.address(prog.port)}")
             return
         if time.monotonic() > deadline:
             raise StackError(f"HAProxy replicas not all UP: {[(v.name, v.status) for v in views]}")
@@ -186,20 +197,31 @@ def up(settings: StackSettings, out: Printer = print) -> int:
             "for development only")
     ensure_tuned(settings, out)
     progs = programs(settings, haproxy=haproxy)
+    # A new stack starts with the flags given to `up`: a previous stack's rollout flags are dropped.
+    for prog in progs:
+        if prog.overrides is not None:
+            prog.overrides.unlink(missing_ok=True)
     write_haproxy_config(settings, haproxy)
+    for model in settings.models:
+        write_haproxy_config(settings, haproxy, model)
     settings.supervisor_config.write_text(render_config(settings, progs, CHILD_ENV))
+    write_shards_file(settings)
     settings.save()
     out(f"starting the stack in {settings.run_dir} ({settings.replicas} replicas, "
         f"{settings.torch_threads} inference thread(s) each)")
     sup = start_supervisord(settings)
     try:
         by_kind = {p.name: p for p in progs}
-        first = [p for p in progs if p.name == "cacheshard" or p.group]
+        first = [p for p in progs if p.role == "cacheshard" or p.group]
         for prog in first:
             sup.start(prog.full_name)
         wait_serving(sup, first, settings, out)
         sup.start("haproxy")
+        for model in settings.models:
+            sup.start(model.haproxy_name)
         wait_lb(sup, by_kind["haproxy"], settings, out)
+        for model in settings.models:
+            wait_lb(sup, by_kind[model.haproxy_name], settings, out, model)
         sup.start("embedding")
         wait_serving(sup, [by_kind["embedding"]], settings, out)
         write_pid_files(settings, sup)
@@ -209,6 +231,13 @@ def up(settings: StackSettings, out: Printer = print) -> int:
         raise
     print_endpoints(settings, out)
     return 0
+
+
+def write_shards_file(settings: StackSettings) -> None:
+    """The frontend's --cache-shards-file: one shard address a line. The frontend re-reads it every few
+    seconds, so a shard started by hand and added here joins without a restart."""
+    settings.shards_file.write_text("# cache shards the frontend uses (re-read while it runs)\n"
+                                    + "".join(f"{a}\n" for a in settings.shard_addresses()))
 
 
 def ensure_tuned(settings: StackSettings, out: Printer) -> tuple[str, str]:
@@ -244,8 +273,15 @@ def print_endpoints(settings: StackSettings, out: Printer) -> None:
     out(f"  embedding frontend  {s.frontend_address}   sutra.embedding.v1.EmbeddingService")
     if s.http_port:
         out(f"  HTTP API            http://{s.address(s.http_port)}/v1/embeddings   (OpenAI-compatible)")
-    out(f"  cache shard         {s.shard_address}   sutra.cache.v1.CacheShardService ({s.shard_path})")
+    for i, name in enumerate(s.shard_names(), start=1):
+        out(f"  cache shard{'' if s.shards == 1 else ' ' + str(i):8} {s.address(s.shard_port_of(i))}   "
+            f"sutra.cache.v1.CacheShardService ({s.shard_path_of(i)})")
+    if s.shards > 1 or s.l2_copies > 1:
+        out(f"  shard list          {s.shards_file}   (the frontend re-reads it; {s.l2_copies} copies per entry)")
     out(f"  HAProxy             {s.lb_address}   -> {', '.join(s.replica_addresses())}")
+    for m in s.models:
+        out(f"  model {m.name:13} {s.address(m.lb_port)}   (its HAProxy; EmbedRequest.model = {m.name!r}) -> "
+            + ", ".join(s.address(m.replica_port(i)) for i in range(1, m.replicas + 1)))
     out(f"  stats page          http://{s.address(s.stats_port)}/stats   (Prometheus: /metrics)")
     if s.admin_port:
         out(f"  frontend admin      http://{s.address(s.admin_port)}/cache/stats   (Prometheus: /metrics)")
@@ -293,11 +329,19 @@ def down(settings: StackSettings, out: Printer = print, timeout: float | None = 
         except ProcessLookupError:
             pass
     for path in [settings.supervisor_socket, settings.haproxy_socket, settings.run_dir / "pids.json",
+                 *(settings.model_haproxy_socket(m) for m in _recorded_models(settings)),
                  *settings.pid_dir.glob("*.pid")]:
         path.unlink(missing_ok=True)
     if targets:
         out(f"stopped {len(targets)} processes; none left running (logs kept in {settings.log_dir})")
     return 0
+
+
+def _recorded_models(settings: StackSettings) -> tuple[ModelSpec, ...]:
+    try:
+        return settings.models
+    except (OSError, ValueError):  # the models file changed or went away since `up`
+        return ()
 
 
 @dataclass(frozen=True)
@@ -360,10 +404,12 @@ def status(settings: StackSettings, out: Printer = print, as_json: bool = False)
     except OSError as exc:
         replicas, lb_error = [], f"runtime API not answering: {exc}"
     healthy &= lb_error is None and len(replicas) == settings.replicas and all(r.up for r in replicas)
+    from deploy.rollout import model_view  # the frontend's fingerprints, live ones included
+    model = model_view(settings)
     if as_json:
         out(json.dumps({"running": True, "healthy": healthy, "run_dir": str(settings.run_dir),
                         "supervisord_pid": sup.pid(), "processes": [dataclasses.asdict(v) for v in views],
-                        "replicas": [dataclasses.asdict(r) for r in replicas],
+                        "replicas": [dataclasses.asdict(r) for r in replicas], "model": model,
                         **({"haproxy_error": lb_error} if lb_error else {})}, indent=2))
         return 0 if healthy else 1
     out(f"supervisord pid {sup.pid()}, run dir {settings.run_dir}")
@@ -371,6 +417,11 @@ def status(settings: StackSettings, out: Printer = print, as_json: bool = False)
     for v in views:
         out(f"{v.name:12} {v.state:9} {v.pid or '-':>7}  {v.health:12} {v.address:22} {v.metrics_url or '-':32} "
             f"{v.uptime}")
+    if model is not None:
+        live = ", ".join(f"{f['fingerprint'][:12]} ({f['connections']} conn{'' if f['connections'] == 1 else 's'}"
+                         f"{', active' if f['active'] else ''})" for f in model["live_fingerprints"])
+        out(f"model: {model['model_id']} {model['backend']} {model['precision']} fingerprint "
+            f"{model['fingerprint'][:12]}; live: {live or 'none'}")
     out("")
     out(f"HAProxy {settings.lb_address} (stats http://{settings.address(settings.stats_port)}/stats):")
     if lb_error:

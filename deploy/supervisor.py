@@ -56,6 +56,8 @@ class Program:
     tls: TlsClientOptions | None = None
     # What it is in the architecture, for `sutra status --json`: one of ROLES.
     role: str = ""
+    # Flags appended at each start (deploy/launch.py), written by `sutra rollout`; None = none.
+    overrides: Path | None = None
 
     @property
     def full_name(self) -> str:
@@ -91,14 +93,16 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
     # With internal TLS each server requires its callers' certificates, and the frontend presents its own.
     served = (lambda role: {"server.tls": pki.server(role)}) if pki else (lambda role: {})
     calling = {"shard_tls": pki.client("embedding"), "mlbase_tls": pki.client("embedding")} if pki else {}
-    shard = _launch(shard_recipe, {
-        "server.host": settings.host, "server.port": settings.shard_port, "path": settings.shard_path,
-        "server.drain_seconds": SHARD_DRAIN_SECONDS, "server.grace_seconds": grace, "sync": settings.shard_sync,
-        "server.metrics_host": settings.host, "server.metrics_port": settings.shard_metrics_port,
-        **served("cacheshard"),
-    }, python)
-    found = [Program("cacheshard", shard, 10, stop_wait(SHARD_DRAIN_SECONDS, grace), "grpc", settings.shard_port,
-                     tls=probe_tls, role="cacheshard")]
+    found = []
+    for i, name in enumerate(settings.shard_names(), start=1):
+        shard = _launch(shard_recipe, {
+            "server.host": settings.host, "server.port": settings.shard_port_of(i), "path": settings.shard_path_of(i),
+            "server.drain_seconds": SHARD_DRAIN_SECONDS, "server.grace_seconds": grace, "sync": settings.shard_sync,
+            "server.metrics_host": settings.host, "server.metrics_port": settings.shard_metrics_port_of(i),
+            **served("cacheshard"),
+        }, python)
+        found.append(Program(name, shard, 10, stop_wait(SHARD_DRAIN_SECONDS, grace), "grpc", settings.shard_port_of(i),
+                             tls=probe_tls, role="cacheshard"))
     # Replica stop: drain (NOT_SERVING while HAProxy notices), then in-flight work finishes.
     for i, name in enumerate(settings.replica_names(), start=1):
         replica = _launch(replica_recipe, {
@@ -112,21 +116,55 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
             **served("mlbase"),
         }, python)
         found.append(Program(name, replica, 20, stop_wait(drain, grace), "grpc", settings.replica_port(i),
-                             group=MLBASE_GROUP, tls=probe_tls, role="mlbase"))
+                             group=MLBASE_GROUP, tls=probe_tls, role="mlbase",
+                             overrides=overrides_file(settings, name)))
     found.append(Program("haproxy", haproxy_command(settings.haproxy_config, haproxy), 30, HAPROXY_STOP_WAIT,
                          "haproxy", settings.lb_port, role="haproxy"))
+    # --models-file: each model's replicas and its own HAProxy (deploy/models_file.py).
+    for model in settings.models:
+        for i, name in enumerate(model.replica_names(), start=1):
+            replica = _launch(replica_recipe, {
+                "server.host": settings.host, "server.port": model.replica_port(i), "threads": settings.torch_threads,
+                "server.drain_seconds": drain, "server.grace_seconds": grace,
+                "server.max_connection_age_ms": settings.max_connection_age_ms,
+                "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms,
+                "server.metrics_host": settings.host, "server.metrics_port": model.metrics_port(i),
+                "model_path": model.path, "model_id": model.name,
+                **({"backend_name": model.backend} if model.backend else {}), **served("mlbase"),
+            }, python)
+            found.append(Program(name, replica, 20, stop_wait(drain, grace), "grpc", model.replica_port(i),
+                                 group=MLBASE_GROUP, tls=probe_tls, role="mlbase",
+                                 overrides=overrides_file(settings, name)))
+        found.append(Program(model.haproxy_name, haproxy_command(settings.model_haproxy_config(model), haproxy), 30,
+                             HAPROXY_STOP_WAIT, "haproxy", model.lb_port, role="haproxy"))
     # Frontend stop: drain, in-flight RPCs (open EmbedStreams too) finish, then queued L2
     # write-backs are stored; SIGKILL before the end would lose them.
     flush = settings.writeback_flush_seconds
     frontend = _launch(frontend_recipe, {
         "server.host": settings.host, "server.port": settings.frontend_port, "mlbase_address": settings.lb_address,
-        "cache_shards": (settings.shard_address,), "admin_port": settings.admin_port, "http_port": settings.http_port,
+        # The shard list is a file (written by `up`), re-read while the frontend runs: edit it to add a shard.
+        "cache_shards_file": str(settings.shards_file), "l2_copies": settings.l2_copies,
+        "admin_port": settings.admin_port, "http_port": settings.http_port,
         "mlbase_connections": settings.frontend_connections, "l1_entries": settings.l1_entries,
+        **({"extra_models": tuple(f"{m.name}={settings.address(m.lb_port)}" for m in settings.models)}
+           if settings.models else {}),
         "server.drain_seconds": drain, "server.grace_seconds": grace, "writeback_flush_s": flush, **calling,
     }, python)
     found.append(Program("embedding", frontend, 40, stop_wait(drain, grace, flush), "grpc", settings.frontend_port,
                          role="frontend"))
     return found
+
+
+def overrides_file(settings: StackSettings, name: str) -> Path:
+    """Where `sutra rollout` keeps the extra flags of replica `name` (deploy/launch.py)."""
+    return settings.run_dir / "overrides" / f"{name}.json"
+
+
+def launched(prog: Program) -> list[str]:
+    """The command supervisord runs: through deploy/launch.py when the program takes overrides."""
+    if prog.overrides is None:
+        return prog.command
+    return [prog.command[0], "-m", "deploy.launch", str(prog.overrides), "--", *prog.command]
 
 
 def _escape(text: str) -> str:
@@ -166,7 +204,7 @@ def render_config(settings: StackSettings, progs: list[Program], environment: di
             groups.setdefault(prog.group, []).append(prog.name)
         lines += [
             f"[program:{prog.name}]",
-            f"command={_escape(shlex.join(prog.command))}",
+            f"command={_escape(shlex.join(launched(prog)))}",
             f"directory={_escape(str(ROOT))}",
             f"environment={env}",
             f"priority={prog.priority}",

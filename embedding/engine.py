@@ -17,11 +17,19 @@ SentencePiece tokenizers) and is a miss for the others.
 
 Texts that miss both levels go to `InFlight`, which owns every computation;
 this module only waits on the waiters it hands out, or cancels them.
+
+The model can change under a running frontend (a rollout): `configure` is
+called again with the new fingerprint's GetInfo (embedding/fingerprints.py
+states when). Each fingerprint gets its own in-flight table, so a batch never
+mixes keys of two models; the old table is retired with FingerprintChanged,
+and a request that meets it starts again from the top under the new model,
+so one response never mixes models either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,10 +41,13 @@ from common.cache_key import cache_key
 from common.errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 from common.limits import check_texts
 from common.matryoshka import WidthPolicy, reduce
+from embedding.fingerprints import FingerprintChanged
+from embedding.generations import Generations
 from embedding.inflight import Compute, InFlight
 from embedding.l1 import LRUCache
 from embedding.l2_client import L2Client
 from embedding.mlbase_pool import ReplicaInfo
+from embedding.recent import RecentTexts
 from embedding.settings import FrontendSettings
 from embedding.stats import Stats
 from embedding.writeback import WriteBack
@@ -44,6 +55,10 @@ from embedding.writeback import WriteBack
 log = logging.getLogger(__name__)
 
 _SPECIAL_TOKENS = 3  # [CLS]/[SEP] or <s>/</s>, plus a SentencePiece word-start piece
+# A request restarts at most this often when the model switches under it (one switch per rollout).
+_MODEL_SWITCH_RESTARTS = 3
+# Characters the recently-used texts may hold in all (beside their count).
+_RECENT_CHARS = 16_000_000
 
 
 @dataclass
@@ -110,29 +125,46 @@ class FrontendEngine:
         self.l2 = l2 if settings.l2_enabled else None
         self.writeback = (WriteBack(l2, stats, capacity=settings.writeback_queue, batch=settings.writeback_batch)
                           if self.l2 is not None else None)
+        # compute(texts, timeout, fingerprint=...): the batch must be answered under that fingerprint.
         self._compute = compute
+        # The fingerprint in keys carries its cache generation (InvalidateCache of a whole fingerprint).
+        self.generations = Generations(self.l2)
+        # Recently used texts, for PrewarmCache (embedding/cache_admin.py).
+        self.recent = RecentTexts(settings.recent_texts, max_chars=_RECENT_CHARS)
         self.inflight: InFlight | None = None
         self.model: ModelConfig | None = None
+        self._retiring: set[asyncio.Task] = set()
 
     # -- life cycle -------------------------------------------------------------------------
     def configure(self, info: ReplicaInfo) -> ModelConfig:
-        """Adopt the replica's model; sets up the in-flight owner and starts the write-back worker."""
+        """Adopt the replica's model: a fresh in-flight table for its fingerprint; the first call
+        also starts the write-back worker. Called again at each fingerprint switch: the previous
+        table is retired, its waiters fail with FingerprintChanged and their requests restart."""
+        old, old_fp = self.inflight, self.model.info.fingerprint if self.model is not None else None
         self.model = ModelConfig.build(info, self.settings)
         self.inflight = InFlight(
-            self._compute, self._on_computed, max_batch=self.model.max_batch,
+            functools.partial(self._compute, fingerprint=info.fingerprint), self._on_computed,
+            max_batch=self.model.max_batch,
             window_s=self.settings.batch_window_ms / 1000.0, concurrency=self.settings.mlbase_concurrency,
             default_timeout_s=self.settings.mlbase_timeout_s, max_pending=self.settings.max_pending,
         )
-        if self.writeback is not None:
-            self.writeback.start()
-        log.info("model %s fingerprint %s native width %d default %d widths %s layer_norm=%s",
-                 info.model_id, info.fingerprint, info.native_width, self.model.policy.default_width,
-                 self.model.policy.describe(), info.layer_norm)
+        if old is None:
+            if self.writeback is not None:
+                self.writeback.start()
+        else:
+            task = asyncio.get_running_loop().create_task(
+                old.close(FingerprintChanged(old_fp or "", info.fingerprint)), name="retire-inflight")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        log.info("model %s fingerprint %s backend %s %s native width %d default %d widths %s layer_norm=%s",
+                 info.model_id, info.fingerprint, info.backend, info.precision, info.native_width,
+                 self.model.policy.default_width, self.model.policy.describe(), info.layer_norm)
         return self.model
 
     async def close(self, flush_s: float) -> None:
         if self.inflight is not None:
             await self.inflight.close()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.writeback is not None:
             await self.writeback.close(flush_s)
 
@@ -145,18 +177,35 @@ class FrontendEngine:
         check_texts(texts, field="inputs", max_inputs=m.max_inputs, max_chars=m.max_chars)
 
     async def embed(self, texts: list[str], dimensions: int = 0, *, reject_truncation: bool = False,
-                    deadline: float | None = None, tenant: str = "") -> EmbedReply:
+                    deadline: float | None = None, tenant: str = "", model: str = "") -> EmbedReply:
         """Vectors for `texts` at `dimensions` (0 = the tenant's default); `deadline` is absolute
         time.monotonic(). With tenant isolation the tenant is part of every key, so L1, L2 and the
-        single-flight table never hand one tenant's entry (or its timing) to another."""
-        m = self.model
-        inflight = self.inflight
-        if m is None or inflight is None:
-            raise Unavailable("the frontend is starting: ML-base has not described its model yet")
+        single-flight table never hand one tenant's entry (or its timing) to another. A model switch
+        under the request starts it again, whole, under the new model."""
         texts = list(texts)
+        for attempt in range(_MODEL_SWITCH_RESTARTS + 1):
+            m, inflight = self.model, self.inflight
+            if m is None or inflight is None:
+                raise Unavailable("the frontend is starting: ML-base has not described its model yet")
+            if model and model != m.info.model_id:
+                raise InvalidInput(f"`model` {model!r} is not served here; models: {m.info.model_id!r} "
+                                   "(empty means the default)")
+            try:
+                return await self._embed_once(m, inflight, texts, dimensions, reject_truncation, deadline, tenant)
+            except FingerprintChanged as exc:
+                if attempt == _MODEL_SWITCH_RESTARTS:
+                    raise
+                self.stats.model_restarts += 1
+                if self.model is m:  # the pool switched but this engine has not heard yet
+                    await asyncio.sleep(0)
+                log.debug("request restarted under the new model (%s)", exc)
+        raise AssertionError("unreachable")
+
+    async def _embed_once(self, m: ModelConfig, inflight: InFlight, texts: list[str], dimensions: int,
+                          reject_truncation: bool, deadline: float | None, tenant: str) -> EmbedReply:
         self._validate(m, texts)
         width = m.policy_for(tenant).resolve(dimensions)
-        fp = m.info.fingerprint
+        fp = self.generations.key_fingerprint(m.info.fingerprint)
         namespace = tenant if self.settings.access.isolate else ""
 
         index_of: dict[str, int] = {}
@@ -169,6 +218,7 @@ class FrontendEngine:
                 uniq.append(text)
             positions[i] = j
         keys = [cache_key(fp, t, namespace) for t in uniq]
+        self.recent.touch(namespace, uniq)
         full = np.empty((len(uniq), m.info.native_width), dtype=np.float32)
         truncated = np.zeros(len(uniq), dtype=bool)
         usage = Usage(duplicates=len(texts) - len(uniq))
@@ -187,6 +237,8 @@ class FrontendEngine:
                 else:
                     to_l2.append(j)
             to_compute = await self._from_l2(m, uniq, keys, full, truncated, usage, to_l2)
+            if self.inflight is not inflight:  # the model switched while L2 answered
+                raise FingerprintChanged(m.info.fingerprint, self.model.info.fingerprint)
             if to_compute:
                 # Another request may have filled L1 while we waited on L2.
                 to_compute = self._from_l1(keys, full, truncated, usage, to_compute, recheck=True)
@@ -294,7 +346,7 @@ class FrontendEngine:
         if self.writeback is not None:
             values = codec.encode_many(full, self.settings.cache_dtype, truncated)
             for key, value in zip(keys, values):
-                self.writeback.offer(self.l2.shard_for(key), key, value)
+                self.writeback.offer(key, value)
 
     # -- stats ------------------------------------------------------------------------------
     async def refresh_l2_stats(self) -> int:

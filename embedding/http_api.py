@@ -7,8 +7,9 @@ token with the same Gate, parse the JSON body, call `FrontendEngine.embed` on th
 same event loop, write the JSON answer. Nothing here knows about caches or replicas.
 
 The request is OpenAI's: `input` (a string or a list of strings; token arrays are
-refused), `model` (accepted and not checked: a frontend serves one model, and the
-answer names it), `dimensions` (the Matryoshka width; absent = the tenant's default),
+refused), `model` (a name of one of the frontend's `--extra-model` models picks it; any
+other name, as OpenAI clients send their own, means the default model; the answer names
+the model used), `dimensions` (the Matryoshka width; absent = the tenant's default),
 `encoding_format` (`float`, the default, or `base64`: each vector's little-endian
 float32 bytes, which the official Python client asks for), `user` (ignored). Texts
 over the model window are cut to it, as gRPC's default truncation does.
@@ -39,7 +40,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import orjson
@@ -140,7 +141,7 @@ def _texts(value) -> list[str]:
     raise ApiError(400, "`input` must be a string or a list of strings", "invalid_input", "input")
 
 
-def parse_request(raw: bytes) -> tuple[list[str], int, bool]:
+def parse_request(raw: bytes) -> tuple[list[str], int, bool, str]:
     """(texts, dimensions (0 = default), base64?) from an embeddings request body; ApiError when
     it is not one."""
     try:
@@ -166,7 +167,7 @@ def parse_request(raw: bytes) -> tuple[list[str], int, bool]:
     for name in ("model", "user"):
         if doc.get(name) is not None and not isinstance(doc[name], str):
             raise ApiError(400, f"`{name}` must be a string", "invalid_request", name)
-    return texts, dimensions, encoding == "base64"
+    return texts, dimensions, encoding == "base64", doc.get("model") or ""
 
 
 def embeddings_body(reply: EmbedReply, tokens: int, as_base64: bool) -> bytes:
@@ -190,8 +191,12 @@ def usage_headers(reply: EmbedReply) -> dict[str, str]:
 
 
 def api_app(engine: FrontendEngine, gate: Gate, counter: TokenCounter, *, ready: Callable[[], bool],
-            live: Callable[[], bool], max_body_bytes: int, read_timeout_s: float = READ_TIMEOUT_S) -> web.Application:
-    """The API's routes over `engine`; `ready` and `live` are the gRPC server's readiness and liveness."""
+            live: Callable[[], bool], max_body_bytes: int, read_timeout_s: float = READ_TIMEOUT_S,
+            extra: Mapping[str, FrontendEngine] | None = None) -> web.Application:
+    """The API's routes over `engine`; `ready` and `live` are the gRPC server's readiness and liveness.
+    `extra`: the frontend's other models by name (--extra-model); a request whose `model` names one is
+    embedded by it, any other `model` by the default (OpenAI clients send names of their own)."""
+    extra = dict(extra or {})
     created = int(time.time())
 
     @web.middleware
@@ -244,11 +249,11 @@ def api_app(engine: FrontendEngine, gate: Gate, counter: TokenCounter, *, ready:
     async def embeddings(request: web.Request) -> web.Response:
         tenant = gate.tenant(gate_metadata(request))
         deadline = _deadline(request)
-        texts, dimensions, as_base64 = parse_request(await read_body(request))
+        texts, dimensions, as_base64, model = parse_request(await read_body(request))
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"`{TIMEOUT_HEADER}` passed before the request was read")
         started = time.perf_counter()
-        reply = await engine.embed(texts, dimensions, deadline=deadline, tenant=tenant)
+        reply = await extra.get(model, engine).embed(texts, dimensions, deadline=deadline, tenant=tenant)
         tokens = sum(await counter.count(texts))
         response = web.Response(body=embeddings_body(reply, tokens, as_base64), content_type="application/json",
                                 headers=usage_headers(reply))
@@ -272,18 +277,24 @@ def api_app(engine: FrontendEngine, gate: Gate, counter: TokenCounter, *, ready:
                 "native_width": info.native_width, "default_width": policy.default_width,
                 "min_width": policy.min_width, "max_seq_length": info.max_seq_length, "fingerprint": info.fingerprint}
 
+    def served() -> dict[str, ModelConfig]:
+        """Every model by the name a request uses: the default's id, then --extra-model names."""
+        found = {model_config().info.model_id: model_config()}
+        found.update({name: e.model for name, e in extra.items() if e.model is not None})
+        return found
+
     async def models(request: web.Request) -> web.Response:
         tenant = gate.tenant(gate_metadata(request))
-        return json_response({"object": "list", "data": [model_object(model_config(), tenant)]})
+        return json_response({"object": "list", "data": [{**model_object(m, tenant), "id": name}
+                                                         for name, m in served().items()]})
 
     async def one_model(request: web.Request) -> web.Response:
         tenant = gate.tenant(gate_metadata(request))
-        m = model_config()
-        wanted = request.match_info["model"]
-        if wanted != m.info.model_id:
-            raise ApiError(404, f"no model {wanted!r}: this frontend serves {m.info.model_id!r}", "model_not_found",
-                           "model")
-        return json_response(model_object(m, tenant))
+        wanted, known = request.match_info["model"], served()
+        if wanted not in known:
+            raise ApiError(404, f"no model {wanted!r}: this frontend serves {', '.join(map(repr, known))}",
+                           "model_not_found", "model")
+        return json_response({**model_object(known[wanted], tenant), "id": wanted})
 
     def probe(check: Callable[[], bool]):
         async def answer(_request: web.Request) -> web.Response:

@@ -268,7 +268,10 @@ class InFlight:
         (which the call's metadata carries to the replica), in the trace of the first of `callers`."""
         with tracing.span("mlbase.embed", kind=SpanKind.CLIENT, attributes={"sutra.texts": len(texts)},
                           callers=callers):
-            return await asyncio.wait_for(self._compute(texts, timeout), max(0.0, timeout) + _HARD_BOUND_SLACK_S)
+            # In this task, not wait_for's inner one: an error raised as the batch is cancelled is
+            # then the task's own, never a lost "exception was never retrieved".
+            async with asyncio.timeout(max(0.0, timeout) + _HARD_BOUND_SLACK_S):
+                return await self._compute(texts, timeout)
 
     def _settle(self, batch: Batch, task: asyncio.Task) -> None:
         """The batch ended, however: settle its waiters, forget its flights, free its slot."""
@@ -301,13 +304,16 @@ class InFlight:
         finally:
             self._pump()
 
-    async def close(self) -> None:
-        """Stop dispatching; fail queued work and cancel running batches (their waiters fail)."""
+    async def close(self, reason: Exception | None = None) -> None:
+        """Stop dispatching; fail queued work and cancel running batches (their waiters fail, with
+        `reason` when given: the engine retires a model's table with FingerprintChanged)."""
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        _fail(list(self._queue), Unavailable("the frontend is shutting down; retry on another instance"))
+        if reason is not None:
+            _fail([f for b in self._batches for f in b.flights], reason)
+        _fail(list(self._queue), reason or Unavailable("the frontend is shutting down; retry on another instance"))
         for flight in list(self._queue):
             self._forget(flight)
         self._queue.clear()

@@ -54,5 +54,9 @@ class LRUCache:
             self._items.popitem(last=False)
             self.counters.evictions += 1
 
+    def delete(self, key: bytes) -> bool:
+        """Drop `key` (cache invalidation); whether it was there."""
+        return self._items.pop(key, None) is not None
+
     def clear(self) -> None:
         self._items.clear()

@@ -1,360 +1,233 @@
-"""L2: the cache shards, reached over one long-lived Lookup stream each.
+"""L2: routing keys over the cache shards, with copies, and a shard set that may change.
 
-Per shard there is one channel and one bidi `Lookup` stream, because a
-stream pipelines batches with no per-call setup; answers are matched to
-waiting futures by `batch_id`. Keys are spread over shards by rendezvous
-(highest-random-weight) hashing, so adding a shard only moves the keys that
-now belong to it.
+Keys are spread over shards by rendezvous (highest-random-weight) hashing,
+so adding a shard only moves the keys that now belong to it (about 1/N of
+them), and the shard set may change while the frontend runs
+(`L2Client.set_shards`, fed by `embedding.shard_source`). Each shard is one
+`embedding.l2_shard.ShardConnection` (its stream, coalescing and breaker).
 
-The cache is fail-open: a shard that is down, slow or broken costs a miss
-and an error count, never a failed request. The hard case is a shard that
-hangs without closing its socket (SIGSTOP, a partition that sends no RST):
-nothing fails, every lookup would just wait its full timeout, and requests
-would pile up in the outbox and in grpc's buffers. So each shard has a
-circuit breaker:
+Copies (`--l2-copies`): with 2, every entry is written to the two
+highest-ranked shards for its key, and a lookup asks the first, then the
+second for the keys the first missed or could not answer, so losing one
+shard costs neither its entries nor (beyond its breaker opening) a
+request's time.
 
-- closed: lookups go to the stream. One lookup timeout or a stream failure
-  opens it; a timeout also cancels the stream, so grpc drops what it holds,
-  and fails every lookup still waiting on it at once.
-- open: lookups and stores fail at once, queueing nothing, for a backoff
-  (100 ms, doubling up to `reconnect_max_s`).
-- half-open: when the backoff has passed, exactly one lookup (the probe)
-  goes out on a fresh stream while the others still fail at once. An answer
-  closes the breaker and resets the backoff; a timeout opens it again.
-
-A hung shard thus costs about one L2 timeout per backoff period, not one per
-request. At most `max_waiting` lookups wait on a shard at once, so its memory
-stays bounded even before the first timeout. Keepalive pings find a dead
-connection when there is no traffic to time out.
-
-Every waiting lookup is a future whose deadline timer and done-callback are
-owned here: the callback releases its slot however the future ends (answer,
-timeout, broken stream, caller cancelled), so `waiting` returns to 0.
+The cache is fail-open: whatever a shard does costs misses and error
+counts, never a failed request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
-import itertools
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
 
-from common import tracing
-from common.grpc_server import keepalive_options
-from common.tls import TlsClientOptions, open_channel
+from common.tls import TlsClientOptions
+from embedding.l2_shard import (  # re-exported (__all__): callers import the L2 API from here
+    FIRST_BACKOFF_S, LOOKUP_MESSAGES_IN_FLIGHT, MAX_LOOKUP_KEYS, L2Error, L2Timeout, ShardBusy, ShardConnection,
+    ShardUnavailable)
 from embedding.stats import Stats
-from sutra.cache.v1 import cache_shard_service_pb2 as pb
-from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
+
+__all__ = ["FIRST_BACKOFF_S", "LOOKUP_MESSAGES_IN_FLIGHT", "MAX_LOOKUP_KEYS", "L2Client", "L2Error", "L2Timeout",
+           "ShardBusy", "ShardConnection", "ShardUnavailable", "ranked", "rendezvous"]
 
 log = logging.getLogger(__name__)
 
 
-# Keys per Lookup message; shards refuse batches over their --max-batch (4096 by default).
-MAX_LOOKUP_KEYS = 1024
-# First backoff after the breaker opens; each failed probe doubles it up to reconnect_max_s.
-FIRST_BACKOFF_S = 0.1
+def ranked(key: bytes, shard_ids: Sequence[bytes], copies: int = 1) -> list[int]:
+    """Indices of the `copies` shards with the highest weights for `key`, highest first."""
+    n = len(shard_ids)
+    if n <= 1:
+        return list(range(n))
+    weights = [int.from_bytes(hashlib.blake2b(key, digest_size=8, key=sid[:64]).digest(), "little")
+               for sid in shard_ids]
+    if copies == 1:
+        return [max(range(n), key=weights.__getitem__)]
+    return sorted(range(n), key=weights.__getitem__, reverse=True)[:copies]
 
 
-class L2Error(Exception):
-    """A shard could not answer; callers treat the keys as misses."""
-
-
-class L2Timeout(L2Error):
-    """A lookup was not answered in time (opens the breaker)."""
-
-
-class ShardUnavailable(L2Error):
-    """The shard's breaker is open: refused at once, nothing sent."""
-
-
-class ShardBusy(L2Error):
-    """`max_waiting` lookups already wait on the shard: refused at once, nothing sent."""
-
-
-def rendezvous(key: bytes, shard_ids: list[bytes]) -> int:
+def rendezvous(key: bytes, shard_ids: Sequence[bytes]) -> int:
     """Index of the shard with the highest weight for `key`."""
-    if len(shard_ids) == 1:
-        return 0
-    best, best_weight = 0, -1
-    for i, sid in enumerate(shard_ids):
-        weight = int.from_bytes(hashlib.blake2b(key, digest_size=8, key=sid[:64]).digest(), "little")
-        if weight > best_weight:
-            best, best_weight = i, weight
-    return best
-
-
-class _Stream:
-    """One Lookup call: its outbox and the futures waiting for its answers."""
-
-    def __init__(self, stub: pb_grpc.CacheShardServiceStub) -> None:
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.pending: dict[int, asyncio.Future] = {}
-        outbox = self.outbox
-
-        async def requests():
-            while True:
-                item = await outbox.get()
-                if item is None:
-                    return
-                fut, request = item
-                if not fut.done():  # the caller left before it was sent: do not send it
-                    yield request
-
-        self.call = stub.Lookup(requests())
-
-    def abort(self, error: L2Error) -> None:
-        """Cancel the call (grpc drops what it buffered) and fail every waiting lookup."""
-        self.call.cancel()
-        self.outbox.put_nowait(None)
-        for fut in list(self.pending.values()):
-            if not fut.done():
-                fut.set_exception(error)
-
-
-class ShardConnection:
-    """One shard: its channel, its Lookup stream and breaker, and Store/GetStats calls."""
-
-    def __init__(self, address: str, stats: Stats, *, max_message_bytes: int, reconnect_max_s: float,
-                 max_waiting: int = 256, keepalive_ms: int = 0, tls: TlsClientOptions | None = None) -> None:
-        self.address = address
-        self._stats = stats
-        options: list[tuple[str, object]] = [
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
-        ]
-        options += keepalive_options(keepalive_ms)
-        self._channel = open_channel(address, tls, max_message_bytes=max_message_bytes, options=options)
-        self._stub = pb_grpc.CacheShardServiceStub(self._channel)
-        self._ids = itertools.count(1)
-        self._max_waiting = max_waiting
-        self._reconnect_max_s = reconnect_max_s
-        self._stream: _Stream | None = None
-        self._readers: set[asyncio.Task] = set()
-        self._waiting = 0
-        # Breaker: open while `_open`; the probe may go once `_retry_at` has passed.
-        self._open = False
-        self._retry_at = 0.0
-        self._open_for = 0.0
-        self._backoff = FIRST_BACKOFF_S
-        self._probe: asyncio.Future | None = None
-        self.stream_opens = 0
-        self.trips = 0
-        self.last_failure = ""  # why the breaker last opened
-        self._closing = False
-
-    # -- state ----------------------------------------------------------------------------------
-    @property
-    def connected(self) -> bool:
-        return self._stream is not None
-
-    @property
-    def waiting(self) -> int:
-        """Lookups sent (or queued to send) and not yet settled."""
-        return self._waiting
-
-    @property
-    def state(self) -> str:
-        """closed | open (failing fast) | half-open (the probe may go, or is out)."""
-        if not self._open:
-            return "closed"
-        return "half-open" if self._probe is not None or time.monotonic() >= self._retry_at else "open"
-
-    @property
-    def backoff_s(self) -> float:
-        """How long the current opening of the breaker lasts; 0 while closed."""
-        return self._open_for if self._open else 0.0
-
-    def _admit(self) -> bool:
-        """Raise unless a lookup may go now; True when it is the half-open probe."""
-        if self._closing:
-            raise ShardUnavailable("L2 client closing")
-        if self._open and (self._probe is not None or time.monotonic() < self._retry_at):
-            raise ShardUnavailable(f"shard {self.address} is not answering; retry in "
-                                   f"{max(0.0, self._retry_at - time.monotonic()) * 1000:.0f} ms")
-        stream = self._stream
-        if self._waiting >= self._max_waiting or (stream is not None and stream.outbox.qsize() >= self._max_waiting):
-            raise ShardBusy(f"{self._max_waiting} lookups already wait on shard {self.address}")
-        return self._open
-
-    def _trip(self, reason: str) -> None:
-        """Open the breaker for the current backoff, drop the stream, double the next backoff."""
-        stream, self._stream = self._stream, None
-        self._probe = None
-        was_open, self._open = self._open, True
-        self._open_for = self._backoff
-        self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, max(self._reconnect_max_s, FIRST_BACKOFF_S))
-        self.trips += 1
-        self.last_failure = reason
-        if not self._closing:  # a failed probe is old news
-            log.log(logging.DEBUG if was_open else logging.WARNING, "L2 shard %s: %s; failing fast for %.2fs",
-                    self.address, reason, self._open_for)
-        if stream is not None:
-            stream.abort(ShardUnavailable(f"shard {self.address}: {reason}"))
-
-    def _recovered(self) -> None:
-        self._open = False
-        self._probe = None
-        self._backoff = FIRST_BACKOFF_S
-        log.info("L2 shard %s answering again", self.address)
-
-    # -- the Lookup stream ------------------------------------------------------------------------
-    def _ensure_stream(self) -> _Stream:
-        if self._stream is None:
-            stream = _Stream(self._stub)
-            self._stream = stream
-            self.stream_opens += 1
-            reader = asyncio.create_task(self._read(stream), name=f"l2-reader-{self.address}")
-            self._readers.add(reader)
-            reader.add_done_callback(self._readers.discard)
-        return self._stream
-
-    async def _read(self, stream: _Stream) -> None:
-        reason = "closed the Lookup stream"
-        try:
-            async for reply in stream.call:
-                if stream is self._stream and self._open:
-                    self._recovered()  # only the probe is sent on a stream opened while open
-                fut = stream.pending.get(reply.batch_id)
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
-        except asyncio.CancelledError:
-            reason = "Lookup stream cancelled"
-            raise
-        except grpc.aio.AioRpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}"
-        except Exception as exc:  # noqa: BLE001 - any stream failure makes the shard look down
-            reason = repr(exc)
-        finally:
-            if stream is self._stream:
-                self._trip(reason)
-
-    def _settled(self, stream: _Stream, batch_id: int, timer: asyncio.TimerHandle, fut: asyncio.Future) -> None:
-        """Done-callback of every lookup: release its slot, then move the breaker."""
-        self._waiting -= 1
-        stream.pending.pop(batch_id, None)
-        timer.cancel()
-        if fut.cancelled():
-            if self._probe is fut:  # the probe's caller left: the next lookup probes instead
-                self._probe = None
-            return
-        if isinstance(fut.exception(), L2Timeout) and stream is self._stream:
-            self._trip("a lookup got no answer in time")
-
-    async def lookup(self, keys: list[bytes], timeout: float) -> list[bytes | None]:
-        """One value (or None) per key; raises L2Error when the shard cannot answer in time."""
-        probe = self._admit()
-        stream = self._ensure_stream()
-        batch_id = next(self._ids)
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        timer = loop.call_later(timeout, self._expire, fut, timeout)
-        stream.pending[batch_id] = fut
-        self._waiting += 1
-        fut.add_done_callback(lambda f: self._settled(stream, batch_id, timer, f))
-        if probe:
-            self._probe = fut
-        # The stream is shared by many requests: the trace context rides in the message.
-        stream.outbox.put_nowait((fut, pb.LookupRequest(batch_id=batch_id, keys=keys,
-                                                        traceparent=tracing.traceparent())))
-        reply = await fut
-        if len(reply.found) != len(keys) or len(reply.values) != len(keys):
-            raise L2Error(f"shard {self.address} answered {len(reply.found)} results for {len(keys)} keys")
-        return [value if found else None for found, value in zip(reply.found, reply.values)]
-
-    def _expire(self, fut: asyncio.Future, timeout: float) -> None:
-        if not fut.done():
-            fut.set_exception(L2Timeout(f"shard {self.address} did not answer a lookup in {timeout * 1000:.0f} ms"))
-
-    # -- unary calls --------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closing or self._open:
-            raise ShardUnavailable(f"shard {self.address} is not answering lookups")
-
-    async def store(self, entries: list[tuple[bytes, bytes]], timeout: float) -> int:
-        """Entries stored; ShardUnavailable at once while the breaker is not closed."""
-        self._check_open()
-        reply = await self._stub.Store(
-            pb.StoreRequest(entries=[pb.Entry(key=k, value=v) for k, v in entries]), timeout=timeout)
-        return reply.stored
-
-    async def get_stats(self, timeout: float) -> pb.GetStatsResponse:
-        self._check_open()
-        return await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)
-
-    async def close(self) -> None:
-        self._closing = True
-        if self._stream is not None:
-            self._trip("closing")
-        for reader in list(self._readers):
-            reader.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
-        await self._channel.close()
+    return ranked(key, shard_ids, 1)[0]
 
 
 class L2Client:
-    """Routes keys to shards and keeps every failure inside the cache layer."""
+    """Routes keys to shards (with `copies` replicas each) and keeps every failure inside the cache layer."""
 
     def __init__(self, addresses: tuple[str, ...], stats: Stats, *, timeout_s: float, max_message_bytes: int,
                  reconnect_max_s: float, max_waiting: int = 256, keepalive_ms: int = 0,
-                 tls: TlsClientOptions | None = None) -> None:
-        self.shards = [ShardConnection(a, stats, max_message_bytes=max_message_bytes,
-                                       reconnect_max_s=reconnect_max_s, max_waiting=max_waiting,
-                                       keepalive_ms=keepalive_ms, tls=tls) for a in addresses]
-        self._ids = [a.encode() for a in addresses]
+                 tls: TlsClientOptions | None = None, copies: int = 1) -> None:
+        self._connect = functools.partial(ShardConnection, stats=stats, max_message_bytes=max_message_bytes,
+                                          reconnect_max_s=reconnect_max_s, max_waiting=max_waiting,
+                                          keepalive_ms=keepalive_ms, tls=tls)
         self._stats = stats
         self._timeout_s = timeout_s
+        self.copies = max(1, copies)
+        self.shards: list[ShardConnection] = []
+        self._ids: list[bytes] = []
+        self._tasks: set[asyncio.Task] = set()  # closing dropped shards, following a shard source
+        self.second_copy_hits = 0  # keys the first shard missed or failed and the second copy had
+        self.shard_set_changes = 0
+        self.set_shards(addresses)
 
     @property
     def waiting(self) -> int:
         """Lookups awaiting a shard's answer, all shards together (0 when traffic stops)."""
         return sum(s.waiting for s in self.shards)
 
+    def _own(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def set_shards(self, addresses: Sequence[str]) -> bool:
+        """Serve from `addresses` from now on; True if the set changed.
+
+        Connections to shards that stay are kept (their streams, breakers and
+        in-flight lookups untouched); new shards get a connection; dropped
+        ones are closed (lookups waiting on them end as misses). Rendezvous
+        weights depend only on a shard's address, so each key keeps its shard
+        unless a new shard outranks it: about 1/N of the keys move when an
+        Nth shard is added."""
+        addresses = tuple(dict.fromkeys(addresses))
+        if addresses == tuple(s.address for s in self.shards):
+            return False
+        kept = {s.address: s for s in self.shards}
+        # Swapped whole, never mutated: a lookup in progress keeps the list it started with.
+        self.shards = [kept.pop(a, None) or self._connect(a) for a in addresses]
+        self._ids = [a.encode() for a in addresses]
+        for gone in kept.values():
+            self._own(gone.close(), f"l2-close-{gone.address}")
+        if self.shard_set_changes or kept:
+            log.info("L2 shards now %s%s", ", ".join(addresses) or "(none)",
+                     f" (dropped {', '.join(kept)})" if kept else "")
+        self.shard_set_changes += 1
+        return True
+
+    def follow(self, read, interval_s: float) -> asyncio.Task:
+        """Re-read the shard set every `interval_s` with `read()` (an async callable returning
+        addresses, or None to keep the current set) until close(); see embedding.shard_source."""
+        async def loop() -> None:
+            while True:
+                try:
+                    addresses = await read()
+                except Exception as exc:  # noqa: BLE001 - a bad read keeps the current set
+                    log.warning("could not read the L2 shard set: %r", exc)
+                    addresses = None
+                if addresses is not None:
+                    self.set_shards(addresses)
+                await asyncio.sleep(interval_s)
+
+        return self._own(loop(), "l2-shard-source")
+
     def shard_for(self, key: bytes) -> int:
+        """Index in `shards` of the key's first (highest-ranked) shard."""
         return rendezvous(key, self._ids)
 
+    def owners(self, key: bytes) -> list[ShardConnection]:
+        """The shards that hold `key`: the `copies` highest-ranked, first first. Writes and deletes go to all."""
+        shards = self.shards
+        return [shards[i] for i in ranked(key, self._ids, min(self.copies, len(shards)))]
+
     async def lookup(self, keys: list[bytes]) -> list[bytes | None]:
-        """One value per key, or None: missing, or its shard failed (already counted as an error)."""
-        by_shard: dict[int, list[int]] = {}
-        for i, key in enumerate(keys):
-            by_shard.setdefault(self.shard_for(key), []).append(i)
+        """One value per key, or None: missing, or its shards failed (already counted as errors).
+
+        The first copy's shard is asked for every key; with copies, the keys it
+        missed or failed go to the second, and so on."""
+        shards, ids = self.shards, self._ids
         results: list[bytes | None] = [None] * len(keys)
-
-        async def one(shard_index: int, positions: list[int]) -> None:
-            wanted = [keys[i] for i in positions]
-            shard = self.shards[shard_index]
-            started = time.monotonic()
-            try:
-                if len(wanted) <= MAX_LOOKUP_KEYS:
-                    values = await shard.lookup(wanted, self._timeout_s)
-                else:
-                    parts = await asyncio.gather(*(
-                        shard.lookup(wanted[i:i + MAX_LOOKUP_KEYS], self._timeout_s)
-                        for i in range(0, len(wanted), MAX_LOOKUP_KEYS)), return_exceptions=True)
-                    for part in parts:
-                        if isinstance(part, BaseException):
-                            raise part
-                    values = [v for part in parts for v in part]
-            except L2Error as exc:
-                self._stats.l2.errors += 1
-                log.debug("L2 lookup failed: %s", exc)
-                return
-            self._stats.l2.latency.record(time.monotonic() - started)
-            for i, value in zip(positions, values):
-                results[i] = value
-
-        await asyncio.gather(*(one(s, positions) for s, positions in by_shard.items()))
+        if not shards:
+            return results
+        copies = min(self.copies, len(shards))
+        owners = [ranked(key, ids, copies) for key in keys]
+        todo = range(len(keys))
+        for rank in range(copies):
+            by_shard: dict[int, list[int]] = {}
+            for i in todo:
+                by_shard.setdefault(owners[i][rank], []).append(i)
+            await asyncio.gather(*(self._ask(shards[s], keys, positions, results)
+                                   for s, positions in by_shard.items()))
+            left = [i for i in todo if results[i] is None]
+            if rank:
+                self.second_copy_hits += len(todo) - len(left)
+            todo = left
+            if not todo:
+                break
         return results
 
+    async def _ask(self, shard: ShardConnection, keys: list[bytes], positions: list[int],
+                   results: list[bytes | None]) -> None:
+        """Fill `results` at `positions` from one shard; a failure leaves them None and counts one error."""
+        wanted = [keys[i] for i in positions]
+        started = time.monotonic()
+        try:
+            if len(wanted) <= MAX_LOOKUP_KEYS:
+                values = await shard.lookup(wanted, self._timeout_s)
+            else:
+                parts = await asyncio.gather(*(
+                    shard.lookup(wanted[i:i + MAX_LOOKUP_KEYS], self._timeout_s)
+                    for i in range(0, len(wanted), MAX_LOOKUP_KEYS)), return_exceptions=True)
+                for part in parts:
+                    if isinstance(part, BaseException):
+                        raise part
+                values = [v for part in parts for v in part]
+        except L2Error as exc:
+            self._stats.l2.errors += 1
+            log.debug("L2 lookup failed: %s", exc)
+            return
+        self._stats.l2.latency.record(time.monotonic() - started)
+        for i, value in zip(positions, values):
+            results[i] = value
+
+    async def store(self, entries: list[tuple[bytes, bytes]], timeout: float) -> tuple[int, int]:
+        """Store every entry on each of its owners; (entries stored on at least one, failed Store calls).
+        Failures are logged at debug and returned for the caller to count: a lost write is a future miss."""
+        return await self._each_owner(entries, lambda shard, group: shard.store(group, timeout),
+                                      key=lambda entry: entry[0])
+
+    async def delete(self, keys: list[bytes], timeout: float) -> tuple[int, int]:
+        """Delete `keys` from every copy (a copy left behind would answer after the first misses)."""
+        return await self._each_owner(keys, lambda shard, group: shard.delete(group, timeout), key=lambda k: k)
+
+    async def _each_owner(self, items: list, call, key) -> tuple[int, int]:
+        groups: dict[str, tuple[ShardConnection, list]] = {}
+        for item in items:
+            for shard in self.owners(key(item)):
+                groups.setdefault(shard.address, (shard, []))[1].append(item)
+        done: set[bytes] = set()
+        failed = 0
+
+        async def one(shard: ShardConnection, group: list) -> None:
+            nonlocal failed
+            try:
+                await call(shard, group)
+            except Exception as exc:  # noqa: BLE001 - grpc errors and L2Error alike
+                failed += 1
+                reason = (exc.code().name if isinstance(exc, grpc.aio.AioRpcError)
+                          else str(exc) if isinstance(exc, L2Error) else repr(exc))
+                log.debug("L2 call with %d entries to shard %s failed: %s", len(group), shard.address, reason)
+                return
+            done.update(key(item) for item in group)
+
+        await asyncio.gather(*(one(shard, group) for shard, group in groups.values()))
+        return len(done), failed
+
     async def entries_and_evictions(self, timeout: float = 1.0) -> tuple[int, int]:
-        """Sum of the shards' entry and eviction counts (shards that do not answer count 0)."""
+        """Sum of the shards' entry and eviction counts (shards that do not answer count 0; with
+        copies, each entry counts once per copy)."""
         replies = await asyncio.gather(*(s.get_stats(timeout) for s in self.shards), return_exceptions=True)
         ok = [r for r in replies if not isinstance(r, BaseException)]
         return sum(r.entries for r in ok), sum(r.evictions for r in ok)
 
     async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self.shards), return_exceptions=True)
+        for task in list(self._tasks):
+            if task.get_name() == "l2-shard-source":
+                task.cancel()
+        await asyncio.gather(*(s.close() for s in self.shards), *self._tasks, return_exceptions=True)

@@ -10,9 +10,17 @@ A batch that meets UNAVAILABLE or RESOURCE_EXHAUSTED (a replica died, is
 draining or is full) is retried on another connection within the caller's
 deadline, with a short doubling backoff (50 ms, 100 ms, ... capped at 1 s)
 that spans the second or so a balancer needs to mark a dead replica down,
-at most `max_attempts` times. Every answer's model fingerprint is checked
-against the one read at startup: a replica running another model must never
-fill our caches.
+at most `max_attempts` times.
+
+Every answer's model fingerprint is checked against the batch's: a replica
+running another model must never fill our caches. The fingerprint is not
+pinned at start-up: the pool asks every connection for GetInfo on a schedule
+(`watch`) and on every mismatch (`refresh`), and `embedding.fingerprints`
+decides, by the written rollout policy, which fingerprint is active. Batches
+go only on connections that reach their fingerprint (or are not known yet),
+so a rollout wastes no inference; a batch whose fingerprint stops being
+active ends with FingerprintChanged, and the engine starts its requests again
+under the new one. `on_switch` tells the engine about each switch.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -29,6 +38,7 @@ from common import tracing
 from common.errors import DeadlineExceeded, InvalidInput, Unavailable
 from common.grpc_server import keepalive_options
 from common.tls import TlsClientOptions, open_channel
+from embedding.fingerprints import FingerprintChanged, LiveFingerprints
 from embedding.stats import Stats
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
@@ -37,11 +47,13 @@ log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 REPLICA_KEEPALIVE_MS = 10_000
+# GetInfo on one connection: a replica that takes longer counts as not reachable this round.
+PROBE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
 class ReplicaInfo:
-    """What ML-base's GetInfo told us; fixed for the frontend's lifetime."""
+    """What one replica's GetInfo told us; the pool keeps one per live fingerprint."""
 
     model_id: str
     fingerprint: str
@@ -81,7 +93,7 @@ class _Connection:
 
 class MLBasePool:
     def __init__(self, address: str, connections: int, stats: Stats, *, max_message_bytes: int,
-                 max_attempts: int = 8, tls: TlsClientOptions | None = None) -> None:
+                 max_attempts: int = 8, tls: TlsClientOptions | None = None, watch_s: float = 2.0) -> None:
         options = [
             # Reconnect promptly after a replica or the balancer comes back.
             ("grpc.initial_reconnect_backoff_ms", 200),
@@ -92,11 +104,25 @@ class MLBasePool:
             *keepalive_options(REPLICA_KEEPALIVE_MS),
         ]
         self.address = address
+        self._options, self._tls, self._max_message_bytes = options, tls, max_message_bytes
+        self._extra_ids = 0
         self._conns = [_Connection(i, address, options, tls=tls, max_message_bytes=max_message_bytes)
                        for i in range(connections)]
         self._stats = stats
         self._max_attempts = max(1, max_attempts)
-        self.fingerprint: str | None = None
+        self._watch_s = watch_s
+        self.live = LiveFingerprints()
+        # Called (on the event loop) with the new fingerprint's ReplicaInfo at each switch.
+        self.on_switch: Callable[[ReplicaInfo], None] | None = None
+        self._probe: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        # Awaited after each watch round (the engine re-reads its cache generation).
+        self.after_round: Callable[[], Awaitable[object]] | None = None
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The active fingerprint (None until a replica has answered GetInfo)."""
+        return self.live.active
 
     @property
     def connections(self) -> int:
@@ -105,36 +131,147 @@ class MLBasePool:
     def inflight(self) -> list[int]:
         return [c.inflight for c in self._conns]
 
-    def _pick(self, tried: set[int]) -> _Connection:
-        fresh = [c for c in self._conns if c.index not in tried] or self._conns
-        return min(fresh, key=lambda c: (c.inflight, c.calls))
+    def _pick(self, tried: set[int], fingerprint: str | None) -> _Connection:
+        usable = [c for c in self._conns if self.live.usable(c.index, fingerprint)] or self._conns
+        fresh = [c for c in usable if c.index not in tried] or usable
+        return min(fresh, key=lambda c: (c.inflight, not self.live.known_match(c.index, fingerprint), c.calls))
 
-    async def get_info(self, timeout: float = 5.0) -> ReplicaInfo:
-        conn = self._pick(set())
-        reply = await conn.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
-        return ReplicaInfo.from_proto(reply)
+    # -- which fingerprint: probes and the policy ---------------------------------------------
+    async def _probe_one(self, conn: _Connection) -> None:
+        try:
+            reply = await conn.stub.GetInfo(pb.GetInfoRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            self.live.forget(conn.index)
+            return
+        info = ReplicaInfo.from_proto(reply)
+        if not info.fingerprint or info.native_width <= 0:
+            log.warning("ML-base at %s sent an incomplete GetInfo on connection %d", self.address, conn.index)
+            self.live.forget(conn.index)
+            return
+        self.live.observe(conn.index, info.fingerprint, info)
+
+    async def _probe_all(self) -> None:
+        await asyncio.gather(*(self._probe_one(c) for c in self._conns))
+        switch_to = self.live.decide()
+        if switch_to is None:
+            return
+        previous = self.live.active
+        info: ReplicaInfo = self.live.infos[switch_to]  # type: ignore[assignment]
+        self.live.adopt(switch_to)
+        if previous is not None:
+            log.warning("model fingerprint %s -> %s (%s %s %s): no connection reaches a replica of the old one "
+                        "any more; live %s", previous[:12], switch_to[:12], info.model_id, info.backend,
+                        info.precision, {fp[:12]: n for fp, n in self.live.counts().items()})
+        if self.on_switch is not None:
+            self.on_switch(info)
+
+    async def refresh(self) -> str | None:
+        """Ask every connection for GetInfo and apply the rollout policy; returns the active
+        fingerprint. Concurrent callers share one round."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_all())
+        await asyncio.shield(self._probe)
+        return self.live.active
+
+    def info(self) -> ReplicaInfo | None:
+        """GetInfo of the active fingerprint."""
+        active = self.live.active
+        return None if active is None else self.live.infos.get(active)  # type: ignore[return-value]
 
     async def wait_for_info(self, max_wait_s: float = 0.0) -> ReplicaInfo:
-        """GetInfo, retried with backoff until a replica answers (or `max_wait_s` passes, if > 0)."""
+        """The active fingerprint's GetInfo, retried with backoff until a replica answers (or
+        `max_wait_s` passes, if > 0)."""
         start = time.monotonic()
         delay = 0.1
         while True:
-            try:
-                info = await self.get_info(timeout=5.0)
-                if not info.fingerprint or info.native_width <= 0:
-                    raise Unavailable(f"ML-base at {self.address} sent an incomplete GetInfo")
-                self.fingerprint = info.fingerprint
+            await self.refresh()
+            info = self.info()
+            if info is not None:
                 return info
-            except (grpc.aio.AioRpcError, Unavailable) as exc:
-                detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                if max_wait_s > 0 and time.monotonic() - start > max_wait_s:
-                    raise Unavailable(f"ML-base at {self.address} did not answer GetInfo in {max_wait_s}s") from exc
-                log.info("waiting for ML-base at %s (%s); retrying in %.1fs", self.address, detail, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            if max_wait_s > 0 and time.monotonic() - start > max_wait_s:
+                raise Unavailable(f"ML-base at {self.address} did not answer GetInfo in {max_wait_s}s")
+            log.info("waiting for ML-base at %s; retrying in %.1fs", self.address, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
-    async def embed_full(self, texts: list[str], timeout: float) -> tuple[np.ndarray, set[int]]:
-        """Full-width vectors (n, D) float32 and the truncated positions; retried across connections."""
+    def watch(self) -> None:
+        """Re-read every connection's GetInfo each `watch_s` seconds until `close`."""
+        if self._watcher is None and self._watch_s > 0:
+            self._watcher = asyncio.create_task(self._watch(), name="fingerprint-watch")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._watch_s)
+            try:
+                await self.refresh()
+                if self.after_round is not None:
+                    await self.after_round()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("fingerprint watch round failed")
+
+    # -- pre-warming a rollout's new model -------------------------------------------------------
+    async def reaching(self, fingerprint: str = "", fresh: int = 4) -> tuple[str, list[_Connection], list[_Connection]]:
+        """Connections that reach replicas of `fingerprint` (empty: of any fingerprint but the active
+        one, i.e. a rollout's new model), as (fingerprint, connections, the ones opened here, which
+        the caller closes with `close_extra`). Pooled connections known to lead there come first;
+        if there are none, `fresh` new connections are opened: HAProxy's leastconn puts them on the
+        replicas with the fewest connections, which a just-restarted replica is."""
+        await self.refresh()
+        active = self.live.active
+
+        def wanted(fp: str | None) -> bool:
+            return fp is not None and (fp == fingerprint if fingerprint else fp != active)
+
+        pooled: dict[str, list[_Connection]] = {}
+        for conn in self._conns:
+            fp = self.live.by_connection.get(conn.index)
+            if wanted(fp):
+                pooled.setdefault(fp, []).append(conn)
+        if pooled:
+            target = max(pooled, key=lambda fp: len(pooled[fp]))
+            return target, pooled[target], []
+        opened = [_Connection(10_000 + self._extra_ids + i, self.address, self._options, tls=self._tls,
+                              max_message_bytes=self._max_message_bytes) for i in range(fresh)]
+        self._extra_ids += fresh
+        found: dict[str, list[_Connection]] = {}
+        for conn in opened:
+            try:
+                reply = await conn.stub.GetInfo(pb.GetInfoRequest(), timeout=PROBE_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                continue
+            if wanted(reply.fingerprint):
+                found.setdefault(reply.fingerprint, []).append(conn)
+        if not found:
+            await self.close_extra(opened)
+            return fingerprint, [], []
+        target = max(found, key=lambda fp: len(found[fp]))
+        keep = found[target]
+        await self.close_extra([c for c in opened if c not in keep])
+        return target, keep, keep
+
+    async def close_extra(self, conns: list[_Connection]) -> None:
+        await asyncio.gather(*(c.channel.close() for c in conns), return_exceptions=True)
+
+    async def embed_on(self, conn: _Connection, texts: list[str], fingerprint: str,
+                       timeout: float) -> tuple[np.ndarray, set[int]]:
+        """One batch on `conn`, which must answer with `fingerprint` (Unavailable otherwise)."""
+        reply = await conn.stub.Embed(pb.EmbedRequest(texts=texts, full_width=True,
+                                                      truncation=pb.TRUNCATION_TRUNCATE), timeout=timeout)
+        if reply.model_fingerprint != fingerprint:
+            raise Unavailable(f"connection {conn.index} now reaches {reply.model_fingerprint[:12]}, "
+                              f"not {fingerprint[:12]}")
+        if reply.count != len(texts) or len(reply.vectors) != reply.count * reply.width * 4:
+            raise Unavailable(f"model replica sent a malformed answer ({reply.count} x {reply.width})")
+        full = np.frombuffer(reply.vectors, dtype="<f4").reshape(reply.count, reply.width)
+        return full, set(reply.truncated_indices)
+
+    # -- batches ------------------------------------------------------------------------------
+    async def embed_full(self, texts: list[str], timeout: float,
+                         fingerprint: str | None = None) -> tuple[np.ndarray, set[int]]:
+        """Full-width vectors (n, D) float32 and the truncated positions, computed under
+        `fingerprint` (default: the active one); retried across connections. Raises
+        FingerprintChanged once `fingerprint` is no longer the active one."""
+        expected = fingerprint or self.live.active
         deadline = time.monotonic() + timeout
         request = pb.EmbedRequest(texts=texts, full_width=True, truncation=pb.TRUNCATION_TRUNCATE)
         tried: set[int] = set()
@@ -142,10 +279,12 @@ class MLBasePool:
         # The batch's span (embedding/inflight.py), so the replica's server span is its child.
         metadata = tracing.outgoing()
         for attempt in range(self._max_attempts):
+            if self.live.active != expected:
+                raise FingerprintChanged(expected or "", self.live.active or "")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            conn = self._pick(tried)
+            conn = self._pick(tried, expected)
             tried.add(conn.index)
             conn.inflight += 1
             conn.calls += 1
@@ -155,6 +294,8 @@ class MLBasePool:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code in RETRYABLE:
+                    if code == grpc.StatusCode.UNAVAILABLE:  # it reconnects, perhaps to another replica
+                        self.live.forget(conn.index)
                     last = f"{code.name}: {exc.details()}"
                     self._stats.mlbase_retries += 1
                     log.warning("ML-base batch of %d on connection %d failed (%s); retrying",
@@ -171,12 +312,20 @@ class MLBasePool:
                 raise Unavailable(f"model replica failed: {code.name}: {exc.details()}") from exc
             finally:
                 conn.inflight -= 1
-            if reply.model_fingerprint != self.fingerprint:
+            if reply.model_fingerprint != expected:
+                # A rollout (or a restart with new flags): learn where this connection leads, re-read
+                # every connection and apply the policy before trying again.
+                self.live.observe(conn.index, reply.model_fingerprint)
                 self._stats.fingerprint_mismatches += 1
                 self._stats.mlbase_retries += 1
-                last = f"replica answered with fingerprint {reply.model_fingerprint!r}, expected {self.fingerprint!r}"
-                log.error("%s (connection %d); retrying elsewhere", last, conn.index)
+                last = f"replica answered with fingerprint {reply.model_fingerprint!r}, expected {expected!r}"
+                log.info("%s (connection %d); re-reading the replicas' GetInfo", last, conn.index)
+                try:
+                    await asyncio.wait_for(self.refresh(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass  # the deadline passed: the loop ends below
                 continue
+            self.live.observe(conn.index, expected)
             if reply.count != len(texts) or len(reply.vectors) != reply.count * reply.width * 4:
                 self._stats.mlbase_errors += 1
                 raise Unavailable(f"model replica sent a malformed answer ({reply.count} x {reply.width})")
@@ -185,6 +334,8 @@ class MLBasePool:
             self._stats.computed += len(texts)
             full = np.frombuffer(reply.vectors, dtype="<f4").reshape(reply.count, reply.width)
             return full, set(reply.truncated_indices)
+        if self.live.active != expected:
+            raise FingerprintChanged(expected or "", self.live.active or "")
         if not tried:  # the callers' deadline passed while the batch waited for a slot
             raise DeadlineExceeded("deadline exceeded before the batch reached a model replica")
         self._stats.mlbase_errors += 1
@@ -193,4 +344,8 @@ class MLBasePool:
         raise Unavailable(f"no model replica answered after {self._max_attempts} attempts (last error: {last})")
 
     async def close(self) -> None:
+        for task in (self._watcher, self._probe):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._watcher, self._probe) if t is not None), return_exceptions=True)
         await asyncio.gather(*(c.channel.close() for c in self._conns), return_exceptions=True)

@@ -22,8 +22,11 @@ import time
 import grpc
 import numpy as np
 
-from common.errors import DeadlineExceeded, Unavailable, grpc_errors
+from common.errors import DeadlineExceeded, InvalidInput, Unavailable, grpc_errors
+from embedding.cache_admin import CacheAdmin
 from embedding.engine import EmbedReply, FrontendEngine
+from embedding.fingerprints import LiveFingerprints
+from embedding.models import Models
 from embedding.tenants import Gate
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -59,8 +62,14 @@ def cache_stats_proto(stats: dict) -> pb.GetCacheStatsResponse:
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, engine: FrontendEngine, stream_window: int, gate: Gate | None = None,
-                 stream_idle_s: float = 0.0) -> None:
+                 stream_idle_s: float = 0.0, live: LiveFingerprints | None = None,
+                 cache_admin: CacheAdmin | None = None, models: Models | None = None) -> None:
         self._engine = engine
+        self._admin = cache_admin
+        # Several models (embedding/models.py); None: `engine` alone, and EmbedRequest.model is checked by it.
+        self._models = models
+        # What the ML-base pool's connections see (GetInfo.live_fingerprints); None: not reported.
+        self._live = live
         self._window = stream_window
         self._gate = gate or Gate(engine.settings.access)
         self._stream_idle_s = stream_idle_s
@@ -70,9 +79,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         """One answer; its time, from here to the response message, is counted under `method`
         when it succeeds (so the histogram's count matches the engine's `requests`)."""
         started = time.perf_counter()
-        result = await self._engine.embed(
+        engine, model = (self._engine, request.model) if self._models is None else \
+            (self._models.engine(request.model), "")
+        result = await engine.embed(
             request.inputs, request.dimensions,
-            reject_truncation=request.truncation == pb.TRUNCATION_REJECT, deadline=deadline, tenant=tenant)
+            reject_truncation=request.truncation == pb.TRUNCATION_REJECT, deadline=deadline, tenant=tenant,
+            model=model)
         response = to_response(result, request.encoding)
         self._engine.stats.request_latency[method].record(time.perf_counter() - started)
         return response
@@ -158,22 +170,72 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @grpc_errors
     async def GetInfo(self, request, context):
-        m = self._engine.model
+        if self._models is not None:
+            route = self._models.route(request.model)
+            engine, live, names = route.engine, route.pool.live, self._models.names()
+        else:
+            engine, live, names = self._engine, self._live, None
+        m = engine.model
         if m is None:
             raise Unavailable("the frontend is starting: ML-base has not described its model yet")
-        info, settings = m.info, self._engine.settings
+        info, settings = m.info, engine.settings
+        if self._models is None and request.model and request.model != info.model_id:
+            raise InvalidInput(f"`model` {request.model!r} is not served here; models: {info.model_id!r}")
         policy = m.policy_for(self._gate.tenant(context.invocation_metadata()))
         return pb.GetInfoResponse(
             model_id=info.model_id, fingerprint=info.fingerprint, native_width=info.native_width,
             allowed_widths=list(policy.allowed), min_width=policy.min_width,
             default_width=policy.default_width, max_inputs=m.max_inputs, max_chars=m.max_chars,
             max_seq_length=info.max_seq_length, backend=info.backend,
-            cache_enabled=settings.cache_enabled, layer_norm=info.layer_norm,
+            cache_enabled=settings.cache_enabled, layer_norm=info.layer_norm, precision=info.precision,
+            live_fingerprints=[pb.LiveFingerprint(fingerprint=fp, connections=n, active=fp == info.fingerprint)
+                               for fp, n in sorted((live.counts() if live else {}).items())],
+            models=names or [info.model_id],
         )
 
     @grpc_errors
     async def GetCacheStats(self, request, context):
         return cache_stats_proto(await self._engine.cache_stats())
+
+    # -- cache management (admin) ---------------------------------------------------------------
+    def _cache_admin(self, context) -> CacheAdmin:
+        self._gate.admin(context.invocation_metadata())
+        if self._admin is None:
+            raise Unavailable("cache management is not available on this frontend")
+        return self._admin
+
+    @grpc_errors
+    async def InvalidateCache(self, request, context):
+        admin = self._cache_admin(context)
+        if request.all_entries:
+            if request.inputs:
+                raise InvalidInput("give `inputs` or `all_entries`, not both")
+            fingerprint, generation = await admin.invalidate_fingerprint(request.fingerprint)
+            return pb.InvalidateCacheResponse(fingerprint=fingerprint, generation=generation)
+        dropped, deleted = await admin.invalidate_texts(list(request.inputs))
+        return pb.InvalidateCacheResponse(l1_dropped=dropped, l2_deleted=deleted)
+
+    @grpc_errors
+    async def ExportCache(self, request, context):
+        admin = self._cache_admin(context)
+        async for entries in admin.export():
+            yield pb.ExportCacheResponse(entries=[pb.CacheEntry(key=k, value=v) for k, v in entries])
+
+    @grpc_errors
+    async def ImportCache(self, request_iterator, context):
+        admin = self._cache_admin(context)
+        stored = 0
+        async for request in request_iterator:
+            stored += await admin.import_entries([(e.key, e.value) for e in request.entries])
+        return pb.ImportCacheResponse(stored=stored)
+
+    @grpc_errors
+    async def PrewarmCache(self, request, context):
+        admin = self._cache_admin(context)
+        count = request.count or self._engine.settings.recent_texts
+        report = await admin.prewarm(count, request.fingerprint)
+        return pb.PrewarmCacheResponse(fingerprint=report.fingerprint, texts=report.texts, already=report.already,
+                                       computed=report.computed, seconds=report.seconds)
 
 
 def add_to_server(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:

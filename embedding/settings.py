@@ -48,9 +48,32 @@ class FrontendSettings(Settings):
     mlbase_address: str = setting(
         DEFAULT_MLBASE, "ML-base address HOST:PORT, normally HAProxy's; a single replica works too",
         flag="mlbase", env="SUTRA_MLBASE_ADDRESS")
+    # More models beside the default one (embedding/models.py): each its own replica pool.
+    extra_models: tuple[str, ...] = setting(
+        (), "another model served beside the default one, as NAME=HOST:PORT (its replicas, normally its own "
+        "HAProxy backend); EmbedRequest.model = NAME picks it. Each model has its own pool, fingerprint "
+        "(cache keys), width policy, limits, single-flight and batching; repeatable",
+        flag="extra-model", env="SUTRA_EXTRA_MODELS", repeat=True, metavar="NAME=HOST:PORT", shown="none")
     cache_shards: tuple[str, ...] = setting(
         (DEFAULT_SHARDS,), "L2 cache shards HOST:PORT[,HOST:PORT...]; keys are spread by rendezvous hashing; "
         "empty = no L2", flag="cache-shard", env="SUTRA_CACHE_SHARDS")
+    # A shard set that changes while the frontend runs (embedding/shard_source.py); either replaces
+    # --cache-shard, re-read every --cache-shards-refresh seconds.
+    cache_shards_file: str = setting(
+        "", "file listing the L2 shards (HOST:PORT, one a line or comma-separated, # comments), re-read every "
+        "--cache-shards-refresh seconds so shards can be added or removed without a restart; replaces "
+        "--cache-shard. An unreadable file keeps the current set", metavar="PATH")
+    cache_shards_dns: str = setting(
+        "", "NAME:PORT resolved every --cache-shards-refresh seconds; each address it resolves to is a shard "
+        "(for example a Kubernetes headless service over a StatefulSet). Addresses whose reverse name ends in "
+        "NAME (StatefulSet pods: shard-0.NAME) are used by that name, so a pod keeps its keys across restarts; "
+        "replaces --cache-shard. A failed resolution keeps the current set", metavar="NAME:PORT")
+    cache_shards_refresh_s: float = setting(5.0, "seconds between reads of --cache-shards-file or "
+                                                 "--cache-shards-dns", flag="cache-shards-refresh", check=positive)
+    l2_copies: int = setting(
+        1, "shards that hold each L2 entry: writes go to the COPIES highest-ranked shards for the key, and a "
+        "lookup asks the next one for keys the first missed or could not answer, so losing a shard keeps its "
+        "entries' hit rate; each copy costs its disk and write traffic", metavar="COPIES", check=at_least(1))
     cache_enabled: bool = setting(True, "false turns both cache levels off")
     # 0 = the replica's default width (its GetInfo).
     default_width: int = setting(0, "width used when a request says dimensions=0; 0 = the replica's default",
@@ -90,6 +113,12 @@ class FrontendSettings(Settings):
     mlbase_wait_s: float = setting(
         0.0, "seconds to wait at startup for ML-base's GetInfo before exiting; 0 = forever. Health is NOT_SERVING "
         "until it answers", flag="mlbase-wait", check=not_negative)
+    # How often every ML-base connection's GetInfo is re-read (also on every fingerprint mismatch),
+    # so a rollout's new model is adopted by the policy in embedding/fingerprints.py.
+    fingerprint_watch_s: float = setting(
+        2.0, "seconds between GetInfo rounds over every ML-base connection, to follow a rollout to a new model "
+        "fingerprint (also done on every mismatch); 0 = only on mismatches", flag="fingerprint-watch",
+        check=not_negative)
     max_inputs: int = setting(2048, "most inputs per request", env=_replica_env("max_inputs"), check=at_least(1))
     max_chars: int = setting(100_000, "longest input in characters; the replica's own limit applies if lower",
                              env=_replica_env("max_chars"), check=at_least(1))
@@ -176,22 +205,38 @@ class FrontendSettings(Settings):
         "single-flight), so no tenant is served or can time another's cached vectors; only a gateway that "
         "authenticates callers should set that header. With tokens isolation is already the default "
         "(see --share-cache-across-tenants)")
+    admin_tokens: tuple[str, ...] = setting(
+        (), "bearer token that may also call the cache-management RPCs (InvalidateCache, ExportCache, "
+        "ImportCache, PrewarmCache; `sutra cache`); it embeds as tenant \"\" too and turns authentication on. "
+        "Without any token those RPCs are open like the rest", flag="admin-token", env="SUTRA_ADMIN_TOKEN",
+        repeat=True, metavar="TOKEN", shown="none")
+    recent_texts: int = setting(
+        10_000, "distinct recently used texts remembered for PrewarmCache (re-embedding them with a rollout's "
+        "new model before it takes traffic); 0 disables", check=not_negative)
     access: AccessConfig = field(default_factory=AccessConfig, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "access", load_access(
             tokens=self.auth_tokens, tokens_file=self.auth_tokens_file, tenants_file=self.tenants_file,
-            isolate=self.isolate_tenants, share=self.share_cache_across_tenants))
+            isolate=self.isolate_tenants, share=self.share_cache_across_tenants, admin_tokens=self.admin_tokens))
         super().__post_init__()
 
     def problems(self) -> list[str]:
         problems = []
         if not self.mlbase_address:
             problems.append("--mlbase must be HOST:PORT")
-        if self.cache_enabled and not self.cache_shards and self.l1_entries == 0:
+        if self.cache_enabled and not self.l2_enabled and self.l1_entries == 0:
             problems.append("cache enabled but no L1 entries and no --cache-shard")
         if 0 < self.l2_keepalive_ms < 1000:
             problems.append("--l2-keepalive-ms must be 0 (off) or at least 1000")
+        if self.cache_shards_file and self.cache_shards_dns:
+            problems.append("--cache-shards-file and --cache-shards-dns: give one shard source")
+        if self.cache_shards_dns and not self.cache_shards_dns.rpartition(":")[2].isdigit():
+            problems.append("--cache-shards-dns must be NAME:PORT")
+        for spec in self.extra_models:
+            name, _, address = spec.partition("=")
+            if not name or ":" not in address or "=" in address:
+                problems.append(f"--extra-model {spec!r} must be NAME=HOST:PORT")
         if self.isolate_tenants and self.share_cache_across_tenants:
             problems.append("--isolate-tenants and --share-cache-across-tenants contradict each other")
         return problems
@@ -206,7 +251,7 @@ class FrontendSettings(Settings):
 
     @property
     def l2_enabled(self) -> bool:
-        return self.cache_enabled and bool(self.cache_shards)
+        return self.cache_enabled and bool(self.cache_shards or self.cache_shards_file or self.cache_shards_dns)
 
 
 CLI = ServiceCli(

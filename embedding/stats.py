@@ -44,6 +44,8 @@ class Stats:
     mlbase_retries: int = 0
     mlbase_errors: int = 0
     fingerprint_mismatches: int = 0
+    # Requests started again because the model switched under them (a rollout).
+    model_restarts: int = 0
     l2_writes: int = 0
     l2_writes_dropped: int = 0
     requests: int = 0
@@ -60,8 +62,10 @@ class Stats:
 class StatsCollector(Collector):
     """Renders a Stats snapshot as Prometheus metric families on each scrape."""
 
-    def __init__(self, stats: Stats, gauges) -> None:
+    def __init__(self, stats: Stats, gauges, live=None) -> None:
         self._stats = stats
+        # embedding.fingerprints.LiveFingerprints of the ML-base pool, or None.
+        self._live = live
         # Callable returning {"l1_entries": n, "l2_entries": n, "pending": n, ...}.
         self._gauges = gauges
 
@@ -90,6 +94,7 @@ class StatsCollector(Collector):
             ("mlbase_errors", s.mlbase_errors, "Batches that failed after every retry"),
             ("fingerprint_mismatches", s.fingerprint_mismatches,
              "Replica answers with an unexpected model fingerprint"),
+            ("model_restarts", s.model_restarts, "Requests started again because the model switched under them"),
             ("l2_writes", s.l2_writes, "Entries stored to L2"),
             ("l2_writes_dropped", s.l2_writes_dropped, "L2 write-backs dropped because the queue was full"),
             ("requests", s.requests, "Embed requests answered (stream messages included)"),
@@ -116,9 +121,22 @@ class StatsCollector(Collector):
         yield histogram.family("sutra_embedding_mlbase_batch_duration_seconds",
                                "Time of one successful batch call to a model replica",
                                series=[((), s.mlbase_latency.histogram)])
+        if self._live is not None:
+            live = GaugeMetricFamily("sutra_embedding_live_fingerprint_connections",
+                                     "ML-base connections reaching a replica of each model fingerprint (active=1: "
+                                     "the one answers are computed with); two series only during a rollout",
+                                     labels=["fingerprint", "active"])
+            counts = self._live.counts()
+            if self._live.active is not None:
+                counts.setdefault(self._live.active, 0)
+            for fp, n in sorted(counts.items()):
+                live.add_metric([fp, "1" if fp == self._live.active else "0"], n)
+            yield live
+            yield CounterMetricFamily("sutra_embedding_model_switches", "Times the frontend switched to another "
+                                      "model fingerprint (rollouts)", value=self._live.switches)
         for name, value in self._gauges().items():
             yield GaugeMetricFamily(f"sutra_embedding_{name}", name.replace("_", " "), value=value)
 
 
-def make_registry(stats: Stats, gauges) -> CollectorRegistry:
-    return process_registry(StatsCollector(stats, gauges))
+def make_registry(stats: Stats, gauges, live=None) -> CollectorRegistry:
+    return process_registry(StatsCollector(stats, gauges, live))

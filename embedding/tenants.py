@@ -49,7 +49,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import InvalidInput, Unauthenticated
+from common.errors import InvalidInput, PermissionDenied, Unauthenticated
 from common.matryoshka import WidthPolicy
 
 TENANT_HEADER = "x-sutra-tenant"
@@ -96,6 +96,8 @@ class AccessConfig:
     token_tenants: dict[str, str] = field(default_factory=dict)
     tenants: tuple[TenantSpec, ...] = ()
     isolate: bool = False
+    # Digests of --admin-token: with authentication on, only these may call the cache-management RPCs.
+    admin_digests: frozenset[str] = frozenset()
 
     @property
     def auth_enabled(self) -> bool:
@@ -141,6 +143,16 @@ class Gate:
         if tenant is None:
             raise Unauthenticated("invalid bearer token")
         return tenant
+
+    def admin(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+        """Allow a cache-management call: anyone without authentication; with it, only an admin token
+        (Unauthenticated for a bad token, PermissionDenied for a valid one that is not an admin's)."""
+        if not self._tenants:
+            return
+        self.tenant(metadata)
+        _, _, token = (header(metadata, AUTH_HEADER) or "").partition(" ")
+        if token_digest(token.strip()) not in self.config.admin_digests:
+            raise PermissionDenied("cache management needs an admin token (--admin-token)")
 
 
 def header(metadata, name: str) -> str | None:
@@ -266,7 +278,7 @@ def read_tokens_file(path: Path, tokens: dict[str, str]) -> None:
 
 
 def load_access(*, tokens: Sequence[str] = (), tokens_file: str = "", tenants_file: str = "",
-                isolate: bool = False, share: bool = False) -> AccessConfig:
+                isolate: bool = False, share: bool = False, admin_tokens: Sequence[str] = ()) -> AccessConfig:
     """The AccessConfig for the given flags; ValueError names the file and line that is wrong.
 
     `isolate` (--isolate-tenants) and `share` (--share-cache-across-tenants) decide cache
@@ -281,4 +293,9 @@ def load_access(*, tokens: Sequence[str] = (), tokens_file: str = "", tenants_fi
     specs: tuple[TenantSpec, ...] = ()
     if tenants_file:
         specs = read_tenants_file(Path(tenants_file).expanduser(), digests)
-    return AccessConfig(token_tenants=digests, tenants=specs, isolate=isolate or (bool(digests) and not share))
+    admins = set()
+    for token in admin_tokens:  # an admin token also embeds, as tenant ""
+        _add_token(digests, token.strip(), "", "--admin-token (or SUTRA_ADMIN_TOKEN)")
+        admins.add(token_digest(token.strip()))
+    return AccessConfig(token_tenants=digests, tenants=specs, isolate=isolate or (bool(digests) and not share),
+                        admin_digests=frozenset(admins))

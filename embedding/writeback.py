@@ -3,7 +3,10 @@
 `offer` never waits: entries go into a bounded queue, and when it is full
 they are dropped and counted (a slow or dead shard must not grow the
 frontend's memory). One worker drains the queue in batches of up to
-`batch` entries, grouped per shard, one Store call each. A failed store
+`batch` entries, grouped per shard, one Store call each; the shards are
+chosen when the batch is stored (`L2Client.store`: each entry's `copies`
+owners among the shards of that moment), so a change of the shard set
+while entries wait sends them where lookups will look. A failed store
 (a shard whose breaker is open fails at once) costs the entries and an error
 count, never the worker; should the worker die anyway, it is logged and
 started again, so write-back never silently stops. On shutdown
@@ -16,9 +19,7 @@ import asyncio
 import logging
 import time
 
-import grpc
-
-from embedding.l2_client import L2Client, L2Error
+from embedding.l2_client import L2Client
 from embedding.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,13 @@ class WriteBack:
             self._idle.set()  # what it held is lost; drained() must not wait for it
         self.start()
 
-    def offer(self, shard: int, key: bytes, value: bytes) -> bool:
+    def offer(self, key: bytes, value: bytes) -> bool:
         """Queue one entry; False (and counted) if the queue is full."""
         if self._capacity <= 0:
             self._stats.l2_writes_dropped += 1
             return False
         try:
-            self._queue.put_nowait((shard, key, value))
+            self._queue.put_nowait((key, value))
         except asyncio.QueueFull:
             self._stats.l2_writes_dropped += 1
             return False
@@ -95,22 +96,11 @@ class WriteBack:
             if self._queue.empty():
                 self._idle.set()
 
-    async def _store(self, items: list[tuple[int, bytes, bytes]]) -> None:
-        by_shard: dict[int, list[tuple[bytes, bytes]]] = {}
-        for shard, key, value in items:
-            by_shard.setdefault(shard, []).append((key, value))
-
-        async def one(shard: int, entries: list[tuple[bytes, bytes]]) -> None:
-            try:
-                await self._l2.shards[shard].store(entries, self._timeout_s)
-                self._stats.l2_writes += len(entries)
-            except Exception as exc:  # noqa: BLE001 - a lost write-back is a future miss, nothing more
-                self._stats.l2.errors += 1
-                reason = (exc.code().name if isinstance(exc, grpc.aio.AioRpcError)
-                          else str(exc) if isinstance(exc, L2Error) else repr(exc))
-                log.debug("L2 store of %d entries to shard %d failed: %s", len(entries), shard, reason)
-
-        await asyncio.gather(*(one(s, e) for s, e in by_shard.items()))
+    async def _store(self, items: list[tuple[bytes, bytes]]) -> None:
+        """One Store per owning shard; a failed one is counted as an L2 error, never raised."""
+        stored, failed = await self._l2.store(items, self._timeout_s)
+        self._stats.l2_writes += stored
+        self._stats.l2.errors += failed
 
     async def close(self, flush_s: float) -> None:
         """Store what is queued within `flush_s` seconds, then stop the worker."""

@@ -92,7 +92,7 @@ def test_programs_cover_the_stack(tmp_path):
     assert m2[m2.index("--max-connection-age-ms") + 1] == str(s.max_connection_age_ms)
     emb = progs["embedding"].command
     assert emb[emb.index("--mlbase") + 1] == s.lb_address
-    assert emb[emb.index("--cache-shard") + 1] == s.shard_address
+    assert emb[emb.index("--cache-shards-file") + 1] == str(s.shards_file)
     assert emb[emb.index("--http-port") + 1] == "8080"
     assert progs["mlbase1"].full_name == "mlbase:mlbase1"
     # Stop waits outlast the drain, so supervisord never SIGKILLs a draining replica.
@@ -241,3 +241,27 @@ def test_up_refuses_ports_in_use(tmp_path):
 def test_validate_rejects_unknown_phases(tmp_path):
     result = run_cli("validate", "--run-dir", str(tmp_path), "--phases", "3")
     assert result.returncode == 2
+
+
+def test_several_shards_get_their_own_ports_data_and_the_frontends_list(tmp_path):
+    """`sutra up --shards 3 --l2-copies 2`: shard i on port and metrics port base + i - 1, its own
+    directory; the frontend gets the list as a file it re-reads, and the copies."""
+    from deploy.stack import write_shards_file
+    from embedding.shard_source import parse_shard_list
+
+    s = StackSettings(run_dir=tmp_path, replicas=1, shards=3, l2_copies=2, internal_tls=False)
+    progs = {p.name: p for p in programs(s)}
+    shards = [progs[n].command for n in ("cacheshard", "cacheshard2", "cacheshard3")]
+    assert [c[c.index("--port") + 1] for c in shards] == ["50052", "50053", "50054"]
+    assert [c[c.index("--metrics-port") + 1] for c in shards] == ["9102", "9103", "9104"]
+    assert len({c[c.index("--path") + 1] for c in shards}) == 3
+    assert all(progs[n].role == "cacheshard" for n in ("cacheshard", "cacheshard2", "cacheshard3"))
+    emb = progs["embedding"].command
+    assert emb[emb.index("--l2-copies") + 1] == "2"
+    write_shards_file(s)
+    assert parse_shard_list(s.shards_file.read_text()) == tuple(s.shard_addresses())
+    assert s.metrics_port("cacheshard3") == 9104
+    with pytest.raises(ValueError, match="l2-copies"):
+        StackSettings(run_dir=tmp_path, replicas=1, shards=1, l2_copies=2)
+    with pytest.raises(ValueError, match="overlap"):
+        StackSettings(run_dir=tmp_path, replicas=1, shards=9)  # shard 9 would take HAProxy's 50060

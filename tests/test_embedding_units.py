@@ -54,7 +54,7 @@ class Backend:
         self.cancelled = 0
         self.fail: Exception | None = None
 
-    async def __call__(self, texts: list[str], timeout: float):
+    async def __call__(self, texts: list[str], timeout: float, fingerprint: str | None = None):
         self.batches.append(list(texts))
         try:
             if self.gate is not None:

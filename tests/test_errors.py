@@ -8,8 +8,8 @@ import logging
 import grpc
 import pytest
 
-from common.errors import (INTERNAL_MESSAGE, AlreadyExists, DeadlineExceeded, InvalidInput, Overloaded, SutraError,
-                           Unauthenticated, Unavailable, grpc_errors, http_status)
+from common.errors import (INTERNAL_MESSAGE, AlreadyExists, DeadlineExceeded, InvalidInput, Overloaded,
+                           PermissionDenied, SutraError, Unauthenticated, Unavailable, grpc_errors, http_status)
 from tests.support import aio
 
 
@@ -154,8 +154,8 @@ async def test_a_status_that_cannot_be_sent_ends_the_rpc_as_cancelled(caplog):
 
 def test_every_domain_error_has_its_http_status():
     """The HTTP API answers each domain error with the status of its gRPC code; none falls to 500."""
-    expected = {InvalidInput: 400, Unauthenticated: 401, AlreadyExists: 409, Overloaded: 429, Unavailable: 503,
-                DeadlineExceeded: 504}
+    expected = {InvalidInput: 400, Unauthenticated: 401, PermissionDenied: 403, AlreadyExists: 409, Overloaded: 429,
+                Unavailable: 503, DeadlineExceeded: 504}
     assert set(SutraError.__subclasses__()) == set(expected)
     assert {cls: http_status(cls("x")) for cls in expected} == expected
     assert http_status(SutraError("x")) == 500

@@ -254,7 +254,7 @@ async def test_writeback_to_an_open_breaker_counts_errors_without_waiting():
         wb.start()
         await trip(peer, conn)
         for i in range(25):
-            assert wb.offer(0, b"k%d" % i, b"v")
+            assert wb.offer(b"k%d" % i, b"v")
         await asyncio.wait_for(wb.drained(), 5.0)  # fails fast: far from 3 x 30 s
         assert stats.l2.errors == 3 and stats.l2_writes == 0  # one per batch of 10
         assert wb.queued == 0 and peer.stores == 0
@@ -274,6 +274,9 @@ class _L2:
     def __init__(self) -> None:
         self.shards = [_Shard()]
 
+    async def store(self, entries, timeout):
+        return await self.shards[0].store(entries, timeout), 0
+
 
 @aio
 async def test_writeback_worker_that_dies_is_started_again():
@@ -291,10 +294,10 @@ async def test_writeback_worker_that_dies_is_started_again():
 
     wb._store = store_that_crashes_once
     wb.start()
-    wb.offer(0, b"lost", b"v")
+    wb.offer(b"lost", b"v")
     await asyncio.wait_for(wb.drained(), 5.0)
     await until(lambda: wb.restarts == 1, what="worker restarted")
-    wb.offer(0, b"kept", b"v")
+    wb.offer(b"kept", b"v")
     await asyncio.wait_for(wb.drained(), 5.0)
     assert l2.shards[0].stored == [b"kept"] and wb.queued == 0
     await wb.close(1.0)

@@ -1,0 +1,71 @@
+"""The frontend follows its shard list file without a restart, and with two copies keeps
+answering from L2 when a shard is killed.
+
+Real processes on loopback ports chosen at run time: one ML-base replica
+(the bundled model), three cache shards, and the embedding frontend started
+with --cache-shards-file (what `sutra up` gives it) and --l2-copies 2.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from harness.procs import wait_until
+from harness.stack import ShardClient, cache_stats, service
+from sutra.embedding.v1 import embedding_service_pb2 as pb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+
+
+def embed(address: str, texts: list[str]) -> pb.EmbedResponse:
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.EmbeddingServiceStub(ch).Embed(pb.EmbedRequest(inputs=texts), timeout=120)
+
+
+def stores(shard) -> int:
+    with ShardClient(shard.address) as sc:
+        return sc.stats().stores
+
+
+def test_frontend_follows_the_shard_file_and_two_copies_survive_a_killed_shard(tmp_path):
+    replica = service("mlbase", tmp_path / "mlbase.log", {"threads": 1, "server.drain_seconds": 0.0}).start()
+    shards = [service("cacheshard", tmp_path / f"shard{i}.log", {"path": tmp_path / f"db{i}"}).start()
+              for i in range(3)]
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"{shards[0].address}\n{shards[1].address}\n")
+    frontend = service("embedding", tmp_path / "frontend.log", {
+        "mlbase_address": replica.address, "cache_shards_file": str(listing), "cache_shards_refresh_s": 0.1,
+        "l2_copies": 2, "l1_entries": 0, "admin_port": 0, "http_port": 0})
+    procs = [replica, *shards]
+    try:
+        for p in procs:
+            p.wait_serving(300)
+        frontend.start().wait_serving(300)
+        procs.append(frontend)
+        texts = [f"shard set text {i}" for i in range(40)]
+        first = embed(frontend.address, texts)
+        assert first.usage.computed == 40
+        # Two copies on two shards: each shard got every entry.
+        wait_until(lambda: stores(shards[0]) == stores(shards[1]) == 40, 60, "write-backs on both shards")
+        assert stores(shards[2]) == 0
+
+        # A third shard joins by editing the file; the frontend is not restarted.
+        listing.write_text("".join(f"{s.address}\n" for s in shards))
+        probes = iter(range(10_000))
+        wait_until(lambda: embed(frontend.address, [f"probe {next(probes)}" for _ in range(10)]) is not None
+                   and stores(shards[2]) > 0, 120, "entries written to the new shard")
+
+        # Texts cached while three shards serve, each on two of them.
+        more = [f"three shard text {i}" for i in range(100)]
+        before = sum(stores(s) for s in shards)
+        assert embed(frontend.address, more).usage.computed == 100
+        wait_until(lambda: sum(stores(s) for s in shards) - before == 200, 60, "two copies of each written back")
+
+        # Kill one shard: with two copies, every one of them is still an L2 hit and nothing fails.
+        shards[0].kill()
+        again = embed(frontend.address, more)
+        assert again.usage.l2_hits == 100 and again.usage.computed == 0
+        assert cache_stats(frontend.address).l2.errors >= 1  # the dead shard was noticed, and failed open
+        assert len(embed(frontend.address, texts).embeddings) == 40  # older entries: hits or recomputed, never errors
+    finally:
+        for p in reversed(procs):
+            p.stop()
