@@ -135,6 +135,10 @@ def not_negative(v: Any) -> str | None:
     return None if v >= 0 else "must not be negative"
 
 
+def fraction(v: Any) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
+
+
 def positive(v: Any) -> str | None:
     return None if v > 0 else "must be positive"
 

@@ -54,6 +54,8 @@ from embedding.writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
+# Weight of the latest L2 lookup in the moving share of misses L2 answers (about the last 10 lookups).
+_SHARE_WEIGHT = 0.1
 _SPECIAL_TOKENS = 3  # [CLS]/[SEP] or <s>/</s>, plus a SentencePiece word-start piece
 # A request restarts at most this often when the model switches under it (one switch per rollout).
 _MODEL_SWITCH_RESTARTS = 3
@@ -133,6 +135,8 @@ class FrontendEngine:
         self.recent = RecentTexts(settings.recent_texts, max_chars=_RECENT_CHARS)
         self.inflight: InFlight | None = None
         self.model: ModelConfig | None = None
+        # Moving share of L1 misses that L2 answered (per lookup), which gates speculation.
+        self._l2_answer_share = 0.0
         self._retiring: set[asyncio.Task] = set()
 
     # -- life cycle -------------------------------------------------------------------------
@@ -236,14 +240,26 @@ class FrontendEngine:
                     self.stats.coalesced += 1
                 else:
                     to_l2.append(j)
+            coalesced = len(waiting)
+            speculated: set[int] = set()
+            if to_l2 and self._speculate(inflight):
+                # ML-base is idle and L2 has rarely been answering: compute during the L2 round trip.
+                waiters, joined = inflight.request([keys[j] for j in to_l2], [uniq[j] for j in to_l2], deadline)
+                waiting.extend(zip(to_l2, waiters))
+                speculated.update(to_l2)
+                self.stats.speculated += len(to_l2)
+                self.stats.coalesced += joined
+                coalesced += joined
             to_compute = await self._from_l2(m, uniq, keys, full, truncated, usage, to_l2)
             if self.inflight is not inflight:  # the model switched while L2 answered
                 raise FingerprintChanged(m.info.fingerprint, self.model.info.fingerprint)
+            if speculated:
+                waiting = self._drop_answered(waiting, speculated.difference(to_compute))
+                to_compute = [j for j in to_compute if j not in speculated]
             if to_compute:
                 # Another request may have filled L1 while we waited on L2.
                 to_compute = self._from_l1(keys, full, truncated, usage, to_compute, recheck=True)
             # The single-flight wait: on computations other requests started, and on our own.
-            coalesced = len(waiting)
             with tracing.span("inflight.wait") if to_compute or waiting else tracing.NO_SPAN as span:
                 if to_compute:
                     try:
@@ -281,6 +297,27 @@ class FrontendEngine:
         self.stats.duplicates += usage.duplicates
         self.stats.truncated += usage.truncated
         return EmbedReply(vectors, width, m.info.model_id, usage, truncated_indices)
+
+    def _speculate(self, inflight: InFlight) -> bool:
+        """Whether this request's misses should start computing before L2 answers: only with nothing
+        queued or running (no other request's batch is delayed by it) and while L2 has been
+        answering few misses (each L2 hit makes the computation a waste, on an idle pipeline)."""
+        return (self.l2 is not None and inflight.idle
+                and self._l2_answer_share < self.settings.speculate_below_l2_hit_rate)
+
+    def _drop_answered(self, waiting: list[tuple[int, asyncio.Future]],
+                       answered: set[int]) -> list[tuple[int, asyncio.Future]]:
+        """Detach from the speculative computations of texts L2 answered after all."""
+        if not answered:
+            return waiting
+        self.stats.speculated_l2_hits += len(answered)
+        kept = []
+        for j, waiter in waiting:
+            if j in answered:
+                waiter.cancel()
+            else:
+                kept.append((j, waiter))
+        return kept
 
     def _from_l1(self, keys, full, truncated, usage: Usage, which, recheck: bool = False) -> list[int]:
         if self.l1 is None:
@@ -332,6 +369,7 @@ class FrontendEngine:
             if self.l1 is not None:
                 self.l1.put(keys[j], vec, was_truncated)
         hits = len(which) - len(missing)
+        self._l2_answer_share += _SHARE_WEIGHT * (hits / len(which) - self._l2_answer_share)
         usage.l2_hits += hits
         self.stats.l2.hits += hits
         self.stats.l2.misses += len(missing)

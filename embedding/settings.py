@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from common import codec
 from common.grpc_server import ServerOptions, server_settings
 from common.matryoshka import parse_widths
-from common.settings import ServiceCli, Settings, at_least, item, not_negative, one_of, positive, setting
+from common.settings import ServiceCli, Settings, at_least, fraction, item, not_negative, one_of, positive, setting
 from common.tls import TlsClientOptions, client_tls_group
 from common.tracing import TracingOptions, tracing_group
 from embedding.tenants import AccessConfig, load_access
@@ -91,6 +91,12 @@ class FrontendSettings(Settings):
         "goes on the least-busy one", check=at_least(1))
     # Texts per ML-base Embed call, and how long to wait to fill one.
     max_batch: int = setting(64, "most texts per ML-base call", check=at_least(1))
+    # Overlap of the L2 round trip with the computation (README, Interactive latency).
+    speculate_below_l2_hit_rate: float = setting(
+        0.5, "with ML-base idle, cache misses start computing while L2 is asked, when the recent share of L1 "
+        "misses that L2 answered is below this (a miss then costs max(L2, compute) instead of their sum; an L2 "
+        "hit wastes one idle computation); 0 = always ask L2 first",
+        check=fraction)
     batch_window_ms: float = setting(2.0, "while batches are in flight to ML-base, how long cache misses wait for "
                                           "others to fill a batch (with none in flight they go at once)",
                                      check=not_negative)

@@ -40,6 +40,9 @@ class Stats:
     l2: LevelCounters = field(default_factory=LevelCounters)
     computed: int = 0
     coalesced: int = 0
+    # Texts computed while L2 was asked (idle ML-base, low L2 hit rate), and those L2 then answered.
+    speculated: int = 0
+    speculated_l2_hits: int = 0
     mlbase_batches: int = 0
     mlbase_retries: int = 0
     mlbase_errors: int = 0
@@ -89,6 +92,9 @@ class StatsCollector(Collector):
         for name, value, doc in (
             ("computed", s.computed, "Texts sent to model replicas"),
             ("coalesced", s.coalesced, "Lookups that joined a computation already in flight"),
+            ("speculated", s.speculated, "Cache misses sent to compute while L2 was still being asked"),
+            ("speculated_l2_hits", s.speculated_l2_hits,
+             "Speculatively computed texts that L2 answered after all (idle computations spent)"),
             ("mlbase_batches", s.mlbase_batches, "Batches sent to model replicas"),
             ("mlbase_retries", s.mlbase_retries, "Batches retried on another connection"),
             ("mlbase_errors", s.mlbase_errors, "Batches that failed after every retry"),
