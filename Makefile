@@ -9,7 +9,7 @@
 #   make validate  the seed's phase 0/1/2 validation against a running stack
 #   make image-base     a Debian bookworm base image from Debian's archive (debootstrap; no registry needed)
 #   make image          sutra-embed:<version> and sutra-haproxy:2.6 through the offline path
-#   make compose-check  the compose stack in real containers: built, validated, a replica killed, removed
+#   make compose-check  the compose stack in real containers: built, validated, a replica and a shard killed, removed
 
 SHELL := /bin/bash
 PYTHON ?= python3

@@ -29,6 +29,7 @@ from deploy.pki import CALLERS, StackPki
 from deploy.settings import ROOT, StackSettings
 from embedding.server import SERVICE_NAME as EMBEDDING_SERVICE
 from tools.containers import health, k8s_secrets
+from tools.containers.compose_stack import services_running
 
 K8S = ROOT / "deploy" / "k8s"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
@@ -38,6 +39,8 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 # The Kubernetes release the manifests are checked against (kubernetes-validate's schemas).
 K8S_VERSION = "1.30.0"
 DOCKERFILES = [ROOT / "deploy" / "Dockerfile", ROOT / "deploy" / "haproxy.Dockerfile"]
+# The compose file's cache shards: cacheshard-0, cacheshard-1, ...
+SHARDS = services_running("cacheshard")
 
 
 def load_k8s() -> list[dict]:
@@ -148,7 +151,7 @@ def test_ports_match_the_local_defaults(docs):
     assert flag(emb, "--port") == str(D.frontend_port)
     assert flag(emb, "--http-port") == str(D.http_port) and flag(emb, "--http-host") == "0.0.0.0"
     assert flag(emb, "--mlbase") == f"haproxy:{D.lb_port}"
-    assert flag(emb, "--cache-shard") == f"cacheshard-0.cacheshard:{D.shard_port}"
+    assert flag(emb, "--cache-shards-dns") == f"{k8s_secrets.SHARD_SERVER_NAME}:{D.shard_port}"
     ml = container(find(docs, "Deployment", "mlbase"))["args"]
     assert flag(ml, "--port") == str(D.replica_base_port)
     assert int(flag(ml, "--max-connection-age-ms")) > 0
@@ -264,22 +267,22 @@ def compose_services() -> dict:
 def test_compose_file(tmp_path):
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"pki", "cacheshard", "mlbase", "haproxy", "embedding", "prometheus", "grafana"}
+    assert set(services) == {"pki", *SHARDS, "mlbase", "haproxy", "embedding", "prometheus", "grafana"}
     # Prometheus and Grafana start only with `--profile observability`.
     assert {name for name, svc in services.items() if svc.get("profiles")} == {"prometheus", "grafana"}
     emb = services["embedding"]["command"]
     assert flag(emb, "--port") == str(D.frontend_port)
     assert flag(emb, "--http-port") == str(D.http_port) and flag(emb, "--http-host") == "0.0.0.0"
     assert flag(emb, "--mlbase") == f"haproxy:{D.lb_port}"
-    assert flag(emb, "--cache-shard") == f"cacheshard:{D.shard_port}"
+    assert flag(emb, "--cache-shard") == ",".join(f"{s}:{D.shard_port}" for s in SHARDS)
     # Both public ports are published (the host side movable, default the local stack's).
     published = [p.rsplit(":", 1)[-1] for p in services["embedding"]["ports"]]
     assert str(D.frontend_port) in published and str(D.http_port) in published
     assert flag(services["mlbase"]["command"], "--port") == str(D.replica_base_port)
     # Compose runs its own count (three, so a killed replica leaves two); `sutra up` follows the cores.
     assert services["mlbase"]["deploy"]["replicas"] == 3
-    assert flag(services["cacheshard"]["command"], "--port") == str(D.shard_port)
-    assert any(v.startswith("cache-data:") for v in services["cacheshard"]["volumes"])
+    for shard in SHARDS:
+        assert flag(services[shard]["command"], "--port") == str(D.shard_port)
     [mount] = [v for v in services["haproxy"]["volumes"] if v.endswith("haproxy.cfg:ro")]
     source = (ROOT / "deploy" / mount.split(":")[0]).resolve()
     assert source == manifests.COMPOSE_CFG
@@ -287,7 +290,7 @@ def test_compose_file(tmp_path):
     assert "mlbase:50061" in source.read_text()
     result = haproxy_check(source.read_text(), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("pki", "cacheshard", "mlbase", "embedding"):
+    for name in ("pki", *SHARDS, "mlbase", "embedding"):
         svc = services[name]
         assert svc["image"] == "sutra-embed:${SUTRA_IMAGE_TAG:-%s}" % VERSION, name
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -320,16 +323,16 @@ def test_compose_services_use_the_stack_certificates():
     assert "tls:/tls" in services["pki"]["volumes"] and services["pki"]["command"][:3] == [
         "python", "-m", "tools.containers.pki"]
     pki = StackPki(manifests.TLS_DIR)
-    for name in ("cacheshard", "mlbase", "haproxy", "embedding"):
+    for name in (*SHARDS, "mlbase", "haproxy", "embedding"):
         assert "tls:/tls:ro" in services[name]["volumes"], name
         assert services[name]["depends_on"]["pki"]["condition"] == "service_completed_successfully", name
-    for role in ("cacheshard", "mlbase"):
-        command = services[role]["command"]
+    for service, role in [(s, "cacheshard") for s in SHARDS] + [("mlbase", "mlbase")]:
+        command = services[service]["command"]
         assert flag(command, "--tls-cert") == str(pki.cert(role))
         assert flag(command, "--tls-key") == str(pki.key(role))
         assert flag(command, "--tls-client-ca") == str(pki.ca)
         assert set(flag(command, "--tls-allowed-clients").split(",")) == set(CALLERS[role])
-        health_args = health.build_parser().parse_args(services[role]["healthcheck"]["test"][4:])
+        health_args = health.build_parser().parse_args(services[service]["healthcheck"]["test"][4:])
         assert health_args.tls_dir == str(manifests.TLS_DIR) and health_args.port == int(flag(command, "--port"))
     emb = services["embedding"]["command"]
     for hop in ("mlbase", "shard"):
@@ -458,10 +461,10 @@ def test_compose_prometheus_scrapes_every_process():
             targets.update(dict(t.rsplit(":", 1) for t in static["targets"]))
         for dns in job.get("dns_sd_configs", []):
             targets.update({name: str(dns["port"]) for name in dns["names"]})
-    assert set(targets) == {"embedding", "cacheshard", "mlbase", "haproxy"}
-    for name in ("embedding", "cacheshard", "mlbase"):
+    assert set(targets) == {"embedding", *SHARDS, "mlbase", "haproxy"}
+    for name in ("embedding", *SHARDS, "mlbase"):
         command = services[name]["command"]
-        assert int(targets[name]) == metrics_port(name, command[3:]), name
+        assert int(targets[name]) == metrics_port(command[2], command[3:]), name
         if name != "embedding":
             assert flag(command, "--metrics-host") == "0.0.0.0"
     assert int(targets["haproxy"]) == D.stats_port
@@ -554,11 +557,6 @@ def test_k8s_secrets_tool_makes_every_generated_file(tmp_path):
             path = tmp_path / Path(f).relative_to("secrets")
             assert path.is_file() and path.stat().st_size > 0, f
     assert "ca.key" not in {Path(f).name for g in kust["secretGenerator"] for f in g["files"]}
-    # The frontend dials cacheshard-0.cacheshard: the shard's certificate must name it.
-    from cryptography import x509
-    cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "cacheshard.crt").read_bytes())
-    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-    assert "cacheshard-0.cacheshard" in names
     assert (tmp_path / "tokens").stat().st_mode & 0o077 == 0
 
 
@@ -606,6 +604,179 @@ def test_network_policies_let_only_the_intended_callers_in(docs):
             assert allowed_sources(docs, doc["metadata"]["name"], port) == {"ns:monitoring"}, doc["metadata"]["name"]
     # A port nobody was granted stays closed (the model's evaluation can say no).
     assert allowed_sources(docs, "mlbase", 22) == set()
+
+
+# -- several cache shards: Kubernetes finds them by DNS, compose lists them; two copies each ---------
+
+def shard_statefulset(docs) -> dict:
+    return find(docs, "StatefulSet", "cacheshard")
+
+
+def frontend_args(command: list[str], env: dict[str, str] | None = None) -> argparse.Namespace:
+    module, args = program_args(command, env or {})
+    assert module == "embedding"
+    return args
+
+
+def k8s_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (`2Gi`, `512Mi`, `1G`) in bytes."""
+    units = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "K": 10**3, "M": 10**6, "G": 10**9, "": 1}
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i?|)", quantity).groups()
+    return int(number) * units[unit]
+
+
+def docker_bytes(size: str) -> int:
+    """A compose mem_limit (`512m`, `1g`) in bytes (Docker's units are powers of 1024)."""
+    number, unit = re.fullmatch(r"(\d+)([bkmg]?)", str(size).lower()).groups()
+    return int(number) * {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+
+
+def test_k8s_runs_several_shards_behind_a_headless_service(docs):
+    sts = shard_statefulset(docs)
+    replicas = sts["spec"]["replicas"]
+    assert replicas >= 3
+    svc = find(docs, "Service", sts["spec"]["serviceName"])
+    # Headless: DNS lists every ready pod (and names each one), not one virtual IP.
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert sts["spec"].get("podManagementPolicy") == "Parallel"
+    # Each pod its own claim (RocksDB's directory belongs to one process).
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    assert "ReadWriteOnce" in claim["spec"]["accessModes"]
+    # Spread over nodes, and drained one at a time: one shard away costs no hits with two copies.
+    [term] = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= svc["spec"]["selector"].items()
+    pdb = find(docs, "PodDisruptionBudget", "cacheshard")
+    assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    copies = frontend_args(container(find(docs, "Deployment", "embedding"))["args"]).l2_copies
+    assert pdb["spec"]["maxUnavailable"] < copies
+
+
+def test_k8s_frontend_finds_the_shards_by_dns_and_writes_two_copies(docs):
+    sts = shard_statefulset(docs)
+    svc = find(docs, "Service", sts["spec"]["serviceName"])
+    [port] = [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    fqdn = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
+    c = container(find(docs, "Deployment", "embedding"))
+    command = c["args"]
+    args = frontend_args(command, container_env(c))
+    assert args.cache_shards_dns == f"{fqdn}:{port}"
+    assert "--cache-shard" not in command and "--cache-shards-file" not in command
+    assert 2 == args.l2_copies <= sts["spec"]["replicas"]
+    # Every shard presents one certificate; the frontend checks each against the Service's name.
+    assert args.shard_tls_server_name == fqdn == k8s_secrets.SHARD_SERVER_NAME
+
+
+def test_k8s_frontend_uses_each_shard_pod_by_its_stable_name(docs):
+    """What the frontend's DNS source makes of the cluster's answers: the headless name resolves
+    to the pods' IPs, each of which reverse-resolves to <pod>.<service>.<ns>.svc.cluster.local;
+    the shards must come out under those names (a restarted pod gets its keys back)."""
+    import asyncio
+    import socket
+
+    from embedding import shard_source
+
+    sts = shard_statefulset(docs)
+    target = frontend_args(container(find(docs, "Deployment", "embedding"))["args"]).cache_shards_dns
+    host, _, port = target.rpartition(":")
+    pods = {f"10.0.0.{i + 1}": f"{sts['metadata']['name']}-{i}.{host}" for i in range(sts["spec"]["replicas"])}
+
+    async def getaddrinfo(self, name, *args, **kw):
+        assert name == host
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(port))) for ip in pods]
+
+    with mock.patch.object(asyncio.BaseEventLoop, "getaddrinfo", getaddrinfo), \
+            mock.patch.object(socket, "gethostbyaddr", lambda ip: (pods[ip] + ".", [], [ip])):
+        found = asyncio.run(shard_source.dns_source(target)())
+    assert found == tuple(sorted(f"{name}:{port}" for name in pods.values()))
+
+
+def test_k8s_shard_certificate_verifies_for_every_name_the_frontend_may_dial(docs, tmp_path):
+    """A real mutual-TLS handshake against the shard certificate k8s_secrets.py makes, as the
+    frontend makes it (its own certificate, the CA): checked against the Service's name (the
+    frontend's --shard-tls-server-name) and against each pod's name (the wildcard), and refused
+    for a name outside the Service."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health as grpc_health, health_pb2, health_pb2_grpc
+
+    import grpc
+
+    k8s_secrets.make(tmp_path)
+    stack = StackPki(tmp_path / "pki")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(grpc_health.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", stack.server("cacheshard").credentials())
+    server.start()
+    sts = shard_statefulset(docs)
+    fqdn = k8s_secrets.SHARD_SERVER_NAME
+    pods = [f"{sts['metadata']['name']}-{i}.{fqdn}" for i in range(sts["spec"]["replicas"] + 2)]
+
+    def status(name: str) -> str:
+        options = [("grpc.ssl_target_name_override", name)]
+        with grpc.secure_channel(f"127.0.0.1:{port}", stack.client("embedding").credentials(), options) as ch:
+            try:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code().name
+            return "OK"
+
+    try:
+        assert {name: status(name) for name in [fqdn, *pods]} == {name: "OK" for name in [fqdn, *pods]}
+        assert status(f"cacheshard-0.elsewhere.{manifests.K8S_NAMESPACE}.svc.cluster.local") == "UNAVAILABLE"
+    finally:
+        server.stop(None)
+
+
+def test_k8s_shard_memory_budget_sits_a_little_below_its_limit(docs):
+    sts = shard_statefulset(docs)
+    c = container(sts)
+    module, args = program_args(c["args"], container_env(c))
+    assert module == "cacheshard"
+    assert "SUTRA_CACHE_SHARD_MEMORY_BUDGET" in container_env(c)
+    limit = k8s_bytes(c["resources"]["limits"]["memory"])
+    assert 0.85 * limit <= args.memory_budget < limit
+    assert args.memory_budget >= cacheshard.budget.MIN_BUDGET
+    # The shard grows into its budget: the scheduler must reserve it.
+    assert k8s_bytes(c["resources"]["requests"]["memory"]) == limit
+    # The size bound fits the claim, with the room a pending flush may take.
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    disk = args.max_entries * args.entry_bytes * (1 + cacheshard.settings.TRANSIENT_MARGIN)
+    assert disk < k8s_bytes(claim["spec"]["resources"]["requests"]["storage"])
+
+
+def test_compose_runs_several_shards_each_on_its_own_volume():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert len(SHARDS) >= 2
+    data = []
+    for shard in SHARDS:
+        svc = services[shard]
+        module, args = program_args(svc["command"], {k: str(v) for k, v in svc.get("environment", {}).items()})
+        assert module == "cacheshard"
+        [volume] = [v for v in svc["volumes"] if v.split(":")[1] == str(Path(args.path).parent)]
+        data.append(volume.split(":")[0])
+        # A memory budget a little below the container's limit.
+        limit = docker_bytes(svc["mem_limit"])
+        assert 0.8 * limit <= args.memory_budget < limit, shard
+        assert args.memory_budget >= cacheshard.budget.MIN_BUDGET
+        assert "healthcheck" in svc
+    assert len(set(data)) == len(SHARDS) and set(data) <= set(compose["volumes"])
+
+
+def test_compose_frontend_lists_every_shard_and_writes_two_copies():
+    services = compose_services()
+    emb = services["embedding"]
+    args = frontend_args(emb["command"])
+    assert sorted(args.cache_shard) == [f"{s}:{D.shard_port}" for s in SHARDS]
+    assert 2 == args.l2_copies <= len(SHARDS)
+    # The frontend starts once every shard answers.
+    assert {s: emb["depends_on"][s]["condition"] for s in SHARDS} == {s: "service_healthy" for s in SHARDS}
+    # The shared server certificate names every host the frontend dials.
+    hosts = flag(services["pki"]["command"], "--hosts").split(",")
+    assert set(SHARDS) <= set(hosts) and args.mlbase_tls_server_name in hosts
 
 
 # -- images ----------------------------------------------------------------------------------------

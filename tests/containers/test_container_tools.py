@@ -59,7 +59,7 @@ def compose_shard(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compose-shard")
     tls = tmp / "tls"
     pki.lay_out(tls, list(pki.DEFAULT_HOSTS), os.getuid())
-    command = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["cacheshard"]["command"]
+    command = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["cacheshard-0"]["command"]
     assert command[:3] == ["python", "-m", "cacheshard"]
     port, metrics = free_port(), free_port()
     moved = {"--port": str(port), "--metrics-port": str(metrics), "--path": str(tmp / "cache"),

@@ -1,5 +1,6 @@
 """`make compose-check`, host side: run the compose stack in real containers, validate it
-from the host, kill a replica under load, remove everything, print one summary line.
+from the host, kill a replica and a cache shard under load, remove everything, print one
+summary line.
 
     python -m tools.containers.compose_check [--compose CMD] [--image-tag TAG]
 
@@ -10,12 +11,17 @@ run by our supervisord (deploy/validate.py), through the frontend's public port:
   phase 0  every allowed width: unit vectors of that width; a bad width refused
            (deploy.validate.Validator.phase0, unchanged)
   phase 1  repeated texts are L1 hits; after the frontend restarts (its stop flushes the
-           write-backs), the cache shard restarts and the frontend restarts again (empty
-           L1), the same texts come back as L2 hits with nothing computed
+           write-backs), every cache shard restarts and the frontend restarts again (empty
+           L1), the same texts come back as L2 hits with nothing computed; every shard
+           holds entries, and together at least two per text (--l2-copies 2)
   phase 2  HAProxy (its stats page) lists every replica UP, and cold requests reach each
   kill     steady load from several clients; one replica container gets SIGKILL; the
            load goes on until HAProxy has marked it DOWN and more requests have passed;
            not one request may fail
+  shard    texts computed once, their write-backs flushed by a frontend restart (which
+           also empties L1); steady load; one shard container gets SIGKILL; more requests
+           pass, then the texts come back as L2 hits with nothing computed (each has a
+           second copy on a live shard) and not one request has failed
 Exit status 0 only when every check passed and nothing of the project is left.
 """
 
@@ -39,9 +45,13 @@ from deploy.settings import StackSettings
 from deploy.validate import PhaseResult, Validator, sample_sentences
 from tools.containers import haproxy_stats
 from sutra.embedding.v1 import embedding_service_pb2 as pb
-from tools.containers.compose_stack import ComposeStack, docker
+from tools.containers.compose_stack import ComposeStack, command_flag, docker, services_running
 
 REPLICAS = 3
+# The compose file's cache shards (cacheshard-0, -1, ...), and how many hold each entry.
+SHARDS = services_running("cacheshard")
+COPIES = int(command_flag("embedding", "--l2-copies"))
+SHARD_METRICS_PORT = int(command_flag(SHARDS[0], "--metrics-port"))
 HEALTH_TIMEOUT = 600.0  # first start on a loaded 2-core host: three replicas load the model at once
 
 
@@ -127,17 +137,37 @@ class ComposeCheck:
                  f"L1 hits {totals['l1_hits']}")
         result.check("first sight computed once", totals["computed"] == unique, str(totals))
         result.check("L1 hit rate", totals["l1_hits"] == (rounds - 1) * unique, str(totals))
-        self.out("  restarting the frontend (flushes write-backs), the cache shard, the frontend again")
-        for service, count in (("embedding", 1), ("cacheshard", 1), ("embedding", 1)):
-            self.stack.restart(service)
-            self.stack.wait_healthy({service: count}, timeout=120)
+        self.out(f"  restarting the frontend (flushes write-backs), the {len(SHARDS)} cache shards, "
+                 "the frontend again")
+        for services in (["embedding"], SHARDS, ["embedding"]):
+            self.stack.restart(*services)
+            self.stack.wait_healthy({service: 1 for service in services}, timeout=120)
         again = self.validator.run_rounds(texts, 1)
         self.out(f"  after restarts: L2 hits {again['l2_hits']}/{unique}, computed {again['computed']}")
         result.check("L2 hits after shard and frontend restarts",
                      again["l2_hits"] == unique and again["computed"] == 0, str(again))
         warm = self.validator.run_rounds(texts, 1)
         result.check("L1 refilled from L2", warm["l1_hits"] == unique, str(warm))
+        # Read after the restarts: what each shard holds is what it kept on disk.
+        entries = {service: self.shard_metric(service, "sutra_cacheshard_entries") for service in SHARDS}
+        self.out("  entries per shard: " + ", ".join(f"{s} {n:.0f}" for s, n in entries.items()))
+        result.check("every shard holds entries", all(n > 0 for n in entries.values()), str(entries))
+        result.check(f"{COPIES} copies of each text across the shards", sum(entries.values()) >= COPIES * unique,
+                     f"{sum(entries.values()):.0f} entries < {COPIES} x {unique}")
         return result
+
+    def shard_metric(self, service: str, name: str) -> float:
+        """One unlabelled value from a shard's /metrics, read inside its container (the shards
+        publish no port)."""
+        [shard] = self.stack.containers(service)
+        text = docker("exec", shard["Id"], "python", "-c",
+                      "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                      f"'http://127.0.0.1:{SHARD_METRICS_PORT}/metrics', timeout=10).read().decode())")
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == name:
+                return float(parts[1])
+        raise KeyError(f"{service}: no {name} on /metrics")
 
     def phase2(self, max_requests: int = 400) -> PhaseResult:
         result = PhaseResult(2)
@@ -197,11 +227,40 @@ class ComposeCheck:
                      "; ".join(load.result.failed[:5]))
         return result, load.result
 
+    def shard_kill_under_load(self, warm_texts: int = 48, settle_requests: int = 100) -> PhaseResult:
+        result = PhaseResult(5)
+        texts = sample_sentences(warm_texts, uuid.uuid4().hex[:8])
+        first = self.validator.run_rounds(texts, 1)
+        result.check("new texts computed", first["computed"] == warm_texts, str(first))
+        # The frontend's stop stores every queued write-back (on both copies) and empties L1.
+        self.stack.restart("embedding")
+        self.stack.wait_healthy({"embedding": 1}, timeout=120)
+        [victim] = self.stack.containers(SHARDS[0])
+        name = victim["Name"].lstrip("/")
+        with SteadyLoad(self.validator) as load:
+            wait_for(lambda: load.count() >= 30, 120, "steady load started")
+            docker("kill", name)
+            killed_at = load.count()
+            self.out(f"  SIGKILL {name} after {killed_at} requests")
+            wait_for(lambda: load.count() >= killed_at + settle_requests, 300, "requests after the shard kill")
+            again = self.validator.run_rounds(texts, 1)
+            self.out(f"  {warm_texts} texts again: L2 hits {again['l2_hits']}, computed {again['computed']}")
+            after = load.count()
+            wait_for(lambda: load.count() >= after + settle_requests // 2, 300, "requests after the lookups")
+        self.out(f"  {load.result.ok} requests ok, {len(load.result.failed)} failed "
+                 f"({load.count() - killed_at} after the kill)")
+        result.check("L2 hits from the second copies with a shard gone",
+                     again["l2_hits"] == warm_texts and again["computed"] == 0, str(again))
+        result.check("no failed request while a shard was killed", not load.result.failed,
+                     "; ".join(load.result.failed[:5]))
+        return result
+
     def run(self) -> tuple[bool, dict]:
         facts: dict = {}
         ok = True
         for label, step in (("phase 0", self.validator.phase0), ("phase 1", self.phase1), ("phase 2", self.phase2),
-                            ("http", self.http_api), ("kill", lambda: self.kill_under_load()[0])):
+                            ("http", self.http_api), ("kill", lambda: self.kill_under_load()[0]),
+                            ("shard kill", self.shard_kill_under_load)):
             self.out(f"{label}:")
             try:
                 res = step()
@@ -237,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ok, facts, healthy_s, left = False, {}, 0.0, ["not torn down"]
     try:
         stack.up()
-        stack.wait_healthy({"cacheshard": 1, "mlbase": REPLICAS, "haproxy": 1, "embedding": 1}, HEALTH_TIMEOUT)
+        stack.wait_healthy({**{shard: 1 for shard in SHARDS}, "mlbase": REPLICAS, "haproxy": 1, "embedding": 1},
+                           HEALTH_TIMEOUT)
         healthy_s = time.monotonic() - start
         print(f"healthy after {healthy_s:.0f} s")
         check = ComposeCheck(stack)
@@ -255,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     clean = not left
     steps = " ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in facts.items()) or "no checks ran"
     built = f"images built in {args.build_seconds} s; " if args.build_seconds else ""
-    print(f"compose-check: {'PASS' if ok and clean else 'FAIL'}: {built}{REPLICAS} replicas + haproxy + shard + "
-          f"frontend healthy in {healthy_s:.0f} s; {steps}; teardown {'clean' if clean else 'LEFT ' + ', '.join(left)}; "
-          f"stack {time.monotonic() - start:.0f} s")
+    shape = f"{REPLICAS} replicas + haproxy + {len(SHARDS)} shards (copies {COPIES}) + frontend"
+    teardown = "clean" if clean else "LEFT " + ", ".join(left)
+    print(f"compose-check: {'PASS' if ok and clean else 'FAIL'}: {built}{shape} healthy in {healthy_s:.0f} s; "
+          f"{steps}; teardown {teardown}; stack {time.monotonic() - start:.0f} s")
     return 0 if ok and clean else 1
 
 

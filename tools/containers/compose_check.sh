@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make compose-check` in one command, from a fresh clone: docker and compose installed and
 # running (ensure_docker.sh), the images built through the offline path (build_images.sh:
-# debootstrap base, wheelhouse), then the stack run, validated, a replica killed under
+# debootstrap base, wheelhouse), then the stack run, validated, a replica and a shard killed under
 # load and everything removed (python -m tools.containers.compose_check). The last line
 # printed is the one-line summary; the exit status is the check's.
 set -euo pipefail

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
 PROJECT_LABEL = "com.docker.compose.project"
@@ -27,6 +29,23 @@ SERVICE_LABEL = "com.docker.compose.service"
 # Published ports: the compose file's variable -> the container port it maps.
 PORT_VARIABLES = {"SUTRA_GRPC_PORT": 50051, "SUTRA_HTTP_PORT": 8080, "SUTRA_STATS_PORT": 9999,
                   "SUTRA_ADMIN_PORT": 9100}
+
+
+def compose_services() -> dict[str, dict]:
+    """The compose file's services, as written (anchors merged)."""
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def services_running(module: str) -> list[str]:
+    """The services whose command is `python -m <module>`, sorted: e.g. every cache shard."""
+    return sorted(name for name, svc in compose_services().items()
+                  if svc.get("command", [])[:3] == ["python", "-m", module])
+
+
+def command_flag(service: str, name: str) -> str:
+    """The value of `name` in a service's command line."""
+    command = compose_services()[service]["command"]
+    return command[command.index(name) + 1]
 
 
 def free_port() -> int:
@@ -108,8 +127,8 @@ class ComposeStack:
                                                for c in self.containers(all_states=True)))
             time.sleep(1)
 
-    def restart(self, service: str, timeout: float = 60) -> None:
-        self.run("restart", "-t", str(int(timeout)), service)
+    def restart(self, *services: str, timeout: float = 60) -> None:
+        self.run("restart", "-t", str(int(timeout)), *services)
 
     def down(self) -> list[str]:
         """Remove everything of the project; returns what is still left (empty = clean)."""

@@ -19,14 +19,23 @@ import secrets
 import sys
 from pathlib import Path
 
+from deploy.manifests import K8S_NAMESPACE
 from deploy.pki import StackPki
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / "deploy" / "k8s" / "secrets"
-# In-cluster names the servers are dialled by (namespace `sutra`): the frontend dials
-# cacheshard-0.cacheshard and checks the replicas' certificate against `mlbase`.
-K8S_HOSTS = ("cacheshard-0.cacheshard", "cacheshard-0.cacheshard.sutra.svc.cluster.local", "cacheshard",
-             "mlbase", "mlbase-headless.sutra.svc.cluster.local", "haproxy")
+# In-cluster names the servers are dialled by (namespace `sutra`). The cache shards are the
+# pods of one StatefulSet behind the headless Service `cacheshard`; the frontend finds them
+# by DNS (embedding/shard_source.py) and dials each by its pod name,
+# cacheshard-<i>.cacheshard.sutra.svc.cluster.local, while checking every shard's
+# certificate against SHARD_SERVER_NAME (--shard-tls-server-name, so an address without
+# reverse DNS verifies too). One certificate serves every shard pod: the wildcard names
+# each pod however many there are, so scaling the StatefulSet needs no new certificate.
+# The replicas' certificate is checked against `mlbase`.
+SHARD_SERVICE = "cacheshard"
+SHARD_SERVER_NAME = f"{SHARD_SERVICE}.{K8S_NAMESPACE}.svc.cluster.local"
+K8S_HOSTS = (SHARD_SERVICE, SHARD_SERVER_NAME, f"*.{SHARD_SERVICE}", f"*.{SHARD_SERVER_NAME}",
+             "mlbase", f"mlbase-headless.{K8S_NAMESPACE}.svc.cluster.local", "haproxy")
 TOKENS_FILE = "tokens"
 # Secret name -> the files of DIR/pki it carries (mounted at /tls in that role's pods).
 SECRET_FILES = {
