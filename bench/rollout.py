@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -34,54 +33,26 @@ import numpy as np
 
 from bench.ab import cpu_model
 from harness.deployed import deployed, sutra
+from harness.load import Call, Load
 from harness.results import results_path
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 
-@dataclass(frozen=True)
-class Call:
-    start: float
-    end: float
-    ok: bool
-    repeated: int  # working-set texts in the request
-    hits: int  # of those, answered from L1 or L2
+def working_set_load(address: str, working_set: list[str], threads: int, repeat: int) -> Load:
+    """Closed-loop clients, each request `repeat` texts drawn from `working_set` and one brand-new text
+    (new texts are never hits, so every hit a call records is a working-set text's)."""
+    rngs = [random.Random(index) for index in range(threads)]  # one per client thread, as it only uses its own
+
+    def texts(index: int, _n: int) -> list[str]:
+        return rngs[index].sample(working_set, repeat) + [f"a brand-new text {uuid.uuid4().hex}"]
+
+    return Load(address, threads, timeout=60, width=256, make_texts=texts)
 
 
-class Load:
-    def __init__(self, address: str, working_set: list[str], threads: int, repeat: int) -> None:
-        self._stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(address))
-        self._set, self._repeat = working_set, repeat
-        self.calls: list[Call] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, index: int) -> None:
-        rng = random.Random(index)
-        while not self._stop.is_set():
-            picked = rng.sample(self._set, self._repeat)
-            texts = picked + [f"a brand-new text {uuid.uuid4().hex}"]
-            start = time.monotonic()
-            try:
-                reply = self._stub.Embed(pb.EmbedRequest(inputs=texts, dimensions=256), timeout=60)
-                u = reply.usage
-                # New texts are never hits, so every hit is a working-set text's.
-                call = Call(start, time.monotonic(), True, len(picked), u.l1_hits + u.l2_hits)
-            except grpc.RpcError as exc:
-                call = Call(start, time.monotonic(), False, len(picked), 0)
-                self.errors.append(f"{exc.code().name}: {exc.details()}")
-            self.calls.append(call)
-
-    def __enter__(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(90)
+def hit_rate(calls: list[Call], repeat: int) -> float:
+    """Working-set texts answered from L1 or L2, of those asked for in `calls`."""
+    return round(sum(c.hits for c in calls) / max(1, repeat * len(calls)), 3)
 
 
 def watch_switch(address: str, old: str, stop: threading.Event) -> dict:
@@ -105,7 +76,7 @@ def percentile_ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
 
-def one_rollout(settings, load: Load, flags: list[str], after_s: float, label: str) -> dict:
+def one_rollout(settings, load: Load, repeat: int, flags: list[str], after_s: float, label: str) -> dict:
     with grpc.insecure_channel(settings.frontend_address) as channel:
         before_info = pb_grpc.EmbeddingServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
     old = before_info.fingerprint
@@ -135,9 +106,8 @@ def one_rollout(settings, load: Load, flags: list[str], after_s: float, label: s
         "p50_during_ms": percentile_ms([c.end - c.start for c in during if c.ok], 50),
         "p99_during_ms": percentile_ms([c.end - c.start for c in during if c.ok], 99),
         "p99_before_ms": percentile_ms([c.end - c.start for c in before], 99),
-        "hit_rate_before": round(sum(c.hits for c in before) / max(1, sum(c.repeated for c in before)), 3),
-        "hit_rate_first_s_after_switch": round(sum(c.hits for c in after) / max(1, sum(c.repeated for c in after)),
-                                               3),
+        "hit_rate_before": hit_rate(before, repeat),
+        "hit_rate_first_s_after_switch": hit_rate(after, repeat),
         "requests_after_switch": len(after),
         "old_backend": f"{before_info.backend} {before_info.precision}", "old_fingerprint": old,
         "new_backend": switch.get("backend"), "new_fingerprint": switch.get("fingerprint"),
@@ -163,15 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     with deployed(run_dir, args.replicas) as (settings, _):
         with grpc.insecure_channel(settings.frontend_address) as channel:
             pb_grpc.EmbeddingServiceStub(channel).Embed(pb.EmbedRequest(inputs=working_set), timeout=300)
-        with Load(settings.frontend_address, working_set, args.threads, args.repeat) as load:
+        with working_set_load(settings.frontend_address, working_set, args.threads, args.repeat) as load:
             time.sleep(5)
             rows = [
-                one_rollout(settings, load, ["--backend", "torch"], args.after_s, "without pre-warm"),
-                one_rollout(settings, load, ["--prewarm", "100000", "--backend", "torch", "--max-seq-length", "128"],
+                one_rollout(settings, load, args.repeat, ["--backend", "torch"], args.after_s, "without pre-warm"),
+                one_rollout(settings, load, args.repeat,
+                            ["--prewarm", "100000", "--backend", "torch", "--max-seq-length", "128"],
                             args.after_s, "with pre-warm"),
             ]
         total = {"requests": len(load.calls), "failed": sum(not c.ok for c in load.calls),
-                 "errors": sorted(set(load.errors))[:5]}
+                 "errors": sorted(set(load.details))[:5]}
     result = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_model(), "cores": os.cpu_count(),
               "command": "python -m bench.rollout " + " ".join(argv or []), "replicas": args.replicas,
               "working_set": args.working_set, "request": f"{args.repeat} working-set texts + 1 new text, width 256",

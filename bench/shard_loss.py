@@ -116,7 +116,7 @@ async def one_run(copies: int, cfg: argparse.Namespace, workdir: Path) -> dict:
             await asyncio.gather(*workers)
             await wb.close(5.0)
             await l2.close()
-        out = {"copies": copies, "second_copy_hits": l2.second_copy_hits}
+        out = {"copies": copies, "second_copy_hits": stats.l2_second_copy_hits}
         for phase in PHASES:
             rec = load.records[phase]
             hits = sum(h for h, _ in rec)

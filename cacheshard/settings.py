@@ -164,27 +164,33 @@ class ShardSettings(Settings):
         return max(MIN_MEMTABLE_BYTES, min(MAX_MEMTABLE_BYTES, self.budget_bytes // MEMTABLE_FRACTION))
 
     @property
+    def sizes(self) -> budget.MemoryPlan:
+        """The sizes the shard runs with: --memory-budget's split, or without one (budget 0) each flag's own:
+        --block-cache-mb, --memory-entries, --memory-bytes, and memtables of an eighth of the disk budget,
+        at most 64 MiB."""
+        return self.memory_plan or budget.MemoryPlan(
+            budget=0, memtable_bytes=self._disk_memtable_bytes,
+            block_cache_bytes=max(1, self.block_cache_mb) * budget.MIB,
+            tier_entries=self.memory_entries, tier_value_bytes=self.memory_bytes)
+
+    @property
     def memtable_bytes(self) -> int:
         """Each memtable: an eighth of the disk budget, at most 64 MiB, and within --memory-budget's share."""
-        plan = self.memory_plan
-        return self._disk_memtable_bytes if plan is None else plan.memtable_bytes
+        return self.sizes.memtable_bytes
 
     @property
     def block_cache_bytes(self) -> int:
-        plan = self.memory_plan
-        return max(1, self.block_cache_mb) * budget.MIB if plan is None else plan.block_cache_bytes
+        return self.sizes.block_cache_bytes
 
     @property
     def tier_entries(self) -> int:
         """The in-memory tier's entry bound: --memory-entries, or --memory-budget's share."""
-        plan = self.memory_plan
-        return self.memory_entries if plan is None else plan.tier_entries
+        return self.sizes.tier_entries
 
     @property
     def tier_value_bytes(self) -> int:
         """The in-memory tier's value-byte bound: --memory-bytes, or --memory-budget's share."""
-        plan = self.memory_plan
-        return self.memory_bytes if plan is None else plan.tier_value_bytes
+        return self.sizes.tier_value_bytes
 
     @property
     def sst_limit_bytes(self) -> int:

@@ -93,6 +93,21 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
     # With internal TLS each server requires its callers' certificates, and the frontend presents its own.
     served = (lambda role: {"server.tls": pki.server(role)}) if pki else (lambda role: {})
     calling = {"shard_tls": pki.client("embedding"), "mlbase_tls": pki.client("embedding")} if pki else {}
+
+    # Replica stop: drain (NOT_SERVING while HAProxy notices), then in-flight work finishes.
+    def replica(name: str, port: int, metrics_port: int, model: dict) -> Program:
+        """One ML-base replica, the default model's or a --models-file model's; `model`: what it serves."""
+        command = _launch(replica_recipe, {
+            "server.host": settings.host, "server.port": port, "threads": settings.torch_threads,
+            "server.drain_seconds": drain, "server.grace_seconds": grace,
+            "server.max_connection_age_ms": settings.max_connection_age_ms,
+            "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms,
+            "server.metrics_host": settings.host, "server.metrics_port": metrics_port,
+            **model, **served("mlbase"),
+        }, python)
+        return Program(name, command, 20, stop_wait(drain, grace), "grpc", port, group=MLBASE_GROUP, tls=probe_tls,
+                       role="mlbase", overrides=overrides_file(settings, name))
+
     found = []
     for i, name in enumerate(settings.shard_names(), start=1):
         shard = _launch(shard_recipe, {
@@ -103,38 +118,18 @@ def programs(settings: StackSettings, python: str = sys.executable, haproxy: str
         }, python)
         found.append(Program(name, shard, 10, stop_wait(SHARD_DRAIN_SECONDS, grace), "grpc", settings.shard_port_of(i),
                              tls=probe_tls, role="cacheshard"))
-    # Replica stop: drain (NOT_SERVING while HAProxy notices), then in-flight work finishes.
     for i, name in enumerate(settings.replica_names(), start=1):
-        replica = _launch(replica_recipe, {
-            "server.host": settings.host, "server.port": settings.replica_port(i), "threads": settings.torch_threads,
-            "server.drain_seconds": drain, "server.grace_seconds": grace,
-            "server.max_connection_age_ms": settings.max_connection_age_ms,
-            "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms,
-            "server.metrics_host": settings.host, "server.metrics_port": settings.replica_metrics_port(i),
+        found.append(replica(name, settings.replica_port(i), settings.replica_metrics_port(i), {
             "backend_name": settings.backend, "tuned_file": settings.tuned,
-            **({"precision": settings.precision} if settings.precision else {}),
-            **served("mlbase"),
-        }, python)
-        found.append(Program(name, replica, 20, stop_wait(drain, grace), "grpc", settings.replica_port(i),
-                             group=MLBASE_GROUP, tls=probe_tls, role="mlbase",
-                             overrides=overrides_file(settings, name)))
+            **({"precision": settings.precision} if settings.precision else {})}))
     found.append(Program("haproxy", haproxy_command(settings.haproxy_config, haproxy), 30, HAPROXY_STOP_WAIT,
                          "haproxy", settings.lb_port, role="haproxy"))
     # --models-file: each model's replicas and its own HAProxy (deploy/models_file.py).
     for model in settings.models:
         for i, name in enumerate(model.replica_names(), start=1):
-            replica = _launch(replica_recipe, {
-                "server.host": settings.host, "server.port": model.replica_port(i), "threads": settings.torch_threads,
-                "server.drain_seconds": drain, "server.grace_seconds": grace,
-                "server.max_connection_age_ms": settings.max_connection_age_ms,
-                "server.max_connection_age_grace_ms": settings.max_connection_age_grace_ms,
-                "server.metrics_host": settings.host, "server.metrics_port": model.metrics_port(i),
+            found.append(replica(name, model.replica_port(i), model.metrics_port(i), {
                 "model_path": model.path, "model_id": model.name,
-                **({"backend_name": model.backend} if model.backend else {}), **served("mlbase"),
-            }, python)
-            found.append(Program(name, replica, 20, stop_wait(drain, grace), "grpc", model.replica_port(i),
-                                 group=MLBASE_GROUP, tls=probe_tls, role="mlbase",
-                                 overrides=overrides_file(settings, name)))
+                **({"backend_name": model.backend} if model.backend else {})}))
         found.append(Program(model.haproxy_name, haproxy_command(settings.model_haproxy_config(model), haproxy), 30,
                              HAPROXY_STOP_WAIT, "haproxy", model.lb_port, role="haproxy"))
     # Frontend stop: drain, in-flight RPCs (open EmbedStreams too) finish, then queued L2

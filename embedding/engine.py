@@ -415,6 +415,8 @@ class FrontendEngine:
             "mlbase_p99_ms": s.mlbase_latency.percentile_ms(99),
             "l2_writes_dropped": s.l2_writes_dropped,
             "mlbase_retries": s.mlbase_retries,
+            "l2_second_copy_hits": s.l2_second_copy_hits,
+            "l2_shard_set_changes": s.l2_shard_set_changes,
         }
 
 

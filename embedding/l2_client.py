@@ -71,9 +71,7 @@ class L2Client:
         self.shards: list[ShardConnection] = []
         self._ids: list[bytes] = []
         self._tasks: set[asyncio.Task] = set()  # closing dropped shards, following a shard source
-        self.second_copy_hits = 0  # keys the first shard missed or failed and the second copy had
-        self.shard_set_changes = 0
-        self.set_shards(addresses)
+        self._use(tuple(dict.fromkeys(addresses)))
 
     @property
     def waiting(self) -> int:
@@ -88,7 +86,8 @@ class L2Client:
         return task
 
     def set_shards(self, addresses: Sequence[str]) -> bool:
-        """Serve from `addresses` from now on; True if the set changed.
+        """Serve from `addresses` from now on; True if the set changed (counted in
+        `Stats.l2_shard_set_changes`).
 
         Connections to shards that stay are kept (their streams, breakers and
         in-flight lookups untouched); new shards get a connection; dropped
@@ -99,17 +98,21 @@ class L2Client:
         addresses = tuple(dict.fromkeys(addresses))
         if addresses == tuple(s.address for s in self.shards):
             return False
+        dropped = self._use(addresses)
+        self._stats.l2_shard_set_changes += 1
+        log.info("L2 shards now %s%s", ", ".join(addresses) or "(none)",
+                 f" (dropped {', '.join(dropped)})" if dropped else "")
+        return True
+
+    def _use(self, addresses: tuple[str, ...]) -> list[str]:
+        """Swap the shard list to `addresses` (keeping the connections of shards that stay); the dropped ones."""
         kept = {s.address: s for s in self.shards}
         # Swapped whole, never mutated: a lookup in progress keeps the list it started with.
         self.shards = [kept.pop(a, None) or self._connect(a) for a in addresses]
         self._ids = [a.encode() for a in addresses]
         for gone in kept.values():
             self._own(gone.close(), f"l2-close-{gone.address}")
-        if self.shard_set_changes or kept:
-            log.info("L2 shards now %s%s", ", ".join(addresses) or "(none)",
-                     f" (dropped {', '.join(kept)})" if kept else "")
-        self.shard_set_changes += 1
-        return True
+        return list(kept)
 
     def follow(self, read, interval_s: float) -> asyncio.Task:
         """Re-read the shard set every `interval_s` with `read()` (an async callable returning
@@ -156,7 +159,7 @@ class L2Client:
                                    for s, positions in by_shard.items()))
             left = [i for i in todo if results[i] is None]
             if rank:
-                self.second_copy_hits += len(todo) - len(left)
+                self._stats.l2_second_copy_hits += len(todo) - len(left)
             todo = left
             if not todo:
                 break

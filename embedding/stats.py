@@ -51,6 +51,10 @@ class Stats:
     model_restarts: int = 0
     l2_writes: int = 0
     l2_writes_dropped: int = 0
+    # Kept by the L2 client: keys the first-ranked shard missed or could not answer that the next
+    # copy had (--l2-copies 2), and changes of the shard set after start (a shard file or DNS).
+    l2_second_copy_hits: int = 0
+    l2_shard_set_changes: int = 0
     requests: int = 0
     inputs: int = 0
     duplicates: int = 0
@@ -103,6 +107,10 @@ class StatsCollector(Collector):
             ("model_restarts", s.model_restarts, "Requests started again because the model switched under them"),
             ("l2_writes", s.l2_writes, "Entries stored to L2"),
             ("l2_writes_dropped", s.l2_writes_dropped, "L2 write-backs dropped because the queue was full"),
+            ("l2_second_copy_hits", s.l2_second_copy_hits,
+             "L2 keys the first-ranked shard missed or could not answer that another copy had (--l2-copies)"),
+            ("l2_shard_set_changes", s.l2_shard_set_changes,
+             "Changes of the L2 shard set while running (--cache-shards-file, --cache-shards-dns)"),
             ("requests", s.requests, "Embed requests answered (stream messages included)"),
             ("inputs", s.inputs, "Inputs in answered requests"),
             ("duplicates", s.duplicates, "Inputs repeating an earlier input of the same request"),

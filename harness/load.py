@@ -3,8 +3,11 @@ table reports.
 
 `Load` runs a few threads, each sending Embed calls of fresh texts (so every
 call reaches a replica unless a test says otherwise) back to back, and keeps
-(start, end, status) for each call. The figures are taken from those
-records afterwards, so measuring adds nothing to the calls themselves.
+(start, end, status, cache hits) for each call. The figures are taken from
+those records afterwards, so measuring adds nothing to the calls themselves.
+The one steady-load driver of the project: tests, bench.rollout (texts from a
+working set) and tools/containers/compose_check (its own TLS stub, a bounded
+number of calls) all run it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,7 @@ class Call:
     start: float
     end: float
     code: str  # "OK" or a status code name; "BAD_REPLY" for a reply of the wrong shape
+    hits: int = 0  # texts of the request answered from L1 or L2
 
     @property
     def latency(self) -> float:
@@ -42,39 +47,56 @@ class Call:
 
 
 class Load:
-    """`threads` closed-loop clients; each call embeds `texts` fresh texts at width 64."""
+    """`threads` closed-loop clients; each call embeds `texts` fresh texts at width `width` (0: the native one).
 
-    def __init__(self, address: str, threads: int = 4, texts: int = 2, timeout: float = 30.0,
-                 width: int = 64) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.EmbeddingServiceStub(self.channel)
+    `make_texts(thread, n)` replaces the fresh texts (the `n`th call of thread
+    `thread`, n from 1); `stub` replaces the plaintext channel to `address`
+    (a caller's own, e.g. with TLS: it is not closed here); with `max_calls`
+    the threads stop after that many calls in all. A failure's "CODE: details"
+    goes to `details`."""
+
+    def __init__(self, address: str | None = None, threads: int = 4, texts: int = 2, timeout: float = 30.0,
+                 width: int = 64, *, stub: pb_grpc.EmbeddingServiceStub | None = None,
+                 make_texts: Callable[[int, int], list[str]] | None = None, max_calls: int | None = None) -> None:
+        self.channel = grpc.insecure_channel(address) if stub is None else None
+        self.stub = stub or pb_grpc.EmbeddingServiceStub(self.channel)
         self.texts = texts
+        self.make_texts = make_texts or self._fresh_texts
         self.timeout = timeout
         self.width = width
+        self.max_calls = max_calls
         self.calls: list[Call] = []
         self.details: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
+    def _fresh_texts(self, index: int, n: int) -> list[str]:
+        return [f"fault load {uuid.uuid4().hex} {index} {n} {k}" for k in range(self.texts)]
+
     def _run(self, index: int) -> None:
         n = 0
         while not self._stop.is_set():
+            if self.max_calls is not None:
+                with self._lock:
+                    if len(self.calls) >= self.max_calls:
+                        return
             n += 1
-            texts = [f"fault load {uuid.uuid4().hex} {index} {n} {k}" for k in range(self.texts)]
+            texts = self.make_texts(index, n)
             start = time.monotonic()
-            detail = ""
+            detail, hits = "", 0
             try:
                 reply = self.stub.Embed(pb.EmbedRequest(inputs=texts, dimensions=self.width), timeout=self.timeout)
-                good = len(reply.embeddings) == len(texts) and all(len(e.values) == self.width
-                                                                    for e in reply.embeddings)
+                good = len(reply.embeddings) == len(texts) and all(
+                    len(e.values) == self.width if self.width else len(e.values) > 0 for e in reply.embeddings)
                 code = "OK" if good else "BAD_REPLY"
+                hits = reply.usage.l1_hits + reply.usage.l2_hits
             except grpc.RpcError as exc:
                 code, detail = exc.code().name, exc.details() or ""
-            call = Call(start, time.monotonic(), code)
+            call = Call(start, time.monotonic(), code, hits)
             with self._lock:
                 self.calls.append(call)
-                if detail:
+                if code != "OK":
                     self.details.append(f"{code}: {detail}")
 
     def __enter__(self) -> "Load":
@@ -86,7 +108,8 @@ class Load:
         self._stop.set()
         for worker in self._workers:
             worker.join(self.timeout + 30)
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
 
     @property
     def ok(self) -> int:

@@ -105,6 +105,10 @@ def test_frontend_metrics_agree_with_get_cache_stats(workload):
         assert page.value("sutra_embedding_cache_lookups_total", level=level, result="miss") == counts.misses
     assert page.value("sutra_embedding_computed_total") == stats.computed
     assert page.value("sutra_embedding_coalesced_total") == stats.coalesced
+    # One shard, no file edits: nothing from a second copy, the shard set unchanged (but both exported).
+    for name in ("l2_second_copy_hits", "l2_shard_set_changes"):
+        assert f"sutra_embedding_{name}" in page.families
+        assert page.value(f"sutra_embedding_{name}_total") == getattr(stats, name) == 0
     # Every answered request is timed once, under its method.
     requests = page.value("sutra_embedding_requests_total") - old.value("sutra_embedding_requests_total")
     assert requests == 2 * len(TEXTS) + len(STREAMED)

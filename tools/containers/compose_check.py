@@ -32,17 +32,16 @@ import json
 import os
 import shlex
 import sys
-import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import grpc
 
 from deploy.settings import StackSettings
 from deploy.validate import PhaseResult, Validator, sample_sentences
+from harness.load import Load
 from tools.containers import haproxy_stats
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from tools.containers.compose_stack import ComposeStack, command_flag, docker, services_running
@@ -55,52 +54,12 @@ SHARD_METRICS_PORT = int(command_flag(SHARDS[0], "--metrics-port"))
 HEALTH_TIMEOUT = 600.0  # first start on a loaded 2-core host: three replicas load the model at once
 
 
-@dataclass
-class LoadResult:
-    ok: int = 0
-    failed: list[str] = field(default_factory=list)
-
-
-class SteadyLoad:
-    """`clients` threads, each sending Embed calls of fresh texts one after another until
-    stopped or `max_requests` in all (a bounded loop); every failure is recorded."""
-
-    def __init__(self, validator: Validator, clients: int = 4, max_requests: int = 5000) -> None:
-        self.validator, self.clients, self.max_requests = validator, clients, max_requests
-        self.result = LoadResult()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-
-    def _client(self, index: int) -> None:
-        tag = uuid.uuid4().hex[:8]
-        n = 0
-        while not self._stop.is_set():
-            with self._lock:
-                if self.result.ok + len(self.result.failed) >= self.max_requests:
-                    return
-            try:
-                self.validator.embed(sample_sentences(2, f"load-{tag}-{index}-{n}"))
-                with self._lock:
-                    self.result.ok += 1
-            except grpc.RpcError as exc:
-                with self._lock:
-                    self.result.failed.append(f"{exc.code().name}: {exc.details()}")
-            n += 1
-
-    def count(self) -> int:
-        with self._lock:
-            return self.result.ok + len(self.result.failed)
-
-    def __enter__(self) -> "SteadyLoad":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+def steady_load(validator: Validator, clients: int = 4, max_calls: int = 5000) -> Load:
+    """`clients` threads, each sending Embed calls of fresh texts (native width, through the validator's
+    channel) one after another until stopped or `max_calls` in all (a bounded loop); every failure is recorded."""
+    tag = uuid.uuid4().hex[:8]
+    return Load(stub=validator.stub, threads=clients, timeout=validator.timeout, width=0, max_calls=max_calls,
+                make_texts=lambda index, n: sample_sentences(2, f"load-{tag}-{index}-{n}"))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.2) -> None:
@@ -204,28 +163,28 @@ class ComposeCheck:
         result.check("HTTP /v1/embeddings on the published port", width == 64, f"width {width}")
         return result
 
-    def kill_under_load(self, settle_requests: int = 200) -> tuple[PhaseResult, LoadResult]:
+    def kill_under_load(self, settle_requests: int = 200) -> tuple[PhaseResult, Load]:
         result = PhaseResult(4)
         victim = self.stack.containers("mlbase")[0]
         name = victim["Name"].lstrip("/")
         address = next(iter(victim["NetworkSettings"]["Networks"].values()))["IPAddress"]
-        with SteadyLoad(self.validator) as load:
-            wait_for(lambda: load.count() >= 50, 120, "steady load started")
+        with steady_load(self.validator) as load:
+            wait_for(lambda: len(load.calls) >= 50, 120, "steady load started")
             docker("kill", name)
-            killed_at = load.count()
+            killed_at = len(load.calls)
             self.out(f"  SIGKILL {name} ({address}) after {killed_at} requests")
 
             def marked_down() -> bool:
                 views = haproxy_stats.servers(self.stack.stats_url)
                 return not any(v.address.startswith(f"{address}:") and v.up for v in views)
             wait_for(marked_down, 60, f"HAProxy marks {name} DOWN")
-            down_at = load.count()
-            wait_for(lambda: load.count() >= down_at + settle_requests, 300, "requests after the kill")
-        self.out(f"  {load.result.ok} requests ok, {len(load.result.failed)} failed "
-                 f"({load.count() - killed_at} after the kill)")
-        result.check("no failed request while a replica was killed", not load.result.failed,
-                     "; ".join(load.result.failed[:5]))
-        return result, load.result
+            down_at = len(load.calls)
+            wait_for(lambda: len(load.calls) >= down_at + settle_requests, 300, "requests after the kill")
+        self.out(f"  {load.ok} requests ok, {len(load.failures())} failed "
+                 f"({len(load.calls) - killed_at} after the kill)")
+        result.check("no failed request while a replica was killed", not load.failures(),
+                     "; ".join(load.details[:5]))
+        return result, load
 
     def shard_kill_under_load(self, warm_texts: int = 48, settle_requests: int = 100) -> PhaseResult:
         result = PhaseResult(5)
@@ -237,22 +196,22 @@ class ComposeCheck:
         self.stack.wait_healthy({"embedding": 1}, timeout=120)
         [victim] = self.stack.containers(SHARDS[0])
         name = victim["Name"].lstrip("/")
-        with SteadyLoad(self.validator) as load:
-            wait_for(lambda: load.count() >= 30, 120, "steady load started")
+        with steady_load(self.validator) as load:
+            wait_for(lambda: len(load.calls) >= 30, 120, "steady load started")
             docker("kill", name)
-            killed_at = load.count()
+            killed_at = len(load.calls)
             self.out(f"  SIGKILL {name} after {killed_at} requests")
-            wait_for(lambda: load.count() >= killed_at + settle_requests, 300, "requests after the shard kill")
+            wait_for(lambda: len(load.calls) >= killed_at + settle_requests, 300, "requests after the shard kill")
             again = self.validator.run_rounds(texts, 1)
             self.out(f"  {warm_texts} texts again: L2 hits {again['l2_hits']}, computed {again['computed']}")
-            after = load.count()
-            wait_for(lambda: load.count() >= after + settle_requests // 2, 300, "requests after the lookups")
-        self.out(f"  {load.result.ok} requests ok, {len(load.result.failed)} failed "
-                 f"({load.count() - killed_at} after the kill)")
+            after = len(load.calls)
+            wait_for(lambda: len(load.calls) >= after + settle_requests // 2, 300, "requests after the lookups")
+        self.out(f"  {load.ok} requests ok, {len(load.failures())} failed "
+                 f"({len(load.calls) - killed_at} after the kill)")
         result.check("L2 hits from the second copies with a shard gone",
                      again["l2_hits"] == warm_texts and again["computed"] == 0, str(again))
-        result.check("no failed request while a shard was killed", not load.result.failed,
-                     "; ".join(load.result.failed[:5]))
+        result.check("no failed request while a shard was killed", not load.failures(),
+                     "; ".join(load.details[:5]))
         return result
 
     def run(self) -> tuple[bool, dict]:
