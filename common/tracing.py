@@ -181,10 +181,17 @@ def record(name: str, start_ns: int, end_ns: int, *, attributes: dict[str, Any] 
     tracer.start_span(name, context=parent, attributes=attributes, links=links, start_time=start_ns).end(end_ns)
 
 
+# Wall clock minus monotonic clock, taken once: each conversion reading both clocks anew would
+# jitter by the time between the two reads, and could put a span's end after the start of the
+# span that followed it at the same monotonic instant.
+_EPOCH_MINUS_MONOTONIC_NS = time.time_ns() - time.monotonic_ns()
+
+
 def epoch_ns(monotonic_s: float) -> int:
     """The epoch nanoseconds of a time.monotonic() reading (asyncio's loop.time() too): spans take
-    wall-clock times, our queues keep monotonic ones."""
-    return time.time_ns() + int((monotonic_s - time.monotonic()) * 1e9)
+    wall-clock times, our queues keep monotonic ones. Equal readings give equal times, and order
+    is kept."""
+    return int(monotonic_s * 1e9) + _EPOCH_MINUS_MONOTONIC_NS
 
 
 def annotate(key: str, value: Any) -> None:

@@ -244,7 +244,9 @@ class FrontendEngine:
             speculated: set[int] = set()
             if to_l2 and self._speculate(inflight):
                 # ML-base is idle and L2 has rarely been answering: compute during the L2 round trip.
-                waiters, joined = inflight.request([keys[j] for j in to_l2], [uniq[j] for j in to_l2], deadline)
+                with tracing.span("inflight.speculate", attributes={"sutra.texts": len(to_l2)}):
+                    waiters, joined = inflight.request([keys[j] for j in to_l2], [uniq[j] for j in to_l2],
+                                                       deadline)
                 waiting.extend(zip(to_l2, waiters))
                 speculated.update(to_l2)
                 self.stats.speculated += len(to_l2)
