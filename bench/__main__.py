@@ -25,6 +25,7 @@ from pathlib import Path
 from bench import plots, report, shard_scale, stack_bench, workloads
 from deploy.settings import auto_replicas
 from harness.results import RESULTS_DIR
+from mlbase import tuned
 from mlbase.backends import registry
 from mlbase.settings import AUTO_BACKEND, DEFAULT_PRECISION
 
@@ -99,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from(args, defaults)
 
     result = stack_bench.run(cfg)
-    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                         "platform": platform.platform(), "load_average_end": os.getloadavg()}
+    cpu = tuned.cpu_identity()
+    result["machine"] = {"cpus": os.cpu_count(), "cpu_model": cpu.model, "cpu_flags": list(cpu.flags),
+                         "python": platform.python_version(), "platform": platform.platform(),
+                         "load_average_end": os.getloadavg()}
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result["command"] = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     result["make_up_default"] = {"backend": defaults[0], "precision": defaults[1]}

@@ -90,6 +90,9 @@ def print_table(result: dict, out: Printer = print) -> None:
     out(f"sutra-embed benchmark: {st['backend']} {st['precision']}, {st['replicas']} replica(s) x "
         f"{cfg['torch_threads_per_replica']} thread(s), {cfg['cores']} cores"
         f"{' (quick)' if cfg['quick'] else ''}; stack up in {st['startup_s']:.1f}s")
+    machine = result.get("machine", {})
+    if "cpu_model" in machine:
+        out(f"CPU: {machine['cpu_model']} [{' '.join(machine['cpu_flags'])}]")
     out("")
     out(f"cold: {cold['texts']} never-seen texts, {cold['request_texts']} per request, {cold['inflight']} in flight, "
         f"{len(cold['rounds'])} rounds alternating with in-process encode ({cfg['in_process_threads']} threads, "

@@ -144,10 +144,12 @@ def test_default_backend_goal_is_not_judged_on_another_backend():
 def test_table_and_plots_from_a_result_document(tmp_path):
     doc = result_doc()
     doc["goals"] = report.goals(doc, ("onnx", "int8"))
+    doc["machine"] = {"cpu_model": "Some Xeon", "cpu_flags": ["avx512_vnni", "amx_int8"]}
     lines: list[str] = []
     report.print_table(doc, out=lines.append)
     text = "\n".join(lines)
     assert "MET" in text and "812 bytes per entry" in text and "one new text per request" in text
+    assert "CPU: Some Xeon [avx512_vnni amx_int8]" in text
     paths = plots.write_all(doc, tmp_path)
     assert [p.name for p in paths] == ["throughput.png", "latency_cdf.png", "latency_throughput.png"]
     for p in paths:
