@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -15,6 +17,9 @@ import pytest
 from deploy.settings import ROOT
 from embedding import cache_file, generations
 from embedding.recent import RecentTexts
+from deploy.scrape import fetch
+from harness.impatient.metrics import IDLE_GAUGES
+from harness.procs import free_port
 from harness.stack import Stack
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -54,7 +59,7 @@ def test_a_generation_changes_the_keys_fingerprint_and_survives_the_codec():
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("cache-admin"), replica_count=1,
-              frontend_flags=("--admin-token", ADMIN, "--auth-token", USER))
+              frontend_flags=("--admin-token", ADMIN, "--auth-token", USER, "--admin-port", str(free_port())))
     try:
         yield s.start()
     finally:
@@ -154,3 +159,76 @@ def test_invalidate_export_import_and_a_new_generation(stack, tmp_path):
 
         final = embed(stub, ["a new text after all that"])
         assert final.usage.computed == 1
+
+
+def test_impatient_and_hostile_admin_callers_leave_the_frontend_serving(stack):
+    """Cache management as the client we fear calls it: a 1 ms deadline, an export dropped after
+    its first page, an import stream cancelled while open and one never finished before its
+    deadline, a message over the 4 MiB limit. Afterwards a whole export, an import and an Embed
+    still work, and nothing the storm started is left pending."""
+    texts = [f"impatient admin text {i}" for i in range(8)]
+    admin = bearer(ADMIN)
+    with grpc.insecure_channel(stack.frontend.address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        embed(stub, texts)
+        entries = [e for page in stub.ExportCache(pb.ExportCacheRequest(), metadata=admin, timeout=60)
+                   for e in page.entries]
+        assert len(entries) >= len(texts)
+
+        # A 1 ms deadline on each admin call: it ends in time or with DEADLINE_EXCEEDED, never else.
+        for call in (lambda: list(stub.ExportCache(pb.ExportCacheRequest(), metadata=admin, timeout=0.001)),
+                     lambda: stub.ImportCache(iter([pb.ImportCacheRequest(entries=entries[:2])]), metadata=admin,
+                                              timeout=0.001),
+                     lambda: stub.InvalidateCache(pb.InvalidateCacheRequest(inputs=["nothing cached"]),
+                                                  metadata=admin, timeout=0.001)):
+            try:
+                call()
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+
+        # An export read for one page, then dropped.
+        pages = stub.ExportCache(pb.ExportCacheRequest(), metadata=admin, timeout=60)
+        next(pages)
+        pages.cancel()
+
+        # Import streams that never close: one cancelled by the caller, one cut by its deadline.
+        hold = threading.Event()
+
+        def open_stream():
+            yield pb.ImportCacheRequest(entries=entries[:1])
+            hold.wait(30)
+
+        pending = stub.ImportCache.future(open_stream(), metadata=admin, timeout=60)
+        time.sleep(0.2)
+        pending.cancel()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ImportCache(open_stream(), metadata=admin, timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        hold.set()
+
+        # One message far over the frontend's 4 MiB limit: refused before any of it is stored.
+        huge = pb.ImportCacheRequest(entries=[pb.CacheEntry(key=bytes(16), value=bytes(5 << 20))])
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ImportCache(iter([huge]), metadata=admin, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        # Still serving: a whole export, an import of what it gave, and embeddings from the cache.
+        again = [e for page in stub.ExportCache(pb.ExportCacheRequest(), metadata=admin, timeout=60)
+                 for e in page.entries]
+        assert {e.key for e in entries} <= {e.key for e in again}
+        stored = stub.ImportCache(iter([pb.ImportCacheRequest(entries=entries)]), metadata=admin, timeout=60)
+        assert stored.stored == len(entries)
+        reply = embed(stub, texts)
+        assert reply.usage.computed == 0
+        assert embed(stub, ["a new text after the admin storm"]).usage.computed == 1
+    args = stack.frontend.args  # the harness passes --admin-port 0; the fixture's flag, last, wins
+    admin_port = int(args[len(args) - 1 - args[::-1].index("--admin-port") + 1])
+    gauges = {}
+    for _ in range(120):  # the cancelled calls settle asynchronously
+        page = fetch(f"http://127.0.0.1:{admin_port}/metrics", timeout=5, token=ADMIN)
+        gauges = {name.removeprefix("sutra_embedding_"): page.value(name) for name in IDLE_GAUGES
+                  if IDLE_GAUGES[name] == 0}
+        if not any(gauges.values()):
+            break
+        time.sleep(0.25)
+    assert not any(gauges.values()), gauges
