@@ -63,6 +63,17 @@ _MODEL_SWITCH_RESTARTS = 3
 _RECENT_CHARS = 16_000_000
 
 
+# How much of an unknown model name an error repeats: a caller's name can be megabytes long.
+_NAME_ECHO = 64
+
+
+def unknown_model(name: str, served: list[str]) -> InvalidInput:
+    """The one error for a `model` this frontend does not serve (gRPC and HTTP alike)."""
+    shown = name if len(name) <= _NAME_ECHO else f"{name[:_NAME_ECHO]}... ({len(name)} characters)"
+    return InvalidInput(f"`model` {shown!r} is not served here; models: "
+                        f"{', '.join(repr(n) for n in served)} (empty means the default)")
+
+
 @dataclass
 class Usage:
     l1_hits: int = 0
@@ -192,8 +203,7 @@ class FrontendEngine:
             if m is None or inflight is None:
                 raise Unavailable("the frontend is starting: ML-base has not described its model yet")
             if model and model != m.info.model_id:
-                raise InvalidInput(f"`model` {model!r} is not served here; models: {m.info.model_id!r} "
-                                   "(empty means the default)")
+                raise unknown_model(model, [m.info.model_id])
             try:
                 return await self._embed_once(m, inflight, texts, dimensions, reject_truncation, deadline, tenant)
             except FingerprintChanged as exc:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.errors import InvalidInput, Unavailable
-from embedding.engine import FrontendEngine
+from common.errors import Unavailable
+from embedding.engine import FrontendEngine, unknown_model
 from embedding.mlbase_pool import MLBasePool
 
 
@@ -58,8 +58,7 @@ class Models:
             return self.default
         found = self._by_name.get(name)
         if found is None:
-            raise InvalidInput(f"`model` {name!r} is not served here; models: "
-                               f"{', '.join(repr(n) for n in self.names())} (empty means the default)")
+            raise unknown_model(name, self.names())
         return found
 
     def engine(self, name: str) -> FrontendEngine:

@@ -24,7 +24,7 @@ import numpy as np
 
 from common.errors import DeadlineExceeded, InvalidInput, Unavailable, grpc_errors
 from embedding.cache_admin import CacheAdmin
-from embedding.engine import EmbedReply, FrontendEngine
+from embedding.engine import EmbedReply, FrontendEngine, unknown_model
 from embedding.fingerprints import LiveFingerprints
 from embedding.models import Models
 from embedding.tenants import Gate
@@ -180,7 +180,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise Unavailable("the frontend is starting: ML-base has not described its model yet")
         info, settings = m.info, engine.settings
         if self._models is None and request.model and request.model != info.model_id:
-            raise InvalidInput(f"`model` {request.model!r} is not served here; models: {info.model_id!r}")
+            raise unknown_model(request.model, [info.model_id])
         policy = m.policy_for(self._gate.tenant(context.invocation_metadata()))
         return pb.GetInfoResponse(
             model_id=info.model_id, fingerprint=info.fingerprint, native_width=info.native_width,

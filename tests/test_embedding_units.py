@@ -336,3 +336,16 @@ async def test_metrics_and_cache_stats_report_the_same_evictions():
             assert 'sutra_embedding_cache_evictions_total{level="l1"} 9.0' in body.decode() and refreshed
             assert registry.get_sample_value("sutra_embedding_cache_evictions_total", {"level": "l2"}) == \
                 stats["l2"]["evictions"] == 0
+
+
+def test_an_unknown_model_name_is_refused_without_repeating_a_huge_one():
+    @aio
+    async def run():
+        async with running(Backend()) as engine:
+            with pytest.raises(InvalidInput) as caught:
+                await engine.embed(["text"], model="m" * 100_000)
+            assert "(100000 characters)" in str(caught.value) and len(str(caught.value)) < 300
+            with pytest.raises(InvalidInput, match="'unit-model'"):
+                await engine.embed(["text"], model="another")
+            assert len((await engine.embed(["text"], model="unit-model")).vectors) == 1
+    run()

@@ -97,6 +97,14 @@ def test_two_models_serve_side_by_side_and_their_caches_never_mix(frontend):
         with pytest.raises(grpc.RpcError) as caught:
             embed(stub, texts, "no-such-model")
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and SECOND in caught.value.details()
+        # A hostile name (1 MiB): the same clear error, which does not repeat it, and the frontend serves on.
+        for call in (lambda: embed(stub, texts, "m" * (1 << 20)),
+                     lambda: stub.GetInfo(pb.GetInfoRequest(model="m" * (1 << 20)), timeout=10)):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "(1048576 characters)" in caught.value.details() and len(caught.value.details()) < 400
+        assert embed(stub, texts, SECOND)[1].usage.l2_hits == 5
 
 
 def test_concurrent_requests_coalesce_per_model_only(frontend):
