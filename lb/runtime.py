@@ -30,12 +30,21 @@ def command(socket_path: str | Path, line: str, timeout: float = 2.0) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def parse_stat(text: str) -> list[dict[str, str]]:
+    """HAProxy's stats CSV (the runtime API's `show stat`, or the stats page's `;csv`) as one dict
+    per row, keyed by the header; ValueError when `text` is not that CSV."""
+    if not text.startswith("# "):
+        raise ValueError(f"not HAProxy stats CSV: {text[:200]!r}")
+    return list(csv.DictReader(io.StringIO(text[2:])))
+
+
 def show_stat(socket_path: str | Path) -> list[dict[str, str]]:
     """Every row of `show stat` as a dict keyed by the CSV header."""
     text = command(socket_path, "show stat")
-    if not text.startswith("# "):
-        raise RuntimeError(f"unexpected answer to 'show stat': {text[:200]!r}")
-    return list(csv.DictReader(io.StringIO(text[2:])))
+    try:
+        return parse_stat(text)
+    except ValueError:
+        raise RuntimeError(f"unexpected answer to 'show stat': {text[:200]!r}") from None
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,11 @@ def _int(row: dict[str, str], key: str) -> int:
 
 def servers(socket_path: str | Path, backend: str = "mlbase") -> list[ServerView]:
     """The backend's servers, in configuration order."""
-    rows = show_stat(socket_path)
+    return server_views(show_stat(socket_path), backend)
+
+
+def server_views(rows: list[dict[str, str]], backend: str = "mlbase") -> list[ServerView]:
+    """The backend's servers among stats rows, in configuration order."""
     found = []
     for row in rows:
         if row.get("pxname") != backend or row.get("svname") in ("FRONTEND", "BACKEND"):

@@ -9,35 +9,15 @@ and are left out: they are spare capacity, not replicas.
 
 from __future__ import annotations
 
-import csv
-import io
 import urllib.request
 
-from lb.runtime import ServerView
+from lb.runtime import ServerView, parse_stat, server_views
 
 
 def parse(text: str, backend: str = "mlbase") -> list[ServerView]:
     """The backend's resolved servers from HAProxy's stats CSV, in configuration order."""
-    if not text.startswith("# "):
-        raise ValueError(f"not HAProxy stats CSV: {text[:200]!r}")
-    found = []
-    for row in csv.DictReader(io.StringIO(text[2:])):
-        if row.get("pxname") != backend or row.get("svname") in ("FRONTEND", "BACKEND"):
-            continue
-        if not row.get("addr") or "resolution" in row.get("status", ""):
-            continue
-
-        def number(key: str) -> int:
-            value = row.get(key) or "0"
-            return int(value) if value.isdigit() else 0
-
-        found.append(ServerView(
-            name=row["svname"], address=row["addr"], status=row.get("status", ""),
-            check_status=row.get("check_status", ""), check_desc=row.get("last_chk", ""),
-            sessions_total=number("stot"), sessions_current=number("scur"),
-            bytes_in=number("bin"), bytes_out=number("bout"), last_change_s=number("lastchg"),
-        ))
-    return found
+    return [view for view in server_views(parse_stat(text), backend)
+            if view.address and "resolution" not in view.status]
 
 
 def servers(stats_url: str, backend: str = "mlbase", timeout: float = 3.0) -> list[ServerView]:
