@@ -45,7 +45,8 @@ async def serve(settings: FrontendSettings) -> None:
     def open_pool(address: str) -> MLBasePool:
         return MLBasePool(address, settings.mlbase_connections, stats,
                           max_message_bytes=settings.server.max_message_bytes, max_attempts=settings.mlbase_attempts,
-                          tls=settings.mlbase_tls, watch_s=settings.fingerprint_watch_s)
+                          tls=settings.mlbase_tls, watch_s=settings.fingerprint_watch_s,
+                          affinity=settings.replica_affinity)
 
     pool = open_pool(settings.mlbase_address)
     l2 = None

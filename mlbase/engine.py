@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ class ReplicaEngine:
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbase-tokenize")
         self.ready = False
         self.rejected = dict.fromkeys(REJECTIONS.values(), 0)  # Embed calls refused, by reason
+        # New at every start: lets a client behind a TCP balancer tell its connections' replicas apart.
+        self.replica_id = uuid.uuid4().hex[:16]
 
     async def start(self) -> None:
         """Load the model (off the loop), start the inference thread, warm up."""

@@ -37,6 +37,7 @@ class MLBaseServicer(pb_grpc.MLBaseServiceServicer):
             width=result.width,
             truncated_indices=result.truncated,
             model_fingerprint=result.fingerprint,
+            replica_id=self.engine.replica_id,
         )
 
     @grpc_errors

@@ -5,7 +5,9 @@ short max connection age so connections re-spread), HAProxy from the
 generated config, and the embedding frontend with caching off (every
 request reaches a replica). The tests run in order and share it:
 
-1. requests from the one frontend reach every replica;
+1. requests from the one frontend reach every replica; a lone client's
+   requests stay on one replica (the warm one: replica affinity), while
+   concurrent clients keep both busy;
 2. a replica told to stop (SIGTERM, long drain: alive but NOT_SERVING) is
    marked DOWN within about 1.5 s and gets no new batches, with no failed
    client request;
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.impatient.metrics import scrape
 from harness.load import Load
 from harness.procs import Proc, free_port
 from harness.stack import service
@@ -39,9 +42,10 @@ DRAIN_SECONDS = 30.0
 CONNECTION_AGE_MS = 3000
 
 
-def replica(name: str, port: int, tmp: Path) -> Proc:
+def replica(name: str, port: int, metrics_port: int, tmp: Path) -> Proc:
     return service("mlbase", tmp / f"{name}.log",
-                   {"server.port": port, "threads": 1, "server.drain_seconds": DRAIN_SECONDS,
+                   {"server.port": port, "server.metrics_port": metrics_port, "threads": 1,
+                    "server.drain_seconds": DRAIN_SECONDS,
                     "server.grace_seconds": 5.0, "server.max_connection_age_ms": CONNECTION_AGE_MS,
                     "server.max_connection_age_grace_ms": 2000})
 
@@ -50,7 +54,8 @@ class Cluster:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.ports = {"mlbase1": free_port(), "mlbase2": free_port()}
-        self.replicas = {name: replica(name, port, tmp) for name, port in self.ports.items()}
+        self.metrics_ports = {name: free_port() for name in self.ports}
+        self.replicas = {name: replica(name, port, self.metrics_ports[name], tmp) for name, port in self.ports.items()}
         self.lb = render.LbSettings(
             replicas=tuple(f"127.0.0.1:{p}" for p in self.ports.values()), server_names=tuple(self.ports),
             socket=str(tmp / "haproxy.sock"), port=free_port(), stats_port=free_port())
@@ -89,6 +94,11 @@ class Cluster:
     def bytes_out(self) -> dict[str, int]:
         return {v.name: v.bytes_out for v in runtime.servers(self.sock)}
 
+    def batches(self) -> dict[str, float]:
+        """Inference batches each replica has run, from its own /metrics."""
+        return {name: scrape(f"http://127.0.0.1:{port}/metrics")["sutra_mlbase_batches_total"]
+                for name, port in self.metrics_ports.items()}
+
     def view(self, name: str) -> runtime.ServerView:
         return next(v for v in runtime.servers(self.sock) if v.name == name)
 
@@ -117,6 +127,30 @@ def test_1_requests_from_one_frontend_reach_every_replica(cluster):
     print(f"bytes each replica sent back: {delta}")
     assert all(delta[n] >= ONE_VECTOR for n in cluster.ports), delta
     assert all(v.up for v in runtime.servers(cluster.sock))
+
+
+def test_1b_a_lone_client_stays_on_the_warm_replica_and_concurrent_clients_use_both(cluster):
+    """Replica affinity: with nothing else in flight, each batch goes to the replica that answered
+    last (awake, weights cached), so a one-client stream runs on one replica; once requests
+    overlap, the least busy replica (over all its connections) takes the next one."""
+    before = cluster.batches()
+    with Load(cluster.frontend.address, threads=1, texts=1, timeout=60) as load:
+        load.wait_for(30)
+    assert not load.failures(), load.details[:5]
+    alone = {n: cluster.batches()[n] - before[n] for n in before}
+    print(f"one client, batches per replica: {alone}")
+    # Spread in turn over the 4 connections it would be about half each. Affinity keeps it on one
+    # replica unless a max-connection-age reconnect (3 s here) takes both of that replica's
+    # connections to the other one.
+    assert max(alone.values()) >= 0.8 * sum(alone.values()), alone
+
+    before = cluster.batches()
+    with Load(cluster.frontend.address, threads=4, texts=1, timeout=60) as load:
+        load.wait_for(40)
+    assert not load.failures(), load.details[:5]
+    together = {n: cluster.batches()[n] - before[n] for n in before}
+    print(f"four clients, batches per replica: {together}")
+    assert min(together.values()) >= 5, together
 
 
 def test_2_not_serving_replica_is_out_within_1_5_s(cluster):
