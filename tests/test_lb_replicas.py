@@ -129,26 +129,26 @@ def test_1_requests_from_one_frontend_reach_every_replica(cluster):
     assert all(v.up for v in runtime.servers(cluster.sock))
 
 
+def batches_under_load(cluster: Cluster, threads: int, calls: int) -> dict[str, float]:
+    """Inference batches each replica ran while `threads` clients made `calls` single-text calls."""
+    before = cluster.batches()
+    with Load(cluster.frontend.address, threads=threads, texts=1, timeout=60) as load:
+        load.wait_for(calls)
+    assert not load.failures(), load.details[:5]
+    return {n: b - before[n] for n, b in cluster.batches().items()}
+
+
 def test_1b_a_lone_client_stays_on_the_warm_replica_and_concurrent_clients_use_both(cluster):
     """Replica affinity: with nothing else in flight, each batch goes to the replica that answered
     last (awake, weights cached), so a one-client stream runs on one replica; once requests
     overlap, the least busy replica (over all its connections) takes the next one."""
-    before = cluster.batches()
-    with Load(cluster.frontend.address, threads=1, texts=1, timeout=60) as load:
-        load.wait_for(30)
-    assert not load.failures(), load.details[:5]
-    alone = {n: cluster.batches()[n] - before[n] for n in before}
+    alone = batches_under_load(cluster, threads=1, calls=30)
     print(f"one client, batches per replica: {alone}")
     # Spread in turn over the 4 connections it would be about half each. Affinity keeps it on one
     # replica unless a max-connection-age reconnect (3 s here) takes both of that replica's
     # connections to the other one.
     assert max(alone.values()) >= 0.8 * sum(alone.values()), alone
-
-    before = cluster.batches()
-    with Load(cluster.frontend.address, threads=4, texts=1, timeout=60) as load:
-        load.wait_for(40)
-    assert not load.failures(), load.details[:5]
-    together = {n: cluster.batches()[n] - before[n] for n in before}
+    together = batches_under_load(cluster, threads=4, calls=40)
     print(f"four clients, batches per replica: {together}")
     assert min(together.values()) >= 5, together
 
