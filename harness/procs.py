@@ -21,10 +21,23 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+# Ports this process has handed out. The kernel may give the same free port to two calls in a
+# row (nothing listens on it yet), and gRPC servers and HAProxy both bind with SO_REUSEPORT, so
+# two of our processes would then share one port and the kernel would split connections between
+# them (seen once: HAProxy's stats page answered by a replica's HTTP/2).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now and that this process has not handed out before."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free loopback port that was not handed out already")
 
 
 def health_status(address: str, service: str = "", timeout: float = 1.0,
