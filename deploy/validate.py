@@ -47,6 +47,27 @@ SAMPLE_WIDTHS = (32, 64, 128, 256, 384)
 CORPUS = Path(__file__).resolve().parent.parent / "bench" / "data" / "corpus.txt"
 
 
+def until_every_replica_answers(embed: Callable[[list[str]], object], servers: Callable[[], list],
+                                views: list, enough_bytes: int, max_requests: int) -> tuple[int, dict[str, int]]:
+    """Cold 4-text requests, 8 in flight, until every balancer server (`servers()`: views with
+    `name` and `bytes_out`) has sent back `enough_bytes` since `views`, or `max_requests` are sent;
+    (requests sent, bytes each sent back). Overlapping requests are what spreads them: a lone
+    client's batches stay on the replica that answered last (the frontend's --replica-affinity)."""
+    before = {v.name: v.bytes_out for v in views}
+    tag = uuid.uuid4().hex[:8]
+    sent = 0
+    reached: dict[str, int] = {}
+    with ThreadPoolExecutor(8) as pool:
+        while sent < max_requests:
+            batch = [sample_sentences(4, f"{tag}-{sent + i}") for i in range(16)]
+            list(pool.map(embed, batch))
+            sent += len(batch)
+            reached = {v.name: v.bytes_out - before.get(v.name, 0) for v in servers()}
+            if all(delta >= enough_bytes for delta in reached.values()):
+                break
+    return sent, reached
+
+
 @dataclass
 class PhaseResult:
     phase: int
@@ -216,18 +237,8 @@ class Validator:
         # one full-width float32 vector (health checks are not counted).
         info = self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout)
         one_vector = 4 * info.native_width
-        before = {v.name: v.bytes_out for v in views}
-        tag = uuid.uuid4().hex[:8]
-        sent = 0
-        reached: dict[str, int] = {}
-        with ThreadPoolExecutor(8) as pool:
-            while sent < max_requests:
-                batch = [sample_sentences(4, f"{tag}-{sent + i}") for i in range(16)]
-                list(pool.map(lambda texts: self.embed(texts), batch))
-                sent += len(batch)
-                reached = {v.name: v.bytes_out - before.get(v.name, 0) for v in runtime.servers(sock)}
-                if all(delta >= one_vector for delta in reached.values()):
-                    break
+        sent, reached = until_every_replica_answers(self.embed, lambda: runtime.servers(sock), views,
+                                                    one_vector, max_requests)
         self.out(f"  {sent} cold requests; bytes each replica sent back: {reached}")
         result.check("requests reach every replica",
                      bool(reached) and all(d >= one_vector for d in reached.values()), str(reached))

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import grpc
 
 from deploy.settings import StackSettings
-from deploy.validate import PhaseResult, Validator, sample_sentences
+from deploy.validate import PhaseResult, Validator, sample_sentences, until_every_replica_answers
 from harness.load import Load
 from tools.containers import haproxy_stats
 from sutra.embedding.v1 import embedding_service_pb2 as pb
@@ -138,15 +138,9 @@ class ComposeCheck:
         # full width, float32): more than a TLS handshake or HTTP/2 pings could account for.
         info = self.validator.stub.GetInfo(pb.GetInfoRequest(), timeout=30)
         one_request = 4 * 4 * info.native_width
-        before = {v.name: v.bytes_out for v in views}
-        tag, sent, reached = uuid.uuid4().hex[:8], 0, {}
-        while sent < max_requests:
-            for i in range(16):
-                self.validator.embed(sample_sentences(4, f"{tag}-{sent + i}"))
-            sent += 16
-            reached = {v.name: v.bytes_out - before.get(v.name, 0) for v in haproxy_stats.servers(self.stack.stats_url)}
-            if all(delta >= one_request for delta in reached.values()):
-                break
+        sent, reached = until_every_replica_answers(
+            self.validator.embed, lambda: haproxy_stats.servers(self.stack.stats_url), views, one_request,
+            max_requests)
         self.out(f"  {sent} cold requests; bytes each replica sent back: {reached}")
         result.check("requests reach every replica", bool(reached) and all(d >= one_request for d in reached.values()),
                      str(reached))
