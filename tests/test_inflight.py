@@ -213,12 +213,14 @@ async def test_a_patient_follower_is_not_cut_off_by_an_impatient_leaders_batch()
             await asyncio.sleep(self.delay)
             return np.ones((len(texts), WIDTH), np.float32), set()
 
-    compute = DeadlineBound(delay=0.1)
+    # Margins wide enough for a starved machine: the leader's batch gives up after 0.6 s (closer than
+    # JOIN_MARGIN_S, so a later caller must not inherit it), the computation takes 1.5 s.
+    compute = DeadlineBound(delay=1.5)
     inflight, _ = owner(compute, concurrency=3)
-    leader = asyncio.create_task(caller(inflight, "shared", time.monotonic() + 0.01))
-    await asyncio.sleep(0.002)  # the leader's batch is running, due to give up at 10 ms
+    leader = asyncio.create_task(caller(inflight, "shared", time.monotonic() + 0.6))
+    await asyncio.sleep(0.002)  # the leader's batch is running, due to give up at 0.6 s
     assert inflight.running == 1
-    assert inflight.join(b"shared", None) is None  # joining would inherit the 10 ms cut-off
+    assert inflight.join(b"shared", None) is None  # joining would inherit the 0.6 s cut-off
     follower = asyncio.create_task(caller(inflight, "shared", None))
     assert inflight.join(b"shared", time.monotonic() + 0.005) is not None  # an earlier deadline may join
     # A batch far from its cut-off is shared whatever the deadlines (the 20 identical requests case).
