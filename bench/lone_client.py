@@ -32,16 +32,15 @@ from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 @dataclass(frozen=True)
 class Comparison:
-    """The stack's own frontend (`base` when `variant_is_stack` is False, else `variant`) against a
-    second frontend started with `overrides` (FrontendSettings fields)."""
+    """The stack's own frontend (`variant`: the setting at its default) against a second frontend
+    started with `overrides` (FrontendSettings fields that turn it off: `base`)."""
 
     prog: str
     doc: str
-    variant: str  # name of the setting's side, e.g. "speculating"
-    base: str  # name of the other side, e.g. "l2_first"
+    variant: str  # name of the default's side, e.g. "speculating"
+    base: str  # name of the second frontend's side, e.g. "l2_first"
     ratio_label: str
     overrides: dict
-    stack_is_variant: bool = True  # the stack's default frontend has the setting; the second one not
     block: int = 1
     default_out: Path | None = None
 
@@ -63,8 +62,6 @@ def main(cmp: Comparison, argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     backend, precision = workloads.stack_default(args.replicas) if args.backend == "auto" else (args.backend, "")
     lines = workloads.corpus_lines(workloads.data_dir())
-    second_name = cmp.base if cmp.stack_is_variant else cmp.variant
-    stack_name = cmp.variant if cmp.stack_is_variant else cmp.base
     with tempfile.TemporaryDirectory(prefix="sutra-lone-client-") as tmp:
         work = Path(tmp)
         settings, _ = start_stack(work / "stack", args.replicas, backend, precision, print)
@@ -72,9 +69,9 @@ def main(cmp: Comparison, argv: list[str] | None = None) -> int:
         try:
             tls = settings.client_tls("embedding")
             second = frontend_bench.start_frontend(
-                work, settings.lb_address, settings.shard_address, second_name.replace("_", "-"), http_port=0,
+                work, settings.lb_address, settings.shard_address, cmp.base.replace("_", "-"), http_port=0,
                 mlbase_connections=settings.frontend_connections, mlbase_tls=tls, shard_tls=tls, **cmp.overrides)
-            addresses = {stack_name: settings.frontend_address, second_name: second.address}
+            addresses = {cmp.variant: settings.frontend_address, cmp.base: second.address}
             times = measure(addresses, lines, args.requests, args.seed, args.block)
         finally:
             if second is not None:
