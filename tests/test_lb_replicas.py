@@ -7,7 +7,9 @@ request reaches a replica). The tests run in order and share it:
 
 1. requests from the one frontend reach every replica; a lone client's
    requests stay on one replica (the warm one: replica affinity), while
-   concurrent clients keep both busy;
+   concurrent clients keep both busy; a batch the warm replica refuses
+   (its queue full) is retried once, on the other replica, never on
+   another connection to the full one;
 2. a replica told to stop (SIGTERM, long drain: alive but NOT_SERVING) is
    marked DOWN within about 1.5 s and gets no new batches, with no failed
    client request;
@@ -24,28 +26,36 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from harness.impatient.metrics import scrape
 from harness.load import Load
-from harness.procs import Proc, free_port
-from harness.stack import service
+from harness.procs import Proc, free_port, wait_until
+from harness.stack import cache_stats, service
 from lb import render, runtime
+from sutra.embedding.v1 import embedding_service_pb2 as epb
+from sutra.embedding.v1 import embedding_service_pb2_grpc as epb_grpc
+from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
+from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
 from tests.support import started
 
 HAPROXY = "/usr/sbin/haproxy"
 ONE_VECTOR = 4 * 384
 DRAIN_SECONDS = 30.0
 CONNECTION_AGE_MS = 3000
+# Small enough that one direct request fills a replica (test_1c), large enough for the load tests.
+MAX_QUEUE = 384
 
 
 def replica(name: str, port: int, metrics_port: int, tmp: Path) -> Proc:
     return service("mlbase", tmp / f"{name}.log",
                    {"server.port": port, "server.metrics_port": metrics_port, "threads": 1,
-                    "server.drain_seconds": DRAIN_SECONDS,
+                    "server.drain_seconds": DRAIN_SECONDS, "max_queue": MAX_QUEUE,
                     "server.grace_seconds": 5.0, "server.max_connection_age_ms": CONNECTION_AGE_MS,
                     "server.max_connection_age_grace_ms": 2000})
 
@@ -99,6 +109,10 @@ class Cluster:
         return {name: scrape(f"http://127.0.0.1:{port}/metrics")["sutra_mlbase_batches_total"]
                 for name, port in self.metrics_ports.items()}
 
+    def queued(self, name: str) -> float:
+        """Texts the replica has admitted (queued or computing), from its own /metrics."""
+        return scrape(f"http://127.0.0.1:{self.metrics_ports[name]}/metrics")["sutra_mlbase_queue_texts"]
+
     def view(self, name: str) -> runtime.ServerView:
         return next(v for v in runtime.servers(self.sock) if v.name == name)
 
@@ -151,6 +165,59 @@ def test_1b_a_lone_client_stays_on_the_warm_replica_and_concurrent_clients_use_b
     together = batches_under_load(cluster, threads=4, calls=40)
     print(f"four clients, batches per replica: {together}")
     assert min(together.values()) >= 5, together
+
+
+def test_1c_a_refused_batch_is_retried_on_the_other_replica(cluster):
+    """The pool knows which connections reach which replica (the replica id in each answer), so
+    a retry skips every connection to the replica that refused. Ranked by affinity alone, the
+    full replica's other connection (warm: it answered last) would take the retry and be
+    refused again: two retries for one batch."""
+    before = cluster.batches()
+    for i in range(6):
+        embed_one(cluster.frontend.address, f"warm replica probe {i}")
+    moved = {n: b - before[n] for n, b in cluster.batches().items()}
+    warm = max(moved, key=moved.get)
+    other = next(n for n in cluster.ports if n != warm)
+    # One direct request takes the warm replica's whole queue for seconds.
+    long_text = " ".join(f"word{i}" for i in range(200))
+    ended: list[str] = []
+
+    def fill() -> None:
+        try:
+            embed_direct(f"127.0.0.1:{cluster.ports[warm]}", [f"{i} {long_text}" for i in range(MAX_QUEUE)])
+            ended.append("OK")
+        except grpc.RpcError as exc:  # the replica's max connection age may end it first
+            ended.append(f"{exc.code().name}: {exc.details()}")
+
+    filler = threading.Thread(target=fill)
+    filler.start()
+    try:
+        wait_until(lambda: cluster.queued(warm) == MAX_QUEUE, 60, "the warm replica's queue full")
+        print(f"warm replica {warm}: {cluster.view(warm).sessions_current} frontend connection(s), "
+              f"{other}: {cluster.view(other).sessions_current}")
+        per_request = []
+        for i in range(4):
+            retries = cache_stats(cluster.frontend.address).mlbase_retries
+            embed_one(cluster.frontend.address, f"a text while {warm} is full {i}")
+            per_request.append(cache_stats(cluster.frontend.address).mlbase_retries - retries)
+        assert cluster.queued(warm) == MAX_QUEUE, "the full replica emptied its queue meanwhile: inconclusive"
+    finally:
+        filler.join(120)
+    print(f"retries per request while {warm} was full: {per_request}; the filling request: {ended}")
+    assert ended in (["OK"], ["UNAVAILABLE: max connection age"]), ended
+    assert per_request[0] == 1, per_request  # the warm (full) replica was tried first, then the other one
+    assert max(per_request) <= 1, per_request
+
+
+def embed_one(address: str, text: str) -> None:
+    with grpc.insecure_channel(address) as ch:
+        reply = epb_grpc.EmbeddingServiceStub(ch).Embed(epb.EmbedRequest(inputs=[text]), timeout=60)
+    assert len(reply.embeddings) == 1
+
+
+def embed_direct(address: str, texts: list[str]) -> None:
+    with grpc.insecure_channel(address) as ch:
+        mpb_grpc.MLBaseServiceStub(ch).Embed(mpb.EmbedRequest(texts=texts, full_width=True), timeout=120)
 
 
 def test_2_not_serving_replica_is_out_within_1_5_s(cluster):
