@@ -136,7 +136,8 @@ class FrontendEngine:
         self.stats = stats
         self.l1 = LRUCache(settings.l1_entries, stats.l1) if settings.l1_enabled else None
         self.l2 = l2 if settings.l2_enabled else None
-        self.writeback = (WriteBack(l2, stats, capacity=settings.writeback_queue, batch=settings.writeback_batch)
+        self.writeback = (WriteBack(l2, stats, capacity=settings.writeback_queue, batch=settings.writeback_batch,
+                                    linger_s=settings.writeback_linger_ms / 1000.0)
                           if self.l2 is not None else None)
         # compute(texts, timeout, fingerprint=...): the batch must be answered under that fingerprint.
         self._compute = compute

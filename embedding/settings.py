@@ -150,6 +150,11 @@ class FrontendSettings(Settings):
     writeback_queue: int = setting(10_000, "L2 write-backs waiting to be stored; when full new ones are dropped "
                                            "and counted", check=not_negative)
     writeback_batch: int = setting(256, "most entries per L2 Store call", check=at_least(1))
+    # How long the write-back waits after its first entry for more to join the same Store: each
+    # Store costs the frontend and the shard a gRPC call whatever it carries.
+    writeback_linger_ms: float = setting(
+        20.0, "after the first queued write-back, wait this long for more before one Store carries them all "
+        "(fewer, larger calls to the shards); 0 = store at once", check=not_negative)
     # Seconds SIGTERM waits for queued L2 write-backs.
     writeback_flush_s: float = setting(5.0, "on SIGTERM, seconds to spend storing queued write-backs",
                                        flag="writeback-flush", check=not_negative)

@@ -3,7 +3,11 @@
 `offer` never waits: entries go into a bounded queue, and when it is full
 they are dropped and counted (a slow or dead shard must not grow the
 frontend's memory). One worker drains the queue in batches of up to
-`batch` entries, grouped per shard, one Store call each; the shards are
+`batch` entries, grouped per shard, one Store call each. After its first
+entry it lingers (`linger_s`, ended early by a full batch or by close) so
+that later entries join the same call: every Store costs the frontend and
+the shard a gRPC call whatever it carries (at 8 cold clients, 20 ms cut the
+shard's CPU per request by about a quarter); the shards are
 chosen when the batch is stored (`L2Client.store`: each entry's `copies`
 owners among the shards of that moment), so a change of the shard set
 while entries wait sends them where lookups will look. A failed store
@@ -28,13 +32,17 @@ _STOP = object()
 
 
 class WriteBack:
-    def __init__(self, l2: L2Client, stats: Stats, *, capacity: int, batch: int, timeout_s: float = 5.0) -> None:
+    def __init__(self, l2: L2Client, stats: Stats, *, capacity: int, batch: int, timeout_s: float = 5.0,
+                 linger_s: float = 0.0) -> None:
         self._l2 = l2
         self._stats = stats
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, capacity))
         self._capacity = capacity
         self._batch = batch
         self._timeout_s = timeout_s
+        self._linger_s = linger_s
+        self._lingering: asyncio.Future | None = None  # settled early by a full batch or by close()
+        self._held = 0  # entries the worker has taken from the queue and not yet stored
         self._worker: asyncio.Task | None = None
         self._closing = False
         self.restarts = 0
@@ -43,13 +51,15 @@ class WriteBack:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Entries offered and not yet stored (or failed): the queue and what the worker holds."""
+        return self._queue.qsize() + self._held
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="l2-writeback")
         self._worker.add_done_callback(self._worker_done)
 
     def _worker_done(self, task: asyncio.Task) -> None:
+        self._held = 0  # a worker that ended holds nothing (what it held is lost)
         if task.cancelled() or task.exception() is None or self._closing:
             return
         log.error("L2 write-back worker died; starting it again", exc_info=task.exception())
@@ -69,7 +79,24 @@ class WriteBack:
             self._stats.l2_writes_dropped += 1
             return False
         self._idle.clear()
+        if self._lingering is not None and self._queue.qsize() >= self._batch - 1:
+            self._stop_lingering()
         return True
+
+    async def _linger(self) -> None:
+        """Wait `linger_s` for more entries to join the Store, less when a batch fills or on close."""
+        loop = asyncio.get_running_loop()
+        self._lingering = loop.create_future()
+        timer = loop.call_later(self._linger_s, self._stop_lingering)
+        try:
+            await self._lingering
+        finally:
+            timer.cancel()
+            self._lingering = None
+
+    def _stop_lingering(self) -> None:
+        if self._lingering is not None and not self._lingering.done():
+            self._lingering.set_result(None)
 
     async def drained(self) -> None:
         """Wait until everything offered so far has been stored (or failed)."""
@@ -81,6 +108,9 @@ class WriteBack:
             if item is _STOP:
                 self._idle.set()
                 return
+            self._held = 1
+            if self._linger_s > 0 and not self._closing and self._queue.qsize() < self._batch - 1:
+                await self._linger()
             items = [item]
             stop = False
             while len(items) < self._batch and not self._queue.empty():
@@ -89,7 +119,11 @@ class WriteBack:
                     stop = True
                     break
                 items.append(nxt)
-            await self._store(items)
+            self._held = len(items)
+            try:
+                await self._store(items)
+            finally:
+                self._held = 0
             if stop:
                 self._idle.set()
                 return
@@ -107,6 +141,7 @@ class WriteBack:
         if self._worker is None:
             return
         self._closing = True
+        self._stop_lingering()
         deadline = time.monotonic() + flush_s
         try:
             await asyncio.wait_for(self._queue.put(_STOP), max(0.01, flush_s))

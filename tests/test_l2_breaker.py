@@ -302,3 +302,61 @@ async def test_writeback_worker_that_dies_is_started_again():
     assert l2.shards[0].stored == [b"kept"] and wb.queued == 0
     await wb.close(1.0)
     assert wb.restarts == 1
+
+
+class _CountingL2(_L2):
+    """Records the entries of each Store call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[bytes]] = []
+
+    async def store(self, entries, timeout):
+        self.calls.append([k for k, _ in entries])
+        return await super().store(entries, timeout)
+
+
+@aio
+@pytest.mark.parametrize("linger_s, calls", [(0.0, [[b"k0"], [b"k1", b"k2", b"k3", b"k4"]]),
+                                             (0.05, [[b"k0", b"k1", b"k2", b"k3", b"k4"]])])
+async def test_writeback_linger_lets_later_entries_join_one_store(linger_s, calls):
+    # The worker takes k0 while the test yields; the other four arrive before it runs again (no await
+    # between the offers), so only the linger decides whether k0 waits for them.
+    l2 = _CountingL2()
+    wb = WriteBack(l2, Stats(), capacity=100, batch=10, linger_s=linger_s)
+    wb.start()
+    wb.offer(b"k0", b"v")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    for i in range(1, 5):
+        wb.offer(b"k%d" % i, b"v")
+    await asyncio.wait_for(wb.drained(), 5.0)
+    assert l2.calls == calls
+    await wb.close(1.0)
+
+
+@aio
+async def test_writeback_close_stores_what_lingers():
+    l2 = _CountingL2()
+    wb = WriteBack(l2, Stats(), capacity=100, batch=10, linger_s=30.0)
+    wb.start()
+    wb.offer(b"a", b"v")
+    await asyncio.sleep(0)
+    wb.offer(b"b", b"v")
+    await wb.close(1.0)  # the worker sleeps its linger; close must not wait it out or lose the entries
+    assert sorted(l2.shards[0].stored) == [b"a", b"b"]
+
+
+@aio
+async def test_writeback_full_batch_ends_the_linger():
+    l2 = _CountingL2()
+    wb = WriteBack(l2, Stats(), capacity=100, batch=4, linger_s=30.0)
+    wb.start()
+    wb.offer(b"k0", b"v")
+    await asyncio.sleep(0)
+    for i in range(1, 6):
+        wb.offer(b"k%d" % i, b"v")
+    await until(lambda: len(l2.calls) >= 1, what="the first Store, long before the 30 s linger")
+    assert l2.calls[0] == [b"k0", b"k1", b"k2", b"k3"]
+    await wb.close(1.0)
+    assert sorted(l2.shards[0].stored) == [b"k%d" % i for i in range(6)]

@@ -64,7 +64,9 @@ def test_frontend_follows_the_shard_file_and_two_copies_survive_a_killed_shard(t
         wait_until(lambda: embed(frontend.address, [f"probe {next(probes)}" for _ in range(10)]) is not None
                    and stores(shards[2]) > 0, 120, "entries written to the new shard")
 
-        # Texts cached while three shards serve, each on two of them.
+        # Texts cached while three shards serve, each on two of them (the probes' write-backs stored first).
+        wait_until(lambda: fetch(metrics, timeout=10).value("sutra_embedding_writeback_queued") == 0, 60,
+                   "the probes' write-backs stored")
         more = [f"three shard text {i}" for i in range(100)]
         before = sum(stores(s) for s in shards)
         assert embed(frontend.address, more).usage.computed == 100
