@@ -23,9 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from bench import ab, frontend_bench, interactive, workloads
-from bench.stack_access import start_stack
-from deploy import stack
+from bench import ab, interactive, workloads
+from bench.stack_access import stack_and_second_frontend
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -62,21 +61,10 @@ def main(cmp: Comparison, argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     backend, precision = workloads.stack_default(args.replicas) if args.backend == "auto" else (args.backend, "")
     lines = workloads.corpus_lines(workloads.data_dir())
-    with tempfile.TemporaryDirectory(prefix="sutra-lone-client-") as tmp:
-        work = Path(tmp)
-        settings, _ = start_stack(work / "stack", args.replicas, backend, precision, print)
-        second = None
-        try:
-            tls = settings.client_tls("embedding")
-            second = frontend_bench.start_frontend(
-                work, settings.lb_address, settings.shard_address, cmp.base.replace("_", "-"), http_port=0,
-                mlbase_connections=settings.frontend_connections, mlbase_tls=tls, shard_tls=tls, **cmp.overrides)
-            addresses = {cmp.variant: settings.frontend_address, cmp.base: second.address}
-            times = measure(addresses, lines, args.requests, args.seed, args.block)
-        finally:
-            if second is not None:
-                second.stop()
-            stack.down(settings, out=lambda line: None)
+    with tempfile.TemporaryDirectory(prefix="sutra-lone-client-") as tmp, stack_and_second_frontend(
+            Path(tmp), args.replicas, backend, precision, cmp.base.replace("_", "-"), **cmp.overrides) as (settings, second):
+        addresses = {cmp.variant: settings.frontend_address, cmp.base: second.address}
+        times = measure(addresses, lines, args.requests, args.seed, args.block)
     floor = workloads.BackendBaseline(backend, precision or "fp32", settings.torch_threads, workloads.REQUEST)
     texts = interactive.fresh(lines, 104)
     floor.seconds(texts[:4])

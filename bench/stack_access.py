@@ -60,6 +60,25 @@ def start_stack(run_dir: Path, replicas: int, backend: str, precision: str,
     return settings, took
 
 
+@contextlib.contextmanager
+def stack_and_second_frontend(work: Path, replicas: int, backend: str, precision: str, name: str, **overrides):
+    """A stack (`start_stack`) and a second frontend on its replicas and shard, holding the stack
+    frontend's certificate and differing from it by `overrides` (FrontendSettings fields): the
+    setup of every A/B of one frontend setting. Both are stopped on exit."""
+    settings, _ = start_stack(work / "stack", replicas, backend, precision, print)
+    second = None
+    try:
+        tls = settings.client_tls("embedding")
+        second = frontend_bench.start_frontend(
+            work, settings.lb_address, settings.shard_address, name, http_port=0,
+            mlbase_connections=settings.frontend_connections, mlbase_tls=tls, shard_tls=tls, **overrides)
+        yield settings, second
+    finally:
+        if second is not None:
+            second.stop()
+        stack.down(settings, out=lambda line: None)
+
+
 def internal_channel(settings: StackSettings, address: str, role: str) -> grpc.Channel:
     """A blocking channel to an internal port, holding `role`'s certificate when the stack has internal TLS."""
     return open_channel(address, settings.client_tls(role), max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, aio=False)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from bench import ab, frontend_bench, interactive, workloads
-from bench.stack_access import start_stack
+from bench import ab, interactive, workloads
+from bench.stack_access import stack_and_second_frontend
 from deploy import stack
 from deploy.scrape import fetch
 from embedding.settings import FrontendSettings
@@ -63,51 +63,41 @@ def main(argv: list[str] | None = None) -> int:
     lines = workloads.corpus_lines(workloads.data_dir())
     rng = random.Random(args.seed)
     linger_ms = FrontendSettings.writeback_linger_ms
-    with tempfile.TemporaryDirectory(prefix="sutra-writeback-linger-") as tmp:
-        work = Path(tmp)
-        settings, _ = start_stack(work / "stack", args.replicas, backend, precision, print)
-        second = None
-        try:
-            tls = settings.client_tls("embedding")
-            second = frontend_bench.start_frontend(
-                work, settings.lb_address, settings.shard_address, BASE.replace("_", "-"), http_port=0,
-                mlbase_connections=settings.frontend_connections, mlbase_tls=tls, shard_tls=tls,
-                writeback_linger_ms=0.0)
-            pids = {name: record["pid"] for name, record in stack.recorded_pids(settings).items()}
-            frontends = {DEFAULT: (settings.frontend_address, pids["embedding"]), BASE: (second.address, second.pid)}
-            shard_pid = pids["cacheshard"]
-            replica_pids = [pid for name, pid in pids.items() if name.startswith("mlbase")]
-            shard_metrics = f"http://127.0.0.1:{settings.shard_metrics_port}/metrics"
-            rows: dict[str, list[dict]] = {DEFAULT: [], BASE: []}
-            for name, (address, _) in frontends.items():  # warm each path
-                workloads.drive(address, [[t] for t in interactive.fresh(lines, 64)], args.clients)
-            for _ in range(args.rounds):
-                order = list(frontends)
-                rng.shuffle(order)
-                for name in order:
-                    address, pid = frontends[name]
-                    watched = {"shard": shard_pid, "frontend": pid, **{f"replica{i}": p for i, p in enumerate(replica_pids)}}
-                    requests = [[t] for t in interactive.fresh(lines, args.requests)]
-                    before, stores_before = _cpu(watched), _shard_stores(shard_metrics)
-                    texts_per_s, latencies, _ = workloads.drive(address, requests, args.clients)
-                    time.sleep(3 * linger_ms / 1000 + 0.05)  # the last write-backs are stored, on either side
-                    after, stores_after = _cpu(watched), _shard_stores(shard_metrics)
-                    cpu = {k: 1000 * (after[k] - before[k]) / len(requests) for k in after}
-                    rows[name].append({
-                        "req_per_s": texts_per_s, "p50_ms": 1000 * statistics.median(latencies),
-                        "shard_cpu_ms": cpu["shard"], "frontend_cpu_ms": cpu["frontend"],
-                        "replicas_cpu_ms": sum(v for k, v in cpu.items() if k.startswith("replica")),
-                        "entries_per_store": ((stores_after[0] - stores_before[0])
-                                              / max(1.0, stores_after[1] - stores_before[1])),
-                    })
-        finally:
-            if second is not None:
-                second.stop()
-            stack.down(settings, out=lambda line: None)
+    with tempfile.TemporaryDirectory(prefix="sutra-writeback-linger-") as tmp, stack_and_second_frontend(
+            Path(tmp), args.replicas, backend, precision, BASE.replace("_", "-"),
+            writeback_linger_ms=0.0) as (settings, second):
+        pids = {name: record["pid"] for name, record in stack.recorded_pids(settings).items()}
+        frontends = {DEFAULT: (settings.frontend_address, pids["embedding"]), BASE: (second.address, second.pid)}
+        shard_pid = pids["cacheshard"]
+        replica_pids = [pid for name, pid in pids.items() if name.startswith("mlbase")]
+        shard_metrics = f"http://127.0.0.1:{settings.shard_metrics_port}/metrics"
+        rows: dict[str, list[dict]] = {DEFAULT: [], BASE: []}
+        for name, (address, _) in frontends.items():  # warm each path
+            workloads.drive(address, [[t] for t in interactive.fresh(lines, 64)], args.clients)
+        for _ in range(args.rounds):
+            order = list(frontends)
+            rng.shuffle(order)
+            for name in order:
+                address, pid = frontends[name]
+                watched = {"shard": shard_pid, "frontend": pid, **{f"replica{i}": p for i, p in enumerate(replica_pids)}}
+                requests = [[t] for t in interactive.fresh(lines, args.requests)]
+                before, stores_before = _cpu(watched), _shard_stores(shard_metrics)
+                texts_per_s, latencies, _ = workloads.drive(address, requests, args.clients)
+                time.sleep(3 * linger_ms / 1000 + 0.05)  # the last write-backs are stored, on either side
+                after, stores_after = _cpu(watched), _shard_stores(shard_metrics)
+                cpu = {k: 1000 * (after[k] - before[k]) / len(requests) for k in after}
+                rows[name].append({
+                    "req_per_s": texts_per_s, "p50_ms": 1000 * statistics.median(latencies),
+                    "shard_cpu_ms": cpu["shard"], "frontend_cpu_ms": cpu["frontend"],
+                    "replicas_cpu_ms": sum(v for k, v in cpu.items() if k.startswith("replica")),
+                    "entries_per_store": ((stores_after[0] - stores_before[0])
+                                          / max(1.0, stores_after[1] - stores_before[1])),
+                })
     keys = ("req_per_s", "p50_ms", "shard_cpu_ms", "frontend_cpu_ms", "replicas_cpu_ms", "entries_per_store")
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in rows.items()}
     ratios = {k: medians[DEFAULT][k] / medians[BASE][k] for k in keys if medians[BASE][k]}
-    result = {"cpu": ab.cpu_model(), "cores": len(os.sched_getaffinity(0)), "backend": f"{backend} {precision}".strip(), "clients": args.clients,
+    result = {"cpu": ab.cpu_model(), "cores": len(os.sched_getaffinity(0)), "backend": f"{backend} {precision}".strip(),
+              "clients": args.clients,
               "requests_per_round": args.requests, "rounds": args.rounds, "linger_ms": linger_ms,
               "medians": medians, f"ratio {DEFAULT} / {BASE}": ratios, "rounds_detail": rows}
     print(f"CPU: {result['cpu']} ({result['cores']} cores); {args.clients} clients, {args.requests} single new texts per round, {args.rounds} rounds, "
