@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import plots, report, shard_scale, stack_bench, workloads
+from bench import plots, report, shard_scale, stack_bench, tuner_phase, workloads
 from deploy.settings import auto_replicas
 from harness.results import RESULTS_DIR
 from mlbase import tuned
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"folder holding corpus.txt (default: ${workloads.DATA_ENV}, else <repo>/../shared/data)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR,
                     help="folder for latest.json and the PNG plots (default results/ at the repository root)")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="skip the tuner's table (every backend's floors and quality gates, measured in this run "
+                         "with `sutra tune --quick` at the replicas' thread budget; about 2 minutes on 2 cores)")
     ap.add_argument("--no-shard-scale", action="store_true",
                     help="skip the quick cache-shard scale run (bench.shard_scale --quick, under a minute) that follows; `python -m bench.shard_scale` runs the full one (20k to 10M entries)")
     return ap
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result["command"] = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     result["make_up_default"] = {"backend": defaults[0], "precision": defaults[1]}
+    if not args.no_tune:
+        print("\ntuner: every backend's floors and quality gates (sutra tune --quick, nothing recorded)...")
+        result["tuner"] = tuner_phase.run(result["config"]["torch_threads_per_replica"])
     result["goals"] = report.goals(result, defaults)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from bench import tuner_phase
 from bench.interactive import row_at
 
 Printer = Callable[[str], None]
@@ -139,6 +140,10 @@ def print_table(result: dict, out: Printer = print) -> None:
         f"key {d['payload_bytes']['key']} + value {d['payload_bytes']['value']} = {d['payload_bytes']['sum']} payload); "
         f"method: {d['method']}")
     out("RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in result["rss_mib"].items()))
+    if "tuner" in result:
+        out("")
+        for line in tuner_phase.summary_lines(result["tuner"], (cfg["backend"], cfg["precision"])):
+            out(line)
     out("")
     out("goals:")
     for g in result["goals"]:

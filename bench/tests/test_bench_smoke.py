@@ -100,8 +100,8 @@ def result_doc(backend=("onnx", "int8"), cold_ratio=2.6, l1_p50=0.4, mixed=6.0, 
     best = {"torch fp32": {"baseline": "torch fp32, 1 thread", "texts_per_s": 120.0, "stack_ratio": cold_ratio},
             engine: {"baseline": f"{engine}, 2 threads", "texts_per_s": 190.0, "stack_ratio": cold_ratio / 1.5}}
     return {
-        "config": {"cores": 2, "quick": True, "torch_threads_per_replica": 1, "in_process_threads": 2,
-                   "in_process_batch": 32},
+        "config": {"backend": backend[0], "precision": backend[1], "cores": 2, "quick": True,
+                   "torch_threads_per_replica": 1, "in_process_threads": 2, "in_process_batch": 32},
         "stack": {"backend": backend[0], "precision": backend[1], "replicas": 3, "startup_s": 10.0},
         "same_backend_engine": engine,
         "cold": {"texts": 64, "rounds": [{}], "request_texts": 32, "inflight": 4, "computed": 64, "all_misses": True,
@@ -157,6 +157,20 @@ def test_table_and_plots_from_a_result_document(tmp_path):
     (tmp_path / "latest.json").write_text(json.dumps(doc))
     assert plots.main([str(tmp_path / "latest.json"), "--out", str(tmp_path / "again")]) == 0
     assert (Path(tmp_path) / "again" / "throughput.png").exists()
+
+
+@pytest.mark.parametrize("winner, verdict", [("onnx:int8", "(the backend the stack ran)"),
+                                             ("torch:bf16", "(the stack ran onnx:int8)"),
+                                             (None, "no candidate passed both gates in this run")])
+def test_table_shows_the_tuner_phase_and_whether_its_winner_is_what_the_stack_ran(winner, verdict):
+    doc = result_doc()
+    doc["goals"] = report.goals(doc, ("onnx", "int8"))
+    doc["tuner"] = {"table": "candidate  latency ms\ntorch:fp32  11.40", "winner": winner, "record": {"seconds": 63.2}}
+    lines: list[str] = []
+    report.print_table(doc, out=lines.append)
+    text = "\n".join(lines)
+    assert "tuner (quick, measured in this run; 63 s):" in text and "torch:fp32  11.40" in text
+    assert verdict in text
 
 
 def test_backend_flags_follow_make_up_and_the_registry():
