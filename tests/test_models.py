@@ -15,7 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from harness.stack import service
+from harness.procs import wait_until
+from harness.stack import ShardClient, service
 from mlbase.settings import MLBaseSettings
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -58,11 +59,17 @@ def frontend(tmp_path_factory):
             "mlbase_address": default.address, "extra_models": (f"{SECOND}={second.address}",),
             "cache_shards": (shard.address,), "admin_port": 0, "l1_entries": 0, "mlbase_connections": 2})
         front.start().wait_serving(120)
+        front.shard = shard  # the tests wait for write-backs on it before they expect L2 hits
         yield front
     finally:
         for proc in [front, *procs]:
             if proc is not None and proc.popen is not None and proc.popen.poll() is None:
                 proc.kill()
+
+
+def stored(shard) -> int:
+    with ShardClient(shard.address) as client:
+        return client.stats().stores
 
 
 def embed(stub, texts, model=""):
@@ -86,7 +93,9 @@ def test_two_models_serve_side_by_side_and_their_caches_never_mix(frontend):
         assert reply_a.model == default_info.model_id and reply_b.model == SECOND
         cosines = np.sum(first_a * first_b, axis=1)
         assert np.all(cosines < 0.99), cosines
-        # Each later answer comes from L2 and is that model's own vector (float16 storage).
+        # Each later answer comes from L2 and is that model's own vector (float16 storage), once
+        # the write-backs (which linger up to --writeback-linger-ms for company) are stored.
+        wait_until(lambda: stored(frontend.shard) == 10, 60, "both models' write-backs stored")
         again_b, reply = embed(stub, texts, SECOND)
         assert reply.usage.l2_hits == 5
         np.testing.assert_allclose(again_b, first_b, atol=2e-3)
