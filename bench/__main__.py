@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for latest.json and the PNG plots (default results/ at the repository root)")
     ap.add_argument("--no-tune", action="store_true",
                     help="skip the tuner's table (every backend's floors and quality gates, measured in this run "
-                         "with `sutra tune --quick` at the replicas' thread budget; about 2 minutes on 2 cores)")
+                         "with `sutra tune --quick` at the replicas' thread budget; about a minute on 2 cores)")
     ap.add_argument("--no-shard-scale", action="store_true",
                     help="skip the quick cache-shard scale run (bench.shard_scale --quick, under a minute) that follows; `python -m bench.shard_scale` runs the full one (20k to 10M entries)")
     return ap
@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     result["make_up_default"] = {"backend": defaults[0], "precision": defaults[1]}
     if not args.no_tune:
         print("\ntuner: every backend's floors and quality gates (sutra tune --quick, nothing recorded)...")
-        result["tuner"] = tuner_phase.run(result["config"]["torch_threads_per_replica"])
+        try:
+            result["tuner"] = tuner_phase.run(result["config"]["torch_threads_per_replica"])
+        except Exception as exc:  # noqa: BLE001 - the stack's figures are kept whatever the tuner does
+            result["tuner"] = {"error": f"{type(exc).__name__}: {exc}"}
     result["goals"] = report.goals(result, defaults)
 
     args.out.mkdir(parents=True, exist_ok=True)

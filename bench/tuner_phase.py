@@ -33,6 +33,8 @@ def run(threads: int, say=print) -> dict:
 
 def summary_lines(phase: dict, ran: tuple[str, str]) -> list[str]:
     """The table, then which candidate today's figures pick against what the stack ran."""
+    if "error" in phase:
+        return [f"tuner: failed in this run ({phase['error']}); the stack's figures above stand"]
     lines = [f"tuner (quick, measured in this run; {phase['record']['seconds']:.0f} s):", *phase["table"].splitlines()]
     stack = f"{ran[0]}:{ran[1]}"
     winner = phase["winner"]

@@ -49,11 +49,22 @@ def _shard_stores(url: str) -> tuple[float, float]:
     return page.value("sutra_cacheshard_stores_total"), page.value("sutra_cacheshard_store_duration_seconds_count")
 
 
+def _settled_stores(url: str, linger_ms: float) -> tuple[float, float]:
+    """The shard's store counts once they stop moving (the last write-backs linger, then land)."""
+    last = _shard_stores(url)
+    while True:
+        time.sleep(2 * linger_ms / 1000 + 0.05)
+        now = _shard_stores(url)
+        if now == last:
+            return now
+        last = now
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.writeback_linger", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=8, help="clients in flight (default %(default)s)")
-    ap.add_argument("--requests", type=int, default=800, help="single new texts per round and frontend (default %(default)s)")
+    ap.add_argument("--requests", type=int, default=600, help="single new texts per round and frontend (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=4, help="rounds; each measures both frontends (default %(default)s)")
     ap.add_argument("--replicas", type=int, default=2, help="replicas behind HAProxy (default %(default)s)")
     ap.add_argument("--seed", type=int, default=1)
@@ -83,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 requests = [[t] for t in interactive.fresh(lines, args.requests)]
                 before, stores_before = _cpu(watched), _shard_stores(shard_metrics)
                 texts_per_s, latencies, _ = workloads.drive(address, requests, args.clients)
-                time.sleep(3 * linger_ms / 1000 + 0.05)  # the last write-backs are stored, on either side
-                after, stores_after = _cpu(watched), _shard_stores(shard_metrics)
+                stores_after = _settled_stores(shard_metrics, linger_ms)  # this round's last Store landed
+                after = _cpu(watched)
                 cpu = {k: 1000 * (after[k] - before[k]) / len(requests) for k in after}
                 rows[name].append({
                     "req_per_s": texts_per_s, "p50_ms": 1000 * statistics.median(latencies),

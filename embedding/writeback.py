@@ -43,6 +43,8 @@ class WriteBack:
         self._linger_s = linger_s
         self._lingering: asyncio.Future | None = None  # settled early by a full batch or by close()
         self._held = 0  # entries the worker has taken from the queue and not yet stored
+        # A Store this full ends the linger at once (the queue's bound may be below the batch).
+        self._full_at = max(1, min(batch, max(1, capacity)))
         self._worker: asyncio.Task | None = None
         self._closing = False
         self.restarts = 0
@@ -79,7 +81,7 @@ class WriteBack:
             self._stats.l2_writes_dropped += 1
             return False
         self._idle.clear()
-        if self._lingering is not None and self._queue.qsize() >= self._batch - 1:
+        if self._lingering is not None and 1 + self._queue.qsize() >= self._full_at:
             self._stop_lingering()
         return True
 
@@ -109,7 +111,7 @@ class WriteBack:
                 self._idle.set()
                 return
             self._held = 1
-            if self._linger_s > 0 and not self._closing and self._queue.qsize() < self._batch - 1:
+            if self._linger_s > 0 and not self._closing and 1 + self._queue.qsize() < self._full_at:
                 await self._linger()
             items = [item]
             stop = False
@@ -150,10 +152,10 @@ class WriteBack:
         try:
             await asyncio.wait_for(asyncio.shield(self._worker), max(0.0, deadline - time.monotonic()))
         except (asyncio.TimeoutError, asyncio.CancelledError):
-            left = self._queue.qsize()
-            log.warning("write-back flush ran out of time; %d entries not stored", left)
+            # (while closing, the queue may also hold the stop marker: one more than the entries)
+            log.warning("write-back flush ran out of time; about %d entries not stored", self.queued)
         except Exception:  # noqa: BLE001 - died while flushing (not restarted once closing)
-            log.exception("L2 write-back worker failed while flushing; %d entries not stored", self._queue.qsize())
+            log.exception("L2 write-back worker failed while flushing; about %d entries not stored", self.queued)
         finally:
             if not self._worker.done():
                 self._worker.cancel()

@@ -360,3 +360,20 @@ async def test_writeback_full_batch_ends_the_linger():
     assert l2.calls[0] == [b"k0", b"k1", b"k2", b"k3"]
     await wb.close(1.0)
     assert sorted(l2.shards[0].stored) == [b"k%d" % i for i in range(6)]
+
+
+@aio
+async def test_writeback_linger_ends_when_the_queue_bound_is_below_the_batch():
+    # capacity 3 < batch 256: three entries held (one taken, two queued) are a full Store, so the
+    # worker stops lingering instead of letting the full queue drop what comes next.
+    l2 = _CountingL2()
+    stats = Stats()
+    wb = WriteBack(l2, stats, capacity=3, batch=256, linger_s=30.0)
+    wb.start()
+    wb.offer(b"k0", b"v")
+    await asyncio.sleep(0)
+    wb.offer(b"k1", b"v")
+    wb.offer(b"k2", b"v")
+    await until(lambda: len(l2.calls) >= 1, what="the first Store, long before the 30 s linger")
+    assert l2.calls[0] == [b"k0", b"k1", b"k2"] and stats.l2_writes_dropped == 0
+    await wb.close(1.0)

@@ -86,6 +86,7 @@ def test_two_models_serve_side_by_side_and_their_caches_never_mix(frontend):
         assert list(default_info.models) == [default_info.model_id, SECOND]
         assert second_info.model_id == SECOND and second_info.fingerprint != default_info.fingerprint
 
+        before = stored(frontend.shard)
         first_a, reply_a = embed(stub, texts)
         first_b, reply_b = embed(stub, texts, SECOND)
         # The second model does not read the first's entries: computed again, and other vectors.
@@ -95,7 +96,7 @@ def test_two_models_serve_side_by_side_and_their_caches_never_mix(frontend):
         assert np.all(cosines < 0.99), cosines
         # Each later answer comes from L2 and is that model's own vector (float16 storage), once
         # the write-backs (which linger up to --writeback-linger-ms for company) are stored.
-        wait_until(lambda: stored(frontend.shard) == 10, 60, "both models' write-backs stored")
+        wait_until(lambda: stored(frontend.shard) - before == 10, 60, "both models' write-backs stored")
         again_b, reply = embed(stub, texts, SECOND)
         assert reply.usage.l2_hits == 5
         np.testing.assert_allclose(again_b, first_b, atol=2e-3)

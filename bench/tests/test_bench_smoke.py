@@ -173,6 +173,15 @@ def test_table_shows_the_tuner_phase_and_whether_its_winner_is_what_the_stack_ra
     assert verdict in text
 
 
+def test_table_says_when_the_tuner_phase_failed():
+    doc = result_doc()
+    doc["goals"] = report.goals(doc, ("onnx", "int8"))
+    doc["tuner"] = {"error": "FileNotFoundError: sts-test.tsv"}
+    lines: list[str] = []
+    report.print_table(doc, out=lines.append)
+    assert "tuner: failed in this run (FileNotFoundError: sts-test.tsv)" in "\n".join(lines)
+
+
 def test_backend_flags_follow_make_up_and_the_registry():
     """--backend auto (the default) measures what `make up` runs; explicit backends take any precision
     the registry lists for them, and nothing else."""
