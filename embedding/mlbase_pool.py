@@ -5,8 +5,9 @@ channels with identical arguments share one TCP connection. Each channel here
 therefore gets its own arguments (`grpc.sutra_channel_id`) and a local
 subchannel pool, so N channels are N connections the balancer can spread.
 Each batch goes to the least busy replica, counted over every connection
-that reaches it: replicas put their id in each answer, so the pool learns
-which connections share one. Among idle replicas it prefers the one that
+that reaches it: replicas put their id in each answer (Embed and GetInfo,
+which `watch` asks of every connection every few seconds), so the pool
+learns which connections share one, and relearns it after a reconnect. Among idle replicas it prefers the one that
 answered last (`affinity`): a replica that has just run has its threads
 awake and its weights in the CPU caches (one client's single-text p50
 x0.90-x1.00 against taking the connections in turn, bench.replica_affinity).
@@ -176,7 +177,10 @@ class MLBasePool:
             reply = await conn.stub.GetInfo(pb.GetInfoRequest(), timeout=PROBE_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             self.live.forget(conn.index)
+            conn.replica = ""  # broken or reconnecting: it may come back on another replica
             return
+        if reply.replica_id:  # where it leads now, even if no batch has used it since a reconnect
+            conn.replica = reply.replica_id
         info = ReplicaInfo.from_proto(reply)
         if not info.fingerprint or info.native_width <= 0:
             log.warning("ML-base at %s sent an incomplete GetInfo on connection %d", self.address, conn.index)

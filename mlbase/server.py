@@ -59,6 +59,7 @@ class MLBaseServicer(pb_grpc.MLBaseServiceServicer):
             layer_norm=s.layer_norm,
             max_inputs=s.max_inputs,
             max_chars=s.max_chars,
+            replica_id=engine.replica_id,
         )
 
 

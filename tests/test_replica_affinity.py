@@ -7,14 +7,27 @@ RPCs on the connection, then one that reaches the wanted fingerprint, then
 (with affinity) the replica that answered last, then the least used
 connection; a retry avoids the connections it tried and, where another is
 known, their replicas. The end-to-end side (a lone client stays on one
-replica, concurrent ones use both) is in tests/test_lb_replicas.py.
+replica, concurrent ones use both, a refused batch goes to the other) is in
+tests/test_lb_replicas.py. The last test here checks, on a real replica,
+that GetInfo alone (the pool's watch) labels every connection, and
+relabels them when the replica behind them is a new one.
 """
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
-from embedding.mlbase_pool import pick_connection
+import grpc
+
+from common.tls import DEFAULT_MAX_MESSAGE_BYTES
+from embedding.mlbase_pool import MLBasePool, pick_connection
+from embedding.stats import Stats
+from harness.procs import free_port
+from harness.stack import service
+from sutra.mlbase.v1 import mlbase_service_pb2 as mpb
+from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
+from tests.support import aio
 
 
 def conn(index: int, replica: str = "", inflight: int = 0, answered_at: float = 0.0, calls: int = 0):
@@ -74,3 +87,53 @@ def test_at_equal_load_a_connection_known_to_reach_the_wanted_model_comes_first(
     # ...but never at the price of a busier replica.
     conns[1].inflight = 1
     assert pick_connection(conns, prefer=lambda c: c.index == 1).index == 0
+
+
+def replica_id(address: str) -> str:
+    with grpc.insecure_channel(address) as ch:
+        return mpb_grpc.MLBaseServiceStub(ch).GetInfo(mpb.GetInfoRequest(), timeout=30).replica_id
+
+
+async def labels_after_refresh(pool: MLBasePool, want: str, timeout: float = 60.0) -> set[str]:
+    """Refresh (GetInfo on every connection) until every label is `want` or `timeout` passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        await pool.refresh()
+        labels = {c.replica for c in pool._conns}
+        if labels == {want} or loop.time() > deadline:
+            return labels
+        await asyncio.sleep(0.2)
+
+
+def test_get_info_labels_every_connection_and_a_new_replica_relabels_them(tmp_path):
+    port = free_port()
+    settings = {"server.port": port, "threads": 1, "server.drain_seconds": 0.0}
+    first = service("mlbase", tmp_path / "first.log", settings).start().wait_serving(300)
+    second = None
+    try:
+        address = f"127.0.0.1:{port}"
+        old = replica_id(address)
+        assert len(old) == 16
+
+        @aio
+        async def scenario() -> None:
+            nonlocal second
+            pool = MLBasePool(address, 3, Stats(), max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, watch_s=0)
+            try:
+                # No batch has run: GetInfo alone tells the pool where each connection leads.
+                assert await labels_after_refresh(pool, old) == {old}
+                first.stop()
+                assert await labels_after_refresh(pool, "") == {""}  # gone: unknown, not the old id
+                second = service("mlbase", tmp_path / "second.log", settings).start().wait_serving(300)
+                new = replica_id(address)
+                assert new != old
+                assert await labels_after_refresh(pool, new) == {new}
+            finally:
+                await pool.close()
+
+        scenario()
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.stop()
