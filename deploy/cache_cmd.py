@@ -9,6 +9,10 @@
                                               embed the N most recently used texts with a rollout's new
                                               model and store them, before it takes traffic
 
+invalidate and prewarm act on the default model, or on the one named by
+--model (a name GetInfo lists in `models`); export and import carry every
+model's entries (each key holds its model's fingerprint).
+
 The frontend is the one `sutra up` recorded (or --address). With tokens
 configured these need an admin token: --token, or SUTRA_ADMIN_TOKEN.
 """
@@ -39,6 +43,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     inv.add_argument("texts", nargs="*", help="texts whose entries to drop")
     inv.add_argument("--all", action="store_true", help="every entry of --fingerprint (default: the active one)")
     inv.add_argument("--fingerprint", default="", help="with --all: the fingerprint (default: the active one)")
+    inv.add_argument("--model", default="", help="a served model's name (GetInfo models; default: the default model)")
     ex = sub.add_parser("export", help="write every L2 entry to FILE")
     ex.add_argument("file", type=Path)
     im = sub.add_parser("import", help="store FILE's entries into this stack's shards")
@@ -46,12 +51,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     pw = sub.add_parser("prewarm", help="embed recent texts with a rollout's new model before it takes traffic")
     pw.add_argument("--count", type=int, default=0, help="how many recent texts (default: all remembered)")
     pw.add_argument("--fingerprint", default="", help="fingerprint to warm (default: the one a rollout moves to)")
+    pw.add_argument("--model", default="", help="the served model whose rollout to warm (default: the default model)")
 
 
 def prewarm(stub: pb_grpc.EmbeddingServiceStub, count: int, fingerprint: str = "", metadata=(),
-            timeout: float = 600) -> pb.PrewarmCacheResponse:
-    return stub.PrewarmCache(pb.PrewarmCacheRequest(count=count, fingerprint=fingerprint), metadata=metadata,
-                             timeout=timeout)
+            timeout: float = 600, model: str = "") -> pb.PrewarmCacheResponse:
+    return stub.PrewarmCache(pb.PrewarmCacheRequest(count=count, fingerprint=fingerprint, model=model),
+                             metadata=metadata, timeout=timeout)
 
 
 def _batches(path: Path) -> Iterator[pb.ImportCacheRequest]:
@@ -86,7 +92,7 @@ def _run(stub, args, metadata) -> int:
             print("sutra cache invalidate: give TEXT... or --all", file=sys.stderr)
             return 2
         reply = stub.InvalidateCache(pb.InvalidateCacheRequest(inputs=args.texts, all_entries=args.all,
-                                                               fingerprint=args.fingerprint),
+                                                               fingerprint=args.fingerprint, model=args.model),
                                      metadata=metadata, timeout=60)
         if args.all:
             print(f"every entry of {reply.fingerprint} invalidated (cache generation {reply.generation})")
@@ -104,7 +110,7 @@ def _run(stub, args, metadata) -> int:
         reply = stub.ImportCache(_batches(args.file), metadata=metadata, timeout=3600)
         print(f"{reply.stored} entries imported from {args.file}")
     elif args.cache_command == "prewarm":
-        reply = prewarm(stub, args.count, args.fingerprint, metadata)
+        reply = prewarm(stub, args.count, args.fingerprint, metadata, model=args.model)
         print(f"pre-warmed {reply.fingerprint}: {reply.texts} recent texts, {reply.already} already stored, "
               f"{reply.computed} embedded and stored in {reply.seconds:.1f}s")
     return 0

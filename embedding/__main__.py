@@ -72,7 +72,8 @@ async def serve(settings: FrontendSettings) -> None:
     auth = [AuthInterceptor(gate)] if gate.auth_enabled else []
     server = ServiceServer(settings.server, [SERVICE_NAME], interceptors=[RequestIds(f"/{SERVICE_NAME}/"), *auth])
     servicer = EmbeddingServicer(engine, settings.stream_window, gate, stream_idle_s=settings.stream_idle_s,
-                                 live=pool.live, cache_admin=CacheAdmin(engine, pool),
+                                 live=pool.live,
+                                 cache_admins={r.name: CacheAdmin(r.engine, r.pool) for r in models.routes},
                                  models=models if extra else None)
     add_to_server(servicer, server.server)
     watchdog = StallWatchdog(lambda: engine.inflight, server, stall_s=settings.stall_s)

@@ -63,9 +63,10 @@ def cache_stats_proto(stats: dict) -> pb.GetCacheStatsResponse:
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, engine: FrontendEngine, stream_window: int, gate: Gate | None = None,
                  stream_idle_s: float = 0.0, live: LiveFingerprints | None = None,
-                 cache_admin: CacheAdmin | None = None, models: Models | None = None) -> None:
+                 cache_admins: dict[str, CacheAdmin] | None = None, models: Models | None = None) -> None:
         self._engine = engine
-        self._admin = cache_admin
+        # Cache management per served model, by route name ("" = the default model); None: not offered.
+        self._admins = cache_admins
         # Several models (embedding/models.py); None: `engine` alone, and EmbedRequest.model is checked by it.
         self._models = models
         # What the ML-base pool's connections see (GetInfo.live_fingerprints); None: not reported.
@@ -198,15 +199,21 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         return cache_stats_proto(await self._engine.cache_stats())
 
     # -- cache management (admin) ---------------------------------------------------------------
-    def _cache_admin(self, context) -> CacheAdmin:
+    def _cache_admin(self, context, model: str = "") -> CacheAdmin:
+        """The named model's cache management (empty: the default model's), for admin callers only."""
         self._gate.admin(context.invocation_metadata())
-        if self._admin is None:
+        if not self._admins:
             raise Unavailable("cache management is not available on this frontend")
-        return self._admin
+        if self._models is not None:
+            return self._admins[self._models.route(model).name]
+        served = self._engine.model.info.model_id if self._engine.model is not None else ""
+        if model and model != served:
+            raise unknown_model(model, [served])
+        return self._admins[""]
 
     @grpc_errors
     async def InvalidateCache(self, request, context):
-        admin = self._cache_admin(context)
+        admin = self._cache_admin(context, request.model)
         if request.all_entries:
             if request.inputs:
                 raise InvalidInput("give `inputs` or `all_entries`, not both")
@@ -231,7 +238,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @grpc_errors
     async def PrewarmCache(self, request, context):
-        admin = self._cache_admin(context)
+        admin = self._cache_admin(context, request.model)
         count = request.count or self._engine.settings.recent_texts
         report = await admin.prewarm(count, request.fingerprint)
         return pb.PrewarmCacheResponse(fingerprint=report.fingerprint, texts=report.texts, already=report.already,

@@ -186,6 +186,19 @@ def test_impatient_and_hostile_admin_callers_leave_the_frontend_serving(stack):
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
 
+        # A model this frontend does not serve: the same clear error as Embed gives, for both calls
+        # that name one; the default model by its own name is fine.
+        served = stub.GetInfo(pb.GetInfoRequest(), metadata=admin, timeout=10).model_id
+        for call in (lambda m: stub.InvalidateCache(pb.InvalidateCacheRequest(inputs=["x"], model=m), metadata=admin,
+                                                    timeout=30),
+                     lambda m: stub.PrewarmCache(pb.PrewarmCacheRequest(count=1, model=m), metadata=admin,
+                                                 timeout=30)):
+            with pytest.raises(grpc.RpcError) as caught:
+                call("no-such-model")
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and served in caught.value.details()
+        assert stub.InvalidateCache(pb.InvalidateCacheRequest(inputs=["x"], model=served), metadata=admin,
+                                    timeout=30).l2_deleted == 1
+
         # An export read for one page, then dropped.
         pages = stub.ExportCache(pb.ExportCacheRequest(), metadata=admin, timeout=60)
         next(pages)

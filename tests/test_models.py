@@ -190,3 +190,37 @@ def test_sutra_up_with_a_models_file_serves_both_models(tmp_path):
             again, reply = embed(stub, texts, SECOND)
             assert reply.usage.computed == 1  # the new fingerprint's keys: nothing cached yet
             np.testing.assert_allclose(again, b, atol=1e-3)  # the same weights and pooling, another backend
+
+
+def test_cache_management_names_the_model(frontend):
+    """InvalidateCache with `model` drops that model's entries only (the default's stay), a whole
+    fingerprint of the second model can be invalidated by name, and an unknown name is a clear
+    INVALID_ARGUMENT (as for Embed)."""
+    texts = [f"managed per model {i}" for i in range(3)]
+    with grpc.insecure_channel(frontend.address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        before = stored(frontend.shard)
+        embed(stub, texts)
+        embed(stub, texts, SECOND)
+        wait_until(lambda: stored(frontend.shard) - before == 6, 60, "both models' write-backs stored")
+
+        reply = stub.InvalidateCache(pb.InvalidateCacheRequest(inputs=texts, model=SECOND), timeout=30)
+        assert reply.l2_deleted == 3
+        assert embed(stub, texts, SECOND)[1].usage.computed == 3  # the second model's entries are gone
+        assert embed(stub, texts)[1].usage.l2_hits == 3  # the default model's are not
+
+        second_fp = stub.GetInfo(pb.GetInfoRequest(model=SECOND), timeout=10).fingerprint
+        whole = stub.InvalidateCache(pb.InvalidateCacheRequest(all_entries=True, model=SECOND), timeout=30)
+        assert whole.fingerprint == second_fp and whole.generation >= 1
+        default_fp = stub.GetInfo(pb.GetInfoRequest(), timeout=10).fingerprint
+        assert whole.fingerprint != default_fp
+
+        for request in (pb.InvalidateCacheRequest(inputs=texts, model="no-such-model"),
+                        pb.InvalidateCacheRequest(inputs=texts, model="m" * (1 << 20))):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.InvalidateCache(request, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and SECOND in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.PrewarmCache(pb.PrewarmCacheRequest(model="no-such-model"), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert embed(stub, texts)[1].usage.l2_hits == 3  # still serving
