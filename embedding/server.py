@@ -206,9 +206,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise Unavailable("cache management is not available on this frontend")
         if self._models is not None:
             return self._admins[self._models.route(model).name]
-        served = self._engine.model.info.model_id if self._engine.model is not None else ""
-        if model and model != served:
-            raise unknown_model(model, [served])
+        if self._engine.model is None:
+            if model:  # as Embed answers before the replicas have described the model
+                raise Unavailable("the frontend is starting: ML-base has not described its model yet")
+        elif model and model != self._engine.model.info.model_id:
+            raise unknown_model(model, [self._engine.model.info.model_id])
         return self._admins[""]
 
     @grpc_errors

@@ -19,7 +19,7 @@ from embedding import cache_file, generations
 from embedding.recent import RecentTexts
 from deploy.scrape import fetch
 from harness.impatient.metrics import IDLE_GAUGES
-from harness.procs import free_port
+from harness.procs import free_port, wait_until
 from harness.stack import Stack
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -74,6 +74,18 @@ def embed(stub, texts: list[str]) -> pb.EmbedResponse:
     return stub.Embed(pb.EmbedRequest(inputs=texts, dimensions=64), metadata=bearer(USER), timeout=60)
 
 
+def metrics_url(stack) -> str:
+    args = stack.frontend.args  # the harness passes --admin-port 0; the fixture's flag, last, wins
+    admin_port = int(args[len(args) - 1 - args[::-1].index("--admin-port") + 1])
+    return f"http://127.0.0.1:{admin_port}/metrics"
+
+
+def write_backs_stored(stack) -> None:
+    """Wait until the frontend holds no write-back (they linger a little before they are stored)."""
+    wait_until(lambda: fetch(metrics_url(stack), timeout=5, token=ADMIN).value("sutra_embedding_writeback_queued")
+               == 0, 60, "the write-backs stored")
+
+
 def cache(stack, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deploy", "cache", "--address", stack.frontend.address,
                            "--token", ADMIN, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -109,6 +121,7 @@ def test_invalidate_export_import_and_a_new_generation(stack, tmp_path):
         assert embed(stub, texts).usage.l1_hits == 6
 
         export = tmp_path / "cache.bin"
+        write_backs_stored(stack)
         done = cache(stack, "export", str(export))
         assert done.returncode == 0, done.stderr
         with open(export, "rb") as f:
@@ -171,6 +184,7 @@ def test_impatient_and_hostile_admin_callers_leave_the_frontend_serving(stack):
     with grpc.insecure_channel(stack.frontend.address) as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         embed(stub, texts)
+        write_backs_stored(stack)
         entries = [e for page in stub.ExportCache(pb.ExportCacheRequest(), metadata=admin, timeout=60)
                    for e in page.entries]
         assert len(entries) >= len(texts)
@@ -196,8 +210,11 @@ def test_impatient_and_hostile_admin_callers_leave_the_frontend_serving(stack):
             with pytest.raises(grpc.RpcError) as caught:
                 call("no-such-model")
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and served in caught.value.details()
-        assert stub.InvalidateCache(pb.InvalidateCacheRequest(inputs=["x"], model=served), metadata=admin,
-                                    timeout=30).l2_deleted == 1
+        probe = "invalidated through the model's own name"
+        embed(stub, [probe])
+        named = stub.InvalidateCache(pb.InvalidateCacheRequest(inputs=[probe], model=served), metadata=admin,
+                                     timeout=30)
+        assert named.l1_dropped == 1  # the default model by its own name: its entry was there, and is gone
 
         # An export read for one page, then dropped.
         pages = stub.ExportCache(pb.ExportCacheRequest(), metadata=admin, timeout=60)
@@ -234,11 +251,9 @@ def test_impatient_and_hostile_admin_callers_leave_the_frontend_serving(stack):
         reply = embed(stub, texts)
         assert reply.usage.computed == 0
         assert embed(stub, ["a new text after the admin storm"]).usage.computed == 1
-    args = stack.frontend.args  # the harness passes --admin-port 0; the fixture's flag, last, wins
-    admin_port = int(args[len(args) - 1 - args[::-1].index("--admin-port") + 1])
     gauges = {}
     for _ in range(120):  # the cancelled calls settle asynchronously
-        page = fetch(f"http://127.0.0.1:{admin_port}/metrics", timeout=5, token=ADMIN)
+        page = fetch(metrics_url(stack), timeout=5, token=ADMIN)
         gauges = {name.removeprefix("sutra_embedding_"): page.value(name) for name in IDLE_GAUGES
                   if IDLE_GAUGES[name] == 0}
         if not any(gauges.values()):

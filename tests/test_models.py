@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def frontend(tmp_path_factory):
 def stored(shard) -> int:
     with ShardClient(shard.address) as client:
         return client.stats().stores
+
+
+def settled(shard) -> int:
+    """The shard's store count once it has not moved for half a second."""
+    last = stored(shard)
+    while True:
+        time.sleep(0.5)
+        now = stored(shard)
+        if now == last:
+            return now
+        last = now
 
 
 def embed(stub, texts, model=""):
@@ -199,7 +211,8 @@ def test_cache_management_names_the_model(frontend):
     texts = [f"managed per model {i}" for i in range(3)]
     with grpc.insecure_channel(frontend.address) as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
-        before = stored(frontend.shard)
+        # Earlier tests' write-backs may still land: wait until the shard's count stops moving.
+        before = settled(frontend.shard)
         embed(stub, texts)
         embed(stub, texts, SECOND)
         wait_until(lambda: stored(frontend.shard) - before == 6, 60, "both models' write-backs stored")
