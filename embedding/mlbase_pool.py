@@ -7,17 +7,18 @@ subchannel pool, so N channels are N connections the balancer can spread.
 Each batch goes to the least busy replica, counted over every connection
 that reaches it: replicas put their id in each answer (Embed and GetInfo,
 which `watch` asks of every connection every few seconds), so the pool
-learns which connections share one, and relearns it after a reconnect. Among idle replicas it prefers the one that
-answered last (`affinity`): a replica that has just run has its threads
-awake and its weights in the CPU caches (one client's single-text p50
-x0.90-x1.00 against taking the connections in turn, bench.replica_affinity).
-A retry goes to another replica when one is known.
+learns which connections share one, and relearns it after a reconnect.
+Among idle replicas it prefers the one that answered last (`affinity`): a
+replica that has just run has its threads awake and its weights in the CPU
+caches (one client's single-text p50 x0.90-x1.00 against taking the
+connections in turn, bench.replica_affinity). A retry goes to another
+replica when one is known.
 
 A batch that meets UNAVAILABLE or RESOURCE_EXHAUSTED (a replica died, is
 draining or is full) is retried on another connection within the caller's
-deadline (another replica when one is known), with a short doubling backoff (50 ms, 100 ms, ... capped at 1 s)
-that spans the second or so a balancer needs to mark a dead replica down,
-at most `max_attempts` times.
+deadline (another replica when one is known), with a short doubling
+backoff (50 ms, 100 ms, ... capped at 1 s) that spans the second or so a
+balancer needs to mark a dead replica down, at most `max_attempts` times.
 
 Every answer's model fingerprint is checked against the batch's: a replica
 running another model must never fill our caches. The fingerprint is not
