@@ -134,11 +134,8 @@ class Shard:
     async def _lookup(self, keys: Sequence[bytes]) -> tuple[list[bool], list[bytes]]:
         """found flags and values (b"" for a miss), in key order.
 
-        Keys the memory tier holds are answered on the event loop (a dict
-        lookup, nothing blocks); the rest go to RocksDB in one multi-get.
-        Key lengths are checked only on the way to RocksDB: the tier holds
-        nothing but stored (so checked) keys, and the all-hit path stays free
-        of per-key work."""
+        Keys the memory tier holds are answered on the event loop (an array
+        lookup, nothing blocks); the rest go to RocksDB in one multi-get."""
         n = len(keys)
         # Keys have a fixed length, so this count also bounds the batch's bytes.
         if n > self.settings.max_batch:
@@ -146,21 +143,19 @@ class Shard:
         c = self.counters
         if n == 0:
             return [], []
+        keys = list(keys)  # a protobuf repeated field makes new bytes objects on every pass: once only
+        check_keys(keys, "keys[{}]")
         if not self.memory.enabled:
-            check_keys(keys, "keys[{}]")
-            found, values = await self._read(list(keys))
+            found, values = await self._read(keys)
             hits = found.count(True)
             c.hits += hits
             c.misses += n - hits
             return found, values
-        values = self.memory.get_all(keys)
-        if values is not None:  # the common case, without per-key work
+        values, missing = self.memory.lookup(keys)
+        if not missing:  # the common case, without per-key work
             c.hits += n
             c.memory_hits += n
             return [True] * n, values
-        check_keys(keys, "keys[{}]")
-        values = self.memory.get_many(keys)
-        missing = [i for i, v in enumerate(values) if v is None]
         c.memory_hits += n - len(missing)
         missing_keys = [keys[i] for i in missing]
         found, read = await self._read(missing_keys)

@@ -18,6 +18,7 @@ from cacheshard.shard import CHECKPOINT_NAME
 from cacheshard.store import FORMAT, MARKER, ShardStore, StartupError, list_checkpoints
 from cacheshard.values import ValueChecker
 from common import codec
+from common.cache_key import KEY_BYTES
 from common.grpc_server import ServerOptions
 
 
@@ -73,44 +74,135 @@ def test_checker_refuses_values_wider_than_its_bound_on_store_and_on_read():
 
 # --- MemoryTier -----------------------------------------------------------
 
+def k(name: bytes | str | int) -> bytes:
+    """A cache-key-sized key named `name` (the tier holds only KEY_BYTES keys)."""
+    name = str(name).encode() if not isinstance(name, bytes) else name
+    return name.ljust(KEY_BYTES, b"\0")
+
+
+def ks(*names) -> list[bytes]:
+    return [k(n) for n in names]
+
+
+def held(tier: MemoryTier, names) -> dict:
+    """What the tier answers for `names`: name -> value, absent names left out."""
+    return {n: v for n, v in zip(names, tier.get_many(ks(*names))) if v is not None}
+
+
 def test_memory_tier_evicts_oldest_first_and_stays_bounded():
     tier = MemoryTier(3, 1 << 20)
-    tier.put_many([b"a", b"b", b"c"], [b"1", b"2", b"3"])
-    assert tier.get_many([b"a", b"x"]) == [b"1", None]
-    tier.put_many([b"d", b"e"], [b"4", b"5"])
+    tier.put_many(ks("a", "b", "c"), [b"1", b"2", b"3"])
+    assert tier.get_many(ks("a", "x")) == [b"1", None]
+    tier.put_many(ks("d", "e"), [b"4", b"5"])
     assert len(tier) == 3 and tier.bytes == 3
-    assert tier.get_many([b"a", b"b", b"c", b"d", b"e"]) == [None, None, b"3", b"4", b"5"]
+    assert tier.get_many(ks("a", "b", "c", "d", "e")) == [None, None, b"3", b"4", b"5"]
+    assert tier.lookup(ks("a", "c", "x")) == ([None, b"3", None], [0, 2])
 
 
 def test_memory_tier_byte_bound_holds_for_wide_values():
     tier = MemoryTier(1000, 1000)
-    tier.put_many([b"a", b"b"], [b"x" * 400, b"y" * 400])
+    tier.put_many(ks("a", "b"), [b"x" * 400, b"y" * 400])
     assert (len(tier), tier.bytes) == (2, 800)
-    tier.put_many([b"c"], [b"z" * 300])  # 1100 bytes: the oldest goes
-    assert (len(tier), tier.bytes) == (2, 700) and tier.get_many([b"a", b"b", b"c"])[0] is None
-    tier.put_many([b"big"], [b"w" * 5000])  # wider than the whole budget: nothing of it stays
-    assert (len(tier), tier.bytes) == (0, 0)
+    tier.put_many(ks("c"), [b"z" * 300])  # 1100 bytes: the oldest goes
+    assert (len(tier), tier.bytes) == (2, 700) and tier.get_many(ks("a", "b", "c"))[0] is None
+    tier.put_many(ks("big"), [b"w" * 5000])  # wider than the whole budget: not held, and evicts nothing
+    assert (len(tier), tier.bytes) == (2, 700) and tier.get_many(ks("big")) == [None]
+    names = ["b", "c"]
     for i in range(100):  # many wide values, in batches
-        tier.put_many([b"k%d-%d" % (i, j) for j in range(10)], [b"v" * (50 + i)] * 10)
-        assert tier.bytes <= 1000 and tier.bytes == sum(map(len, tier.get_many(tier._entries)))
+        batch = [f"k{i}-{j}" for j in range(10)]
+        names += batch
+        tier.put_many(ks(*batch), [b"v" * (50 + i)] * 10)
+        values = held(tier, names)
+        assert tier.bytes <= 1000 and tier.bytes == sum(map(len, values.values())) and len(tier) == len(values)
 
 
 def test_memory_tier_counts_rewritten_and_repeated_keys_once():
     tier = MemoryTier(10, 1000)
-    tier.put_many([b"a", b"a", b"b"], [b"1" * 10, b"2" * 20, b"3" * 30])  # repeated within a batch
-    assert (len(tier), tier.bytes) == (2, 50) and tier.get_many([b"a"]) == [b"2" * 20]
-    tier.put_many([b"b", b"c"], [b"4" * 5, b"5" * 5])  # b rewritten: replaces its bytes, becomes newest
+    tier.put_many(ks("a", "a", "b"), [b"1" * 10, b"2" * 20, b"3" * 30])  # repeated within a batch
+    assert (len(tier), tier.bytes) == (2, 50) and tier.get_many(ks("a")) == [b"2" * 20]
+    tier.put_many(ks("b", "c"), [b"4" * 5, b"5" * 5])  # b rewritten: replaces its bytes, becomes newest
     assert (len(tier), tier.bytes) == (3, 30)
-    tier.max_entries = 2
-    tier.put_many([b"d"], [b"6"])
-    assert tier.get_many([b"a", b"b", b"c", b"d"]) == [None, None, b"5" * 5, b"6"]
+    assert held(tier, "abc") == {"a": b"2" * 20, "b": b"4" * 5, "c": b"5" * 5}
+
+
+def test_memory_tier_keeps_the_newest_of_a_batch_larger_than_itself():
+    tier = MemoryTier(4, 1 << 20)
+    tier.put_many(ks(*range(10)), [b"%d" % i for i in range(10)])
+    assert held(tier, range(10)) == {i: b"%d" % i for i in range(6, 10)}
+
+
+def test_memory_tier_tells_apart_keys_that_share_their_first_half():
+    """Two keys with the same first 8 bytes: the first-half index finds both, the second half decides."""
+    twins = [b"A" * 8 + b"B" * 8, b"A" * 8 + b"C" * 8, b"A" * 8 + b"D" * 8]
+    tier = MemoryTier(100, 1 << 20)
+    tier.put_many(twins[:2], [b"b", b"c"])
+    assert tier.get_many(twins) == [b"b", b"c", None]
+    tier.delete_many(twins[:1])
+    assert tier.get_many(twins) == [None, b"c", None] and len(tier) == 1
+    tier.put_many(twins[::-1], [b"d", b"c2", b"b2"])
+    assert tier.get_many(twins) == [b"b2", b"c2", b"d"] and (len(tier), tier.bytes) == (3, 5)
+
+
+def test_memory_tier_refuses_keys_of_another_length():
+    with pytest.raises(ValueError, match="16 bytes"):
+        MemoryTier(10, 100).put_many([b"short"], [b"1"])
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+@hsettings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["put", "put", "put", "delete", "get"]),
+                              st.lists(st.integers(0, 60), min_size=1, max_size=12),
+                              st.integers(1, 40)), max_size=40),
+       capacity=st.integers(1, 30), max_bytes=st.integers(1, 400))
+def test_memory_tier_agrees_with_a_plain_model(crowded, ops, capacity, max_bytes):
+    """Against a model of what a FIFO cache may hold: a value answered is always the newest one
+    stored and not deleted since, the tier holds a suffix of the store order (whatever it holds, it
+    holds everything stored after it that fits at all), every bound holds, and the newest entry that fits is held.
+    `crowded` sizes the index at one slot per entry, so buckets overflow and the index is rebuilt."""
+    buckets = -(-capacity // 16) if crowded else None
+    tier = MemoryTier(capacity, max_bytes, buckets=buckets)
+    latest: dict[int, tuple[bytes, int]] = {}  # key -> (value, when it was stored)
+    clock = 0
+    for op, names, width in ops:
+        if op == "put":
+            values = [b"%d:%d:" % (n, clock) + b"v" * width for n in names]
+            tier.put_many(ks(*names), values)
+            for n, v in zip(names, values):
+                clock += 1
+                latest[n] = (v, clock, len(v) <= max_bytes)  # a value wider than the tier is never held
+            newest, value = names[-1], values[-1]
+            if len(value) <= max_bytes:
+                assert tier.get_many(ks(newest)) == [value]
+        elif op == "delete":
+            tier.delete_many(ks(*names))
+            for n in names:
+                latest.pop(n, None)
+        answers = held(tier, range(61))
+        for n, v in answers.items():
+            assert latest[n][0] == v  # never a stale or deleted value
+        oldest_held = min((latest[n][1] for n in answers), default=clock + 1)
+        assert all(n in answers for n, (_, t, fits) in latest.items() if t > oldest_held and fits)
+        assert len(tier) == len(answers) <= capacity
+        assert tier.bytes == sum(map(len, answers.values())) <= max_bytes
+    if crowded and len(ops) > 30:
+        assert tier._n_overflowed or tier.rebuilds or len(latest) < 16
+
+
+def test_memory_tier_rebuilds_a_crowded_index_and_keeps_every_entry():
+    tier = MemoryTier(64, 1 << 20, buckets=4)  # one slot per entry: buckets fill and overflow
+    for round_ in range(40):
+        names = [f"{round_}-{i}" for i in range(16)]
+        tier.put_many(ks(*names), [n.encode() for n in names])
+    assert tier.rebuilds > 0
+    names = [f"{r}-{i}" for r in range(36, 40) for i in range(16)]
+    assert held(tier, names) == {n: n.encode() for n in names} and len(tier) == 64
 
 
 @pytest.mark.parametrize("entries, size", [(0, 100), (100, 0)])
 def test_memory_tier_off_holds_nothing(entries, size):
     tier = MemoryTier(entries, size)
-    tier.put_many([b"a"], [b"1"])
-    assert not tier.enabled and len(tier) == 0 and tier.bytes == 0 and tier.get_many([b"a"]) == [None]
+    tier.put_many(ks("a"), [b"1"])
+    assert not tier.enabled and len(tier) == 0 and tier.bytes == 0 and tier.get_many(ks("a")) == [None]
 
 
 # --- settings -------------------------------------------------------------
