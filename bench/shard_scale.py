@@ -29,7 +29,7 @@ a table and the goals (rate at 1M >= 0.7x and at 10M >= 0.5x the rate at
 20k, RSS within the budget). The shard is stopped by PID and its directory
 deleted.
 
-    .venv/bin/python -m bench.shard_scale                 # 20k..10M, ~8 GB of disk at 10M
+    .venv/bin/python -m bench.shard_scale                 # 20k..10M, 12 GiB budget, ~8 GB of disk at 10M
     .venv/bin/python -m bench.shard_scale --quick         # 20k and 200k, 384 MiB budget: seconds
     .venv/bin/python -m bench.shard_scale --sizes 20000,1000000 --budget 2GiB
 """
@@ -65,7 +65,7 @@ from sutra.cache.v1 import cache_shard_service_pb2_grpc as pb_grpc
 
 FULL_SIZES = (20_000, 100_000, 1_000_000, 10_000_000)
 QUICK_SIZES = (20_000, 200_000)
-FULL_BUDGET = "2GiB"
+FULL_BUDGET = "12GiB"  # what holds 10M entries in the tier: the goal run (needs ~10 GiB of free RAM)
 QUICK_BUDGET = "384MiB"
 FILL_BATCH = 2000
 VALUE_POOL = 1024

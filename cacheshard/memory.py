@@ -23,19 +23,21 @@ Layout. Keys are cache keys: 16 uniformly hashed bytes, split into two
   Eviction is oldest first (FIFO, like the FIFO-compacted store behind it);
   a hit does not move an entry. A rewritten or deleted key leaves a dead
   record that eviction skips.
-- Index: buckets of SLOTS slots holding the key's first half and its record
-  (+1; 0 = empty), at most LOAD live entries per slot, so a bucket rarely
-  fills. A key goes to its home bucket (a keyed multiplicative hash of its
-  first half: stored keys cannot be chosen to pile into one bucket), or when
-  that bucket is full, to the next one that is not; a full bucket is marked
-  `overflowed` for good, and a lookup moves on to the next bucket only from
-  an overflowed one. So deleting is just clearing a slot (no tombstones), and
-  a miss is answered by one bucket almost always. When more than 1/8 of the
-  buckets are marked, the index is rebuilt from the live records (rare: at
-  LOAD 0.5 a bucket of 16 overflows with probability ~0.4%).
-- A candidate found by the first half is confirmed by the record's second
-  half; two different keys sharing a first half (chance 2^-64 per pair) go
-  through a one-key-at-a-time path, so the answer is always exact.
+- Index: buckets of SLOTS 64-bit slots, each the key's tag (the top 32 bits
+  of its first half) above its record + 1 (0 = empty); at most LOAD live
+  entries per slot, so a bucket rarely fills. A key goes to its home bucket
+  (a keyed multiplicative hash of its first half: stored keys cannot be
+  chosen to pile into one bucket), or when that bucket is full, to the next
+  one that is not; a full bucket is marked `overflowed` for good, and a
+  lookup moves on to the next bucket only from an overflowed one. So
+  deleting is just clearing a slot (no tombstones), and a miss is answered
+  by one bucket almost always. When more than 1/8 of the buckets are marked,
+  the index is rebuilt from the live records (rare: at LOAD 0.5 a bucket of
+  16 overflows with probability ~0.4%).
+- The record named by the first slot with the key's tag is confirmed by its
+  stored key (all 16 bytes). A key whose bucket holds its tag twice (chance
+  about 2^-28 per lookup) or that overflowed takes a one-key-at-a-time path,
+  so the answer is always exact.
 
 Rules: only values that passed the codec check enter (Store validates them;
 reads from RocksDB are screened first), so a hit here is always a valid

@@ -104,3 +104,27 @@ def test_fifo_merges_flushed_files_and_every_entry_stays_readable(tmp_path):
         assert got == [values[j % 64] for j in range(n)]
     finally:
         store.close()
+
+
+def test_scale_bench_pairs_every_larger_size_with_a_baseline_shard(tmp_path):
+    """bench.shard_scale with real shards at small sizes: each larger size's keys/s rounds alternate
+    with a second shard that holds the smallest size, the goals are judged by those paired ratios,
+    and both shards answered every checked key with its stored value (the bench's own check)."""
+    import json
+
+    from bench import shard_scale
+
+    out = tmp_path / "scale.json"
+    assert shard_scale.main(["--quick", "--sizes", "2000,6000", "--dir", str(tmp_path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    small, large = result["rows"]
+    assert (small["entries"], large["entries"]) == (2000, 6000)
+    for kind in ("uniform", "zipf"):
+        assert "paired_base" not in small[kind]
+        paired = large[kind]
+        assert paired["paired_base"]["entries"] == 2000
+        assert len(paired["keys_per_s_rounds"]) == len(paired["paired_base"]["keys_per_s_rounds"]) == shard_scale.ROUNDS
+        ratios = [a / b for a, b in zip(paired["keys_per_s_rounds"], paired["paired_base"]["keys_per_s_rounds"])]
+        assert paired["ratio_to_paired_base"] == pytest.approx(float(np.median(ratios)))
+    assert [g["goal"] for g in result["goals"]] == ["shard RSS within --memory-budget 384MiB"]  # no 20k or 1M row
+    assert not list(tmp_path.glob("shard-scale-*"))  # both shards' databases deleted
