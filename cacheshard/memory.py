@@ -25,15 +25,15 @@ Layout. Keys are cache keys: 16 uniformly hashed bytes, split into two
   record that eviction skips.
 - Index: buckets of SLOTS 64-bit slots, each the key's tag (the top 32 bits
   of its first half) above its record + 1 (0 = empty); at most LOAD live
-  entries per slot, so a bucket rarely fills. A key goes to its home bucket
-  (a keyed multiplicative hash of its first half: stored keys cannot be
-  chosen to pile into one bucket), or when that bucket is full, to the next
-  one that is not; a full bucket is marked `overflowed` for good, and a
-  lookup moves on to the next bucket only from an overflowed one. So
-  deleting is just clearing a slot (no tombstones), and a miss is answered
-  by one bucket almost always. When more than 1/8 of the buckets are marked,
-  the index is rebuilt from the live records (rare: at LOAD 0.5 a bucket of
-  16 overflows with probability ~0.4%).
+  entries per slot, so a bucket rarely fills (at LOAD 0.5 a bucket of 16 is
+  full with probability ~0.4%). A key goes to its home bucket (a keyed
+  multiplicative hash of its first half: stored keys cannot be chosen to
+  pile into one bucket), or when that bucket is full, to the next one with a
+  free slot. Each bucket counts the held keys that passed it that way
+  (`_passing`), and a lookup moves on to the next bucket only from a bucket
+  whose count is not 0. So deleting is just clearing a slot and uncounting
+  the passes (no tombstones, no rebuild), and a miss is answered by one
+  bucket almost always.
 - The record named by the first slot with the key's tag is confirmed by its
   stored key (all 16 bytes). A key whose bucket holds its tag twice (chance
   about 2^-28 per lookup) or that overflowed takes a one-key-at-a-time path,
@@ -62,7 +62,6 @@ from common.cache_key import KEY_BYTES
 
 SLOTS = 16  # slots per bucket: 128 bytes, two cache lines
 LOAD = 0.5  # live entries per slot when the tier is full
-REBUILD_SHARE = 8  # rebuild the index when more than 1/REBUILD_SHARE of the buckets overflowed
 MAX_ENTRIES = 2**32 - 2  # a slot holds its record + 1 in 32 bits
 _LOW = np.uint64(0xFFFFFFFF)
 _TAG_SHIFT = np.uint64(32)
@@ -94,10 +93,9 @@ class MemoryTier:
         # A slot: the key's tag (the top 32 bits of its first half) above its record + 1; 0 = empty.
         self._slots = np.zeros((nb, SLOTS), np.uint64)
         self._slots_flat = self._slots.reshape(-1)
-        self._overflowed = np.zeros(nb, bool)
-        self._n_overflowed = 0
-        self._rebuild_at = max(1, nb // REBUILD_SHARE)
-        self.rebuilds = 0
+        # How many held keys live past this bucket although their chain starts at or before it: a
+        # lookup goes on to the next bucket only from a bucket where this is not 0.
+        self._passing = np.zeros(nb, np.int64)
         # The record ring; record r holds sequence numbers r, r + cap, r + 2 cap, ...
         self._rec_key = np.zeros((cap, 2), np.uint64)
         self._rec_len = np.zeros(cap, np.int64)  # 0 once dead
@@ -139,7 +137,7 @@ class MemoryTier:
         if same.all():
             return rec
         rec[~same] = -1
-        again = np.flatnonzero(~same & ((tagged.sum(1) > 1) | self._overflowed[b]))
+        again = np.flatnonzero(~same & ((tagged.sum(1) > 1) | (self._passing[b] > 0)))
         for i in again.tolist():
             rec[i] = self._find_one(q[i], int(b[i]))
         return rec
@@ -152,7 +150,7 @@ class MemoryTier:
                 r = (slot & 0xFFFFFFFF) - 1
                 if r >= 0 and slot >> 32 == tag and (self._rec_key[r] == key).all():
                     return r
-            if not self._overflowed[b]:
+            if not self._passing[b]:
                 break
             b = (b + 1) % self._nb
         return -1
@@ -206,8 +204,6 @@ class MemoryTier:
         self._live += fit
         self.bytes += size
         self._rec_slot[recs] = self._place(q[:, 0], recs) + 1
-        if self._n_overflowed > self._rebuild_at:
-            self._rebuild()
 
     def delete_many(self, keys: Sequence[bytes]) -> None:
         if not self._live or not keys:
@@ -219,7 +215,15 @@ class MemoryTier:
         """Forget live records `recs` (distinct): clear their index slots; their ring places stay until evicted."""
         if not recs.size:
             return
-        self._slots_flat[self._rec_slot[recs] - 1] = 0
+        slot = self._rec_slot[recs] - 1
+        home = self._home(self._rec_key[recs, 0])
+        moved = np.flatnonzero(slot // SLOTS != home)
+        for i in moved.tolist():  # rare: a key stored past its home bucket no longer passes those between
+            b, end = int(home[i]), int(slot[i]) // SLOTS
+            while b != end:
+                self._passing[b] -= 1
+                b = (b + 1) % self._nb
+        self._slots_flat[slot] = 0
         self._rec_slot[recs] = 0
         self.bytes -= int(self._rec_len[recs].sum())
         self._rec_len[recs] = 0
@@ -253,7 +257,7 @@ class MemoryTier:
 
         Keys that share a bucket in one round take its free slots in turn
         (their rank among them); those beyond its free slots move on to the
-        next bucket, which is marked overflowed."""
+        next bucket, and each bucket they pass counts them in `_passing`."""
         out = np.empty(len(k0), np.int64)
         home = self._home(k0)
         packed = (k0 >> _TAG_SHIFT << _TAG_SHIFT) | (recs.astype(np.uint64) + np.uint64(1))
@@ -271,20 +275,7 @@ class MemoryTier:
             out[placed] = at
             spill = ~fits
             if spill.any():
-                full = np.unique(b[spill])
-                fresh = full[~self._overflowed[full]]
-                self._overflowed[fresh] = True
-                self._n_overflowed += fresh.size
+                np.add.at(self._passing, b[spill], 1)
                 home[todo[spill]] = (b[spill] + 1) % self._nb
             todo = todo[spill]
         return out
-
-    def _rebuild(self) -> None:
-        """Re-place every live record in a cleared index: the overflow marks go with it."""
-        live = np.flatnonzero(self._rec_slot > 0)
-        self._slots[:] = 0
-        self._overflowed[:] = False
-        self._n_overflowed = 0
-        self._rec_slot[live] = self._place(self._rec_key[live, 0], live) + 1
-        self._rebuild_at = max(self._nb // REBUILD_SHARE, 2 * self._n_overflowed, 1)
-        self.rebuilds += 1
