@@ -26,9 +26,9 @@ README "Cache at scale"):
   being parsed and answered, and RocksDB's flush and compaction buffers.
 
 The tier's bound is two numbers (entries and value bytes, see memory.py); a
-tier entry costs its value plus ENTRY_OVERHEAD bytes (measured 106-114
-bytes at 1M entries: the value's bytes object header, its record in the
-ring, two index slots; see memory.py), so both are set for values of the default
+tier entry costs its value plus ENTRY_OVERHEAD bytes (measured 137 bytes
+once the record ring has gone round: the value's bytes object header, two
+places in the ring, two index slots; see memory.py), so both are set for values of the default
 model's width: with smaller values the entry bound holds the tier within
 its share, with wider ones the byte bound does.
 """
@@ -43,7 +43,7 @@ MALLOC_KEEP_BYTES = 32 * MIB
 # Idle process + kept free heap + messages in flight and RocksDB's flush and compaction buffers: the
 # last share was 32 MiB until the 10M-entry run peaked 94 MB over a 2 GiB budget (bench/shard_scale.py).
 BASE_BYTES = 64 * MIB + MALLOC_KEEP_BYTES + 128 * MIB
-ENTRY_OVERHEAD = 128
+ENTRY_OVERHEAD = 144
 TYPICAL_VALUE_BYTES = 774  # 384-wide float16 + the codec's 6-byte header
 METADATA_BYTES_PER_ENTRY = 8
 BLOCK_CACHE_SHARE = 8  # at least budget / 8 for the block cache

@@ -15,29 +15,30 @@ goal is a lookup rate that does not fall with size). Here a batch is looked
 up as arrays: every key's bucket is gathered at once, so the misses of 256
 keys overlap, and the cost per key stays flat from 20k to 10M entries.
 
-Layout. Keys are cache keys: 16 uniformly hashed bytes, split into two
+Layout. Keys are cache keys: 16 uniformly hashed bytes, read as two
 64-bit halves.
-- Records: a ring of `max_entries` slots in insertion order, holding each
-  entry's key halves, value length, index slot and value (a bytes object, so
-  an answer hands protobuf the object itself and copies nothing here).
-  Eviction is oldest first (FIFO, like the FIFO-compacted store behind it);
-  a hit does not move an entry. A rewritten or deleted key leaves a dead
-  record that eviction skips.
-- Index: buckets of SLOTS 64-bit slots, each the key's tag (the top 32 bits
-  of its first half) above its record + 1 (0 = empty); at most LOAD live
-  entries per slot, so a bucket rarely fills (at LOAD 0.5 a bucket of 16 is
-  full with probability ~0.4%). A key goes to its home bucket (a keyed
-  multiplicative hash of its first half: stored keys cannot be chosen to
-  pile into one bucket), or when that bucket is full, to the next one with a
-  free slot. Each bucket counts the held keys that passed it that way
-  (`_passing`), and a lookup moves on to the next bucket only from a bucket
-  whose count is not 0. So deleting is just clearing a slot and uncounting
-  the passes (no tombstones, no rebuild), and a miss is answered by one
-  bucket almost always.
+- Records: a ring of RING_SHARE x `max_entries` places in insertion order,
+  holding each entry's key, value length, index slot and value (a bytes
+  object, so an answer hands protobuf the object itself and copies nothing
+  here). Eviction is oldest first (FIFO, like the FIFO-compacted store
+  behind it); a hit does not move an entry. A rewritten or deleted key
+  leaves a dead record that eviction skips; the ring has room for as many
+  dead records as live ones, so rewrites do not cost live capacity.
+- Index: buckets of SLOTS 64-bit slots, each the key's tag above its record
+  + 1 (0 = empty); at most LOAD live entries per slot, so a bucket is rarely
+  full (at LOAD 0.5, ~0.8% of buckets of 16). The home bucket and the tag
+  are two multiply-add hashes of both halves with secret random salts, so
+  keys cannot be chosen to share a bucket or a tag, and a tag is odd, so it
+  never reads as an empty slot. When the home bucket is full a key goes to
+  the next one with a free slot. Each bucket counts the held keys that
+  passed it that way (`_passing`), and a lookup moves on to the next bucket
+  only from a bucket whose count is not 0. So deleting is just clearing a
+  slot and uncounting the passes (no tombstones, no rebuild), and a miss is
+  answered by one bucket almost always.
 - The record named by the first slot with the key's tag is confirmed by its
   stored key (all 16 bytes). A key whose bucket holds its tag twice (chance
-  about 2^-28 per lookup) or that overflowed takes a one-key-at-a-time path,
-  so the answer is always exact.
+  about 2^-27 per lookup) or that a full bucket passed on takes a
+  one-key-at-a-time path, so the answer is always exact.
 
 Rules: only values that passed the codec check enter (Store validates them;
 reads from RocksDB are screened first), so a hit here is always a valid
@@ -63,16 +64,17 @@ from common.cache_key import KEY_BYTES
 SLOTS = 16  # slots per bucket: 128 bytes, two cache lines
 LOAD = 0.5  # live entries per slot when the tier is full
 MAX_ENTRIES = 2**32 - 2  # a slot holds its record + 1 in 32 bits
+RING_SHARE = 2  # ring places per entry: rewritten and deleted keys leave dead records behind
 _LOW = np.uint64(0xFFFFFFFF)
-_TAG_SHIFT = np.uint64(32)
+_HIGH = np.uint64(32)
+_ONE = np.uint64(1)
 
 
 def _halves(keys: Sequence[bytes]) -> np.ndarray:
     """Keys -> an (n, 2) array of their 64-bit halves."""
-    raw = b"".join(keys)
-    if len(raw) != KEY_BYTES * len(keys):
+    if keys and set(map(len, keys)) != {KEY_BYTES}:
         raise ValueError(f"memory tier keys have {KEY_BYTES} bytes each")
-    return np.frombuffer(raw, np.uint64).reshape(-1, 2)
+    return np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2)
 
 
 class MemoryTier:
@@ -86,21 +88,23 @@ class MemoryTier:
         self._live = 0
         cap = max_entries if self.enabled else 0
         self._cap = cap
+        ring = RING_SHARE * cap
+        self._ring = ring
         # Never fewer slots than records, so a free slot always exists.
         nb = max(buckets or -(-cap // int(SLOTS * LOAD)), -(-cap // SLOTS), 1)
         self._nb = nb
-        self._salt = np.uint64(secrets.randbits(64) | 1)
-        # A slot: the key's tag (the top 32 bits of its first half) above its record + 1; 0 = empty.
+        self._salts = np.array([secrets.randbits(64) | 1 for _ in range(4)], np.uint64)
+        # A slot: the key's tag above its record + 1; 0 = empty.
         self._slots = np.zeros((nb, SLOTS), np.uint64)
         self._slots_flat = self._slots.reshape(-1)
         # How many held keys live past this bucket although their chain starts at or before it: a
         # lookup goes on to the next bucket only from a bucket where this is not 0.
         self._passing = np.zeros(nb, np.int64)
-        # The record ring; record r holds sequence numbers r, r + cap, r + 2 cap, ...
-        self._rec_key = np.zeros((cap, 2), np.uint64)
-        self._rec_len = np.zeros(cap, np.int64)  # 0 once dead
-        self._rec_slot = np.zeros(cap, np.int64)  # its index slot + 1; 0 = dead
-        self._values: list[bytes | None] = [None] * cap
+        # The record ring; record r holds sequence numbers r, r + ring, r + 2 ring, ...
+        self._rec_key = np.zeros((ring, 2), np.uint64)
+        self._rec_len = np.zeros(ring, np.int32)  # 0 once dead (a value is at most --max-request-bytes)
+        self._rec_slot = np.zeros(ring, np.int32 if nb * SLOTS < 2**31 - 1 else np.int64)  # slot + 1; 0 = dead
+        self._values: list[bytes | None] = [None] * ring
         self._head = 0  # sequence number of the next record
         self._tail = 0  # sequence number of the oldest record still in the ring
 
@@ -113,8 +117,14 @@ class MemoryTier:
 
     # --- reads ---------------------------------------------------------------
 
-    def _home(self, k0: np.ndarray) -> np.ndarray:
-        return ((k0 * self._salt) >> _TAG_SHIFT).astype(np.int64) % self._nb
+    def _hashes(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keys' home buckets and tags: two salted multiply-add hashes of both halves, so keys that
+        share a half (or any chosen pattern) still spread, and the top bits pick the bucket. A tag is
+        odd, so it never reads as an empty slot."""
+        k0, k1 = q[:, 0], q[:, 1]
+        s = self._salts
+        home = (((k0 * s[0] + k1 * s[1]) >> _HIGH) * np.uint64(self._nb)) >> _HIGH
+        return home.astype(np.int64), ((k0 * s[2] + k1 * s[3]) >> _HIGH) | _ONE
 
     def _find(self, q: np.ndarray) -> np.ndarray:
         """Each key's record (rows of `q` are key halves), -1 where the tier does not hold it.
@@ -127,10 +137,9 @@ class MemoryTier:
         n = len(q)
         if not self._live or not n:
             return np.full(n, -1, np.int64)
-        b = self._home(q[:, 0])
+        b, tag = self._hashes(q)
         slots = self._slots[b]
-        tags = slots >> _TAG_SHIFT
-        tagged = tags == (q[:, 0] >> _TAG_SHIFT)[:, None]
+        tagged = (slots >> _HIGH) == tag[:, None]
         j = tagged.argmax(1)
         rec = (slots[np.arange(n), j] & _LOW).astype(np.int64) - 1
         same = (self._rec_key[rec] == q).all(1) & (rec >= 0)  # rec -1 reads the last record: not confirmed
@@ -139,12 +148,11 @@ class MemoryTier:
         rec[~same] = -1
         again = np.flatnonzero(~same & ((tagged.sum(1) > 1) | (self._passing[b] > 0)))
         for i in again.tolist():
-            rec[i] = self._find_one(q[i], int(b[i]))
+            rec[i] = self._find_one(q[i], int(tag[i]), int(b[i]))
         return rec
 
-    def _find_one(self, key: np.ndarray, b: int) -> int:
+    def _find_one(self, key: np.ndarray, tag: int, b: int) -> int:
         """The exact search for one key from bucket b on: a tag clash, or a chain past a full bucket."""
-        tag = int(key[0]) >> 32
         for _ in range(self._nb):  # each bucket at most once, even if every bucket is marked
             for slot in self._slots[b].tolist():
                 r = (slot & 0xFFFFFFFF) - 1
@@ -195,7 +203,7 @@ class MemoryTier:
             return
         size = int(lengths.sum())
         self._make_room(fit, size)
-        recs = (self._head + np.arange(fit)) % self._cap
+        recs = (self._head + np.arange(fit)) % self._ring
         self._rec_key[recs], self._rec_len[recs] = q, lengths
         held = self._values
         for r, value in zip(recs.tolist(), values):
@@ -203,7 +211,7 @@ class MemoryTier:
         self._head += fit
         self._live += fit
         self.bytes += size
-        self._rec_slot[recs] = self._place(q[:, 0], recs) + 1
+        self._rec_slot[recs] = self._place(q, recs) + 1
 
     def delete_many(self, keys: Sequence[bytes]) -> None:
         if not self._live or not keys:
@@ -216,7 +224,7 @@ class MemoryTier:
         if not recs.size:
             return
         slot = self._rec_slot[recs] - 1
-        home = self._home(self._rec_key[recs, 0])
+        home = self._hashes(self._rec_key[recs])[0]
         moved = np.flatnonzero(slot // SLOTS != home)
         for i in moved.tolist():  # rare: a key stored past its home bucket no longer passes those between
             b, end = int(home[i]), int(slot[i]) // SLOTS
@@ -233,35 +241,41 @@ class MemoryTier:
             held[r] = None
 
     def _make_room(self, count: int, size: int) -> None:
-        """Evict the oldest records until `count` more records and `size` more bytes fit."""
+        """Evict the oldest records until `count` more entries of `size` more bytes fit: in the ring,
+        within --memory-entries live entries and within --memory-bytes."""
         held = self._head - self._tail
-        evict = max(0, held + count - self._cap)
-        over = self.bytes + size - self.max_bytes
-        if over > 0:  # the fewest oldest records whose bytes cover the excess
+        evict = max(0, held + count - self._ring)
+        live_over = self._live + count - self.max_entries
+        bytes_over = self.bytes + size - self.max_bytes
+        if live_over > 0 or bytes_over > 0:  # the fewest oldest records that cover both excesses
             window = max(evict, 64)
             while True:
                 window = min(window, held)
-                cumulative = np.cumsum(self._rec_len[(self._tail + np.arange(window)) % self._cap])
-                at = int(np.searchsorted(cumulative, over))
+                recs = (self._tail + np.arange(window)) % self._ring
+                at = -1
+                if live_over > 0:
+                    at = int(np.searchsorted(np.cumsum(self._rec_slot[recs] > 0), live_over))
+                if bytes_over > 0:
+                    at = max(at, int(np.searchsorted(np.cumsum(self._rec_len[recs], dtype=np.int64), bytes_over)))
                 if at < window or window == held:
                     evict = max(evict, min(at + 1, held))
                     break
                 window *= 4
         if evict:
-            recs = (self._tail + np.arange(evict)) % self._cap
+            recs = (self._tail + np.arange(evict)) % self._ring
             self._drop(recs[self._rec_slot[recs] > 0])
             self._tail += evict
 
-    def _place(self, k0: np.ndarray, recs: np.ndarray) -> np.ndarray:
+    def _place(self, q: np.ndarray, recs: np.ndarray) -> np.ndarray:
         """Put records `recs` (keys not in the index) into free slots; returns their slots.
 
         Keys that share a bucket in one round take its free slots in turn
         (their rank among them); those beyond its free slots move on to the
         next bucket, and each bucket they pass counts them in `_passing`."""
-        out = np.empty(len(k0), np.int64)
-        home = self._home(k0)
-        packed = (k0 >> _TAG_SHIFT << _TAG_SHIFT) | (recs.astype(np.uint64) + np.uint64(1))
-        todo = np.arange(len(k0))
+        out = np.empty(len(q), np.int64)
+        home, tag = self._hashes(q)
+        packed = (tag << _HIGH) | (recs.astype(np.uint64) + _ONE)
+        todo = np.arange(len(q))
         while todo.size:
             order = np.argsort(home[todo], kind="stable")
             todo = todo[order]

@@ -87,7 +87,7 @@ class ShardSettings(Settings):
     memory_bytes: int = setting(
         DEFAULT_MEMORY_BYTES, "capacity of the in-memory tier in value bytes, 0 = off; the oldest entries are "
         "dropped until both this and --memory-entries hold, so wide values cannot grow the process (Python's "
-        "own overhead, about 110 bytes an entry with its key, is bounded by --memory-entries)", check=not_negative)
+        "own overhead, about 140 bytes an entry with its key, is bounded by --memory-entries)", check=not_negative)
     block_cache_mb: int = setting(64, "RocksDB block cache in MiB", check=not_negative)
     memory_budget: int = setting(
         0, "bytes of RAM the shard may use (e.g. 2GiB, 512MiB), 0 = size the caches by --memory-entries, "
@@ -96,7 +96,7 @@ class ShardSettings(Settings):
         f"1/{budget.MEMTABLE_SHARE} of the rest each (at most 64 MiB), the block cache "
         f"1/{budget.BLOCK_CACHE_SHARE} of it or {budget.METADATA_BYTES_PER_ENTRY} bytes per --max-entries if more "
         "(every index and filter block stays cached), and the in-memory tier all that is left (a tier entry "
-        "costs its value plus about 128 bytes). Resident memory stays within the budget; data beyond it is read "
+        "costs its value plus about 144 bytes). Resident memory stays within the budget; data beyond it is read "
         "from the page cache or the disk (cacheshard/budget.py)", parse=budget.parse_bytes, show=budget.show_bytes,
         metavar="BYTES", check=not_negative)
     row_cache_mb: int = setting(0, "RocksDB row cache in MiB, 0 = off; caches whole values so a repeated RocksDB "

@@ -145,9 +145,42 @@ def test_memory_tier_tells_apart_keys_that_share_their_first_half():
     assert tier.get_many(twins) == [b"b2", b"c2", b"d"] and (len(tier), tier.bytes) == (3, 5)
 
 
-def test_memory_tier_refuses_keys_of_another_length():
+@pytest.mark.parametrize("keys", [[b"short"], [b"a" * 15, b"b" * 17]])  # the second pair adds up to 32 bytes
+def test_memory_tier_refuses_keys_of_another_length(keys):
+    tier = MemoryTier(10, 100)
     with pytest.raises(ValueError, match="16 bytes"):
-        MemoryTier(10, 100).put_many([b"short"], [b"1"])
+        tier.put_many(keys, [b"1"] * len(keys))
+    with pytest.raises(ValueError, match="16 bytes"):
+        tier.lookup(keys)
+
+
+def test_memory_tier_keeps_its_capacity_when_keys_are_stored_again():
+    """A rewrite leaves a dead record in the ring; the tier still holds --memory-entries live entries."""
+    names = list(range(1000))
+    tier = MemoryTier(1000, 1 << 30)
+    tier.put_many(ks(*names), [b"v%d" % n for n in names])
+    for _ in range(9):  # the newest 100 stored again and again (several frontends, racing fills)
+        tier.put_many(ks(*names[-100:]), [b"v%d" % n for n in names[-100:]])
+    assert len(tier) == 1000 and held(tier, names) == {n: b"v%d" % n for n in names}
+    tier.delete_many(ks(*names[:10]))
+    tier.put_many(ks(*range(1000, 1010)), [b"new"] * 10)
+    assert len(tier) == 1000 and held(tier, names[10:]) == {n: b"v%d" % n for n in names[10:]}
+
+
+def test_memory_tier_spreads_keys_chosen_to_collide():
+    """Keys that share their first 8 bytes, or whose first halves differ only in high bits, still
+    spread over the buckets and carry different tags (both hashes mix both halves with secret salts),
+    so a caller cannot pile them into one bucket's chain; and no tag reads as an empty slot."""
+    tier = MemoryTier(8 * 1024, 1 << 30)  # 1,024 buckets: a power of two
+    shared_first = [b"A" * 8 + i.to_bytes(8, "little") for i in range(4096)]
+    high_bits = [(i << 54).to_bytes(8, "little") + b"B" * 8 for i in range(1024)]
+    for keys in (shared_first, high_bits):
+        home, tag = tier._hashes(np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2))
+        assert len(set(home.tolist())) > tier._nb / 2 and len(set(tag.tolist())) == len(keys)
+        assert (tag & np.uint64(1)).all()
+    tier.put_many(shared_first, [b"v"] * len(shared_first))
+    assert tier.get_many(shared_first) == [b"v"] * len(shared_first)
+    assert tier._passing.sum() < len(shared_first) / 20
 
 
 def run_against_model(tier: MemoryTier, ops, capacity: int, max_bytes: int) -> None:
@@ -210,7 +243,7 @@ def passes_recounted(tier: MemoryTier) -> np.ndarray:
     """What each bucket's pass count must be: the held keys stored past it, counted from scratch."""
     expected = np.zeros(tier._nb, np.int64)
     for r in np.flatnonzero(tier._rec_slot > 0).tolist():
-        b, end = int(tier._home(tier._rec_key[r:r + 1, 0])[0]), int(tier._rec_slot[r] - 1) // 16
+        b, end = int(tier._hashes(tier._rec_key[r:r + 1])[0][0]), int(tier._rec_slot[r] - 1) // 16
         while b != end:
             expected[b] += 1
             b = (b + 1) % tier._nb
