@@ -65,6 +65,9 @@ SLOTS = 16  # slots per bucket: 128 bytes, two cache lines
 LOAD = 0.5  # live entries per slot when the tier is full
 MAX_ENTRIES = 2**32 - 2  # a slot holds its record + 1 in 32 bits
 RING_SHARE = 2  # ring places per entry: rewritten and deleted keys leave dead records behind
+SMALL = 8  # batches up to this size are looked up one key at a time in Python: numpy's fixed cost per call
+# (~1 us, some 25 calls a batch) is more than the whole Python path for a few keys
+_M64 = (1 << 64) - 1
 _LOW = np.uint64(0xFFFFFFFF)
 _HIGH = np.uint64(32)
 _ONE = np.uint64(1)
@@ -93,7 +96,8 @@ class MemoryTier:
         # Never fewer slots than records, so a free slot always exists.
         nb = max(buckets or -(-cap // int(SLOTS * LOAD)), -(-cap // SLOTS), 1)
         self._nb = nb
-        self._salts = np.array([secrets.randbits(64) | 1 for _ in range(4)], np.uint64)
+        self._salt_ints = tuple(secrets.randbits(64) | 1 for _ in range(4))
+        self._salts = np.array(self._salt_ints, np.uint64)
         # A slot: the key's tag above its record + 1; 0 = empty.
         self._slots = np.zeros((nb, SLOTS), np.uint64)
         self._slots_flat = self._slots.reshape(-1)
@@ -163,10 +167,37 @@ class MemoryTier:
             b = (b + 1) % self._nb
         return -1
 
+    def _find_small(self, keys: Sequence[bytes]) -> list[int]:
+        """`_find` for a few keys, with Python ints: the same hashes (numpy's uint64 arithmetic
+        wraps at 64 bits, as the masks do here), the same buckets and chains."""
+        s0, s1, s2, s3 = self._salt_ints
+        nb, slots, passing, rec_key = self._nb, self._slots, self._passing, self._rec_key
+        out = []
+        for key in keys:
+            k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+            b = ((((k0 * s0 + k1 * s1) & _M64) >> 32) * nb) >> 32
+            tag = (((k0 * s2 + k1 * s3) & _M64) >> 32) | 1
+            found = -1
+            for _ in range(nb):
+                for slot in slots[b].tolist():
+                    if slot >> 32 == tag and rec_key[(slot & 0xFFFFFFFF) - 1].tobytes() == key:
+                        found = (slot & 0xFFFFFFFF) - 1
+                        break
+                if found >= 0 or not passing[b]:
+                    break
+                b = (b + 1) % nb
+            out.append(found)
+        return out
+
     def lookup(self, keys: Sequence[bytes]) -> tuple[list[bytes | None], list[int]]:
         """Each key's value (None where the tier lacks it), and the positions of those misses."""
-        rec = self._find(_halves(keys))
         get = self._values.__getitem__
+        if len(keys) <= SMALL:
+            if keys and set(map(len, keys)) != {KEY_BYTES}:
+                raise ValueError(f"memory tier keys have {KEY_BYTES} bytes each")
+            found = self._find_small(keys) if self._live else [-1] * len(keys)
+            return [get(r) if r >= 0 else None for r in found], [i for i, r in enumerate(found) if r < 0]
+        rec = self._find(_halves(keys))
         if rec.min(initial=0) >= 0:
             return list(map(get, rec.tolist())), []
         return [get(r) if r >= 0 else None for r in rec.tolist()], np.flatnonzero(rec < 0).tolist()
@@ -178,6 +209,8 @@ class MemoryTier:
 
     def put_many(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
         """Hold these entries as the newest; within a batch the last copy of a key wins."""
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys for {len(values)} values")
         if not self.enabled or not keys:
             return
         q = _halves(keys)
@@ -185,9 +218,9 @@ class MemoryTier:
         last = dict(zip(keys, range(m)))
         if len(last) != m:  # a key repeated within the batch
             keep = np.array(sorted(last.values()))
-            q, values = q[keep], [values[i] for i in keep.tolist()]
+            q, keys, values = q[keep], [keys[i] for i in keep.tolist()], [values[i] for i in keep.tolist()]
         lengths = np.fromiter(map(len, values), np.int64, len(values))
-        rewritten = self._find(q)
+        rewritten = self._records(keys, q)
         self._drop(rewritten[rewritten >= 0])  # a rewritten key becomes the newest, as in RocksDB's files
         small = lengths <= self.max_bytes
         if not small.all():  # a value wider than the whole tier is not held (and evicts nothing)
@@ -216,8 +249,14 @@ class MemoryTier:
     def delete_many(self, keys: Sequence[bytes]) -> None:
         if not self._live or not keys:
             return
-        rec = self._find(_halves(keys))
+        rec = self._records(keys, _halves(keys))
         self._drop(np.unique(rec[rec >= 0]))
+
+    def _records(self, keys: Sequence[bytes], q: np.ndarray) -> np.ndarray:
+        """The keys' records (-1 where not held), by whichever path is cheaper for their number."""
+        if len(keys) <= SMALL and self._live:
+            return np.array(self._find_small(keys), np.int64)
+        return self._find(q)
 
     def _drop(self, recs: np.ndarray) -> None:
         """Forget live records `recs` (distinct): clear their index slots; their ring places stay until evicted."""

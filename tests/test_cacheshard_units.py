@@ -187,7 +187,8 @@ def run_against_model(tier: MemoryTier, ops, capacity: int, max_bytes: int) -> N
     """Against a model of what a FIFO cache may hold, after every operation: a value answered is
     always the newest one stored and not deleted since, the tier holds a suffix of the store order
     (whatever it holds, it holds everything stored after it that fits at all), every bound holds,
-    the newest entry that fits is held, and every bucket's pass count is right."""
+    the newest entry that fits is held, every bucket's pass count is right, and a key looked up alone
+    (the Python path for small batches) gets what it gets in a batch (the array path)."""
     latest: dict[int, tuple[bytes, int, bool]] = {}  # key -> (value, when it was stored, fits at all)
     clock = 0
     for op, names, width in ops:
@@ -204,7 +205,9 @@ def run_against_model(tier: MemoryTier, ops, capacity: int, max_bytes: int) -> N
             tier.delete_many(ks(*names))
             for n in names:
                 latest.pop(n, None)
-        answers = held(tier, range(KEY_SPACE))
+        answers = held(tier, range(KEY_SPACE))  # one batch: the array path
+        one_by_one = [tier.get_many(ks(n))[0] for n in range(KEY_SPACE)]  # the path for a few keys
+        assert one_by_one == [answers.get(n) for n in range(KEY_SPACE)]
         for n, v in answers.items():
             assert latest[n][0] == v  # never a stale or deleted value
         oldest_held = min((latest[n][1] for n in answers), default=clock + 1)
