@@ -73,10 +73,13 @@ _HIGH = np.uint64(32)
 _ONE = np.uint64(1)
 
 
-def _halves(keys: Sequence[bytes]) -> np.ndarray:
-    """Keys -> an (n, 2) array of their 64-bit halves."""
+def _check(keys: Sequence[bytes]) -> None:
     if keys and set(map(len, keys)) != {KEY_BYTES}:
         raise ValueError(f"memory tier keys have {KEY_BYTES} bytes each")
+
+
+def _halves(keys: Sequence[bytes]) -> np.ndarray:
+    """Keys (checked) -> an (n, 2) array of their 64-bit halves."""
     return np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2)
 
 
@@ -137,10 +140,8 @@ class MemoryTier:
         first slot with the key's tag names a record, whose stored key
         confirms it (a slot without the tag names some other record, which
         does not confirm). Only keys with two tag matches in their bucket, or
-        whose bucket overflowed, take another round."""
+        whose bucket other keys passed, take the one-key path."""
         n = len(q)
-        if not self._live or not n:
-            return np.full(n, -1, np.int64)
         b, tag = self._hashes(q)
         slots = self._slots[b]
         tagged = (slots >> _HIGH) == tag[:, None]
@@ -151,25 +152,14 @@ class MemoryTier:
             return rec
         rec[~same] = -1
         again = np.flatnonzero(~same & ((tagged.sum(1) > 1) | (self._passing[b] > 0)))
-        for i in again.tolist():
-            rec[i] = self._find_one(q[i], int(tag[i]), int(b[i]))
+        if again.size:
+            rec[again] = self._find_small([q[i].tobytes() for i in again.tolist()])
         return rec
-
-    def _find_one(self, key: np.ndarray, tag: int, b: int) -> int:
-        """The exact search for one key from bucket b on: a tag clash, or a chain past a full bucket."""
-        for _ in range(self._nb):  # each bucket at most once, even if every bucket is marked
-            for slot in self._slots[b].tolist():
-                r = (slot & 0xFFFFFFFF) - 1
-                if r >= 0 and slot >> 32 == tag and (self._rec_key[r] == key).all():
-                    return r
-            if not self._passing[b]:
-                break
-            b = (b + 1) % self._nb
-        return -1
 
     def _find_small(self, keys: Sequence[bytes]) -> list[int]:
         """`_find` for a few keys, with Python ints: the same hashes (numpy's uint64 arithmetic
-        wraps at 64 bits, as the masks do here), the same buckets and chains."""
+        wraps at 64 bits, as the masks do here), the same buckets and chains, every slot of a
+        bucket compared (so also the path for keys whose bucket holds their tag twice)."""
         s0, s1, s2, s3 = self._salt_ints
         nb, slots, passing, rec_key = self._nb, self._slots, self._passing, self._rec_key
         out = []
@@ -178,7 +168,7 @@ class MemoryTier:
             b = ((((k0 * s0 + k1 * s1) & _M64) >> 32) * nb) >> 32
             tag = (((k0 * s2 + k1 * s3) & _M64) >> 32) | 1
             found = -1
-            for _ in range(nb):
+            for _ in range(nb):  # each bucket at most once
                 for slot in slots[b].tolist():
                     if slot >> 32 == tag and rec_key[(slot & 0xFFFFFFFF) - 1].tobytes() == key:
                         found = (slot & 0xFFFFFFFF) - 1
@@ -191,13 +181,9 @@ class MemoryTier:
 
     def lookup(self, keys: Sequence[bytes]) -> tuple[list[bytes | None], list[int]]:
         """Each key's value (None where the tier lacks it), and the positions of those misses."""
+        _check(keys)
+        rec = self._records(keys)
         get = self._values.__getitem__
-        if len(keys) <= SMALL:
-            if keys and set(map(len, keys)) != {KEY_BYTES}:
-                raise ValueError(f"memory tier keys have {KEY_BYTES} bytes each")
-            found = self._find_small(keys) if self._live else [-1] * len(keys)
-            return [get(r) if r >= 0 else None for r in found], [i for i, r in enumerate(found) if r < 0]
-        rec = self._find(_halves(keys))
         if rec.min(initial=0) >= 0:
             return list(map(get, rec.tolist())), []
         return [get(r) if r >= 0 else None for r in rec.tolist()], np.flatnonzero(rec < 0).tolist()
@@ -213,6 +199,7 @@ class MemoryTier:
             raise ValueError(f"{len(keys)} keys for {len(values)} values")
         if not self.enabled or not keys:
             return
+        _check(keys)
         q = _halves(keys)
         m = len(keys)
         last = dict(zip(keys, range(m)))
@@ -249,14 +236,18 @@ class MemoryTier:
     def delete_many(self, keys: Sequence[bytes]) -> None:
         if not self._live or not keys:
             return
-        rec = self._records(keys, _halves(keys))
+        _check(keys)
+        rec = self._records(keys)
         self._drop(np.unique(rec[rec >= 0]))
 
-    def _records(self, keys: Sequence[bytes], q: np.ndarray) -> np.ndarray:
-        """The keys' records (-1 where not held), by whichever path is cheaper for their number."""
-        if len(keys) <= SMALL and self._live:
+    def _records(self, keys: Sequence[bytes], q: np.ndarray | None = None) -> np.ndarray:
+        """The (checked) keys' records, -1 where not held, by whichever path is cheaper for their
+        number; `q` is their halves when the caller has them already."""
+        if not self._live:
+            return np.full(len(keys), -1, np.int64)
+        if len(keys) <= SMALL:
             return np.array(self._find_small(keys), np.int64)
-        return self._find(q)
+        return self._find(_halves(keys) if q is None else q)
 
     def _drop(self, recs: np.ndarray) -> None:
         """Forget live records `recs` (distinct): clear their index slots; their ring places stay until evicted."""

@@ -44,7 +44,7 @@ class WriteBack:
         self._lingering: asyncio.Future | None = None  # settled early by a full batch or by close()
         self._held = 0  # entries the worker has taken from the queue and not yet stored
         # A Store this full ends the linger at once (the queue's bound may be below the batch).
-        self._full_at = max(1, min(batch, max(1, capacity)))
+        self._full_at = max(1, min(batch, capacity))
         self._worker: asyncio.Task | None = None
         self._closing = False
         self.restarts = 0
