@@ -46,7 +46,7 @@ def bundled_model_path() -> str:
 
 DEFAULT_BACKEND = "onnx"
 # Precision when --precision is not given, per backend.
-DEFAULT_PRECISION = {"onnx": "fp32", "torch": "fp32"}
+DEFAULT_PRECISION = {"onnx": "fp32", "torch": "fp32", "openvino": "fp32"}
 # Layers each int8 precision keeps in fp32 unless --int8-keep-fp32 says otherwise (README):
 # dynamic int8, the first encoder layer (STS-B within 0.35% of torch); static int8, none
 # (with SmoothQuant, all 36 MatMuls int8 stay within 0.25% of fp32 on STS-B).

@@ -54,7 +54,7 @@ from mlbase.data_files import CORPUS_FILE, STS_TEST_FILE, first_existing
 from mlbase.settings import MLBaseSettings
 
 REFERENCE = "torch:fp32"
-CANDIDATES = (REFERENCE, "torch:bf16", "onnx:fp32", "onnx:int8", "onnx:int8-static")
+CANDIDATES = (REFERENCE, "torch:bf16", "onnx:fp32", "onnx:int8", "onnx:int8-static", "openvino:bf16")
 # Throughputs within this fraction of the best are a tie (see the module doc).
 CLOSE_CALL = 0.03
 BATCH_SIZE = 32

@@ -1,5 +1,5 @@
 """Reduced-precision backends whose vector for a text does not depend on its batch mates
-(torch bf16, onnx static int8), the quality gates, the tuner and `--backend auto`.
+(torch bf16, onnx static int8, openvino bf16), the quality gates, the tuner and `--backend auto`.
 
 The models load once per module; static int8 graphs are built into a temporary cache
 (one fp32 export, then the quantized graphs derived from it) that the tuner and the
@@ -75,6 +75,19 @@ def static(cache_dir, onnx_fp32):
     return load("onnx", "int8-static", cache_dir, keep_fp32=STATIC_KEEP, calibration_texts=CALIBRATION_TEXTS)
 
 
+def cpu_has_bf16() -> bool:
+    return any(flag in tuned.cpu_identity().flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+@pytest.fixture(scope="module")
+def ov_bf16(cache_dir, onnx_fp32):
+    """OpenVINO in bf16 on the onnx backend's fp32 graph; None on a CPU without native bfloat16,
+    where the backend refuses to load (test_openvino_bf16_runs_bf16_or_refuses checks that)."""
+    if not cpu_has_bf16():
+        return None
+    return load("openvino", "bf16", cache_dir)
+
+
 @pytest.fixture(scope="module")
 def gate_texts() -> list[str]:
     lines = [line for line in first_existing((CORPUS_FILE,)).read_text().splitlines() if line.strip()]
@@ -102,6 +115,36 @@ def test_a_text_alone_and_inside_a_batch_get_the_same_vector(bf16, static, onnx_
         gate = gates.batch_gate(backend, gate_texts, batch_size=8)
         assert gate.passed, (backend.describe().precision, gate.min_cosine)
         assert set(gate.min_cosine) == set(gates.WIDTHS) and gate.texts == len(gate_texts)
+
+
+def test_openvino_bf16_runs_bf16_or_refuses(ov_bf16, onnx_fp32, cache_dir, gate_texts):
+    """openvino falls back to f32 where the CPU has no bfloat16; a "bf16" fingerprint on such a
+    CPU would label fp32 vectors as bf16, so the backend refuses to load there instead."""
+    if ov_bf16 is None:
+        with pytest.raises(ValueError, match="--precision bf16 is not available here"):
+            load("openvino", "bf16", cache_dir)
+        return
+    reference, _ = onnx_fp32.encode(TEXTS, batch_size=3)
+    vectors, truncated = ov_bf16.encode(TEXTS, batch_size=3)
+    assert vectors.dtype == np.float32 and vectors.shape == (len(TEXTS), 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert truncated == [False] * 6 + [True]
+    cos = cosines(vectors, reference)
+    assert cos.min() > 0.999 and cos.min() < 0.9999999  # the same graph, computed in bfloat16
+    assert ov_bf16.graph_path == onnx_fp32.graph_path  # no graph of its own: onnxruntime's plain fp32 export
+    gate = gates.batch_gate(ov_bf16, gate_texts, batch_size=8)
+    assert gate.passed, gate.min_cosine
+
+
+def test_openvino_fp32_matches_onnxruntime_on_the_same_graph(onnx_fp32, cache_dir):
+    openvino = load("openvino", "fp32", cache_dir)
+    assert openvino.graph_path == onnx_fp32.graph_path
+    ours, _ = openvino.encode(TEXTS, batch_size=3)
+    reference, _ = onnx_fp32.encode(TEXTS, batch_size=3)
+    assert cosines(ours, reference).min() > 0.99999
+    d, o = openvino.describe(), onnx_fp32.describe()
+    assert (d.backend, d.precision, o.backend, o.precision) == ("openvino", "fp32", "onnx", "fp32")
+    assert d.fingerprint() != o.fingerprint()  # another runtime's rounding never shares a cache
 
 
 def test_dynamic_int8_fails_the_batch_gate(cache_dir, onnx_fp32, gate_texts):
@@ -173,7 +216,10 @@ def test_precision_settings():
     static_settings = load_settings(["--backend", "onnx", "--precision", "int8-static"], {})
     assert static_settings.backend.keep_fp32 == STATIC_KEEP == ()
     assert load_settings(["--backend", "onnx", "--precision", "int8"], {}).backend.keep_fp32 == ("layer.0.",)
+    assert load_settings(["--backend", "openvino", "--precision", "bf16"], {}).backend.precision == "bf16"
+    assert load_settings(["--backend", "openvino"], {}).backend.precision == "fp32"
     for argv in (["--backend", "onnx", "--precision", "bf16"], ["--backend", "torch", "--precision", "int8-static"],
+                 ["--backend", "openvino", "--precision", "int8"],
                  ["--backend", "auto", "--precision", "fp32"], ["--backend", "torch", "--int8-keep-fp32", "x"]):
         with pytest.raises(SystemExit):
             load_settings(argv, {})
@@ -262,7 +308,9 @@ def test_quick_tune_records_a_winner_that_passed_both_gates(tuned_run):
     assert record["cpu"]["model"] == cpu.model and record["cpu"]["flags"] == list(cpu.flags)
     assert record["mode"] == "quick" and record["model_digest"] == tuned.model_digest(MODEL)
     rows = {r["candidate"]: r for r in record["candidates"]}
-    assert set(rows) == {"torch:fp32", "torch:bf16", "onnx:fp32", "onnx:int8", "onnx:int8-static"}
+    assert set(rows) == {"torch:fp32", "torch:bf16", "onnx:fp32", "onnx:int8", "onnx:int8-static", "openvino:bf16"}
+    # openvino bf16 is measured where the CPU has bfloat16, and reported as not loadable elsewhere.
+    assert (rows["openvino:bf16"]["error"] == "") == cpu_has_bf16(), rows["openvino:bf16"]
     winner = record["choice"]
     row = rows[f"{winner['backend']}:{winner['precision']}"]
     assert row["passed"] and row["sts_passed"] and row["batch_passed"] and row["label"] == winner["label"]

@@ -200,13 +200,13 @@ class OnnxBackend(Backend):
         if self.precision == "int8-static":
             self.calibration = calibration.load(self.options.calibration_file,
                                                 self.options.calibration_texts or calibration.DEFAULT_TEXTS)
-        self.spec = GraphSpec(self.precision, self.fused, tuple(self.options.keep_fp32),
+        self.spec = GraphSpec(self.graph_precision(), self.fused, tuple(self.options.keep_fp32),
                               self.calibration.tag() if self.calibration else "")
         self.graphs = GraphCache(self.options.cache_dir or DEFAULT_CACHE_DIR, source, check=self._check,
                                  calibration=self._calibration_inputs)
         self.graph_path = self.graphs.ensure(self.spec)
         self.session = self._session(self.graph_path)
-        self._input_names = [i.name for i in self.session.get_inputs()]
+        self._input_names = self._inputs(self.session)
         self._description = ModelDescription(
             model_id=self.options.model_id or model_id_for(path),
             weights_digest=source.weights_digest,
@@ -216,12 +216,26 @@ class OnnxBackend(Backend):
             max_seq_length=window,
             native_width=source.hidden_size * len(self.layout.pooling_modes),
             backend=self.name,
-            precision=precision_label(self.spec),
+            precision=self.precision_label(),
         )
         log.info("loaded %s from %s: graph %s (%s), width %d, window %d tokens, %d threads",
                  self._description.model_id, path, self.graph_path,
                  "built now" if self.graphs.built else "from cache", self._description.native_width,
                  window, self.options.threads)
+
+    def graph_precision(self) -> str:
+        """The exported graph this backend runs (GraphSpec.precision)."""
+        return self.precision
+
+    def precision_label(self) -> str:
+        return precision_label(self.spec)
+
+    def _inputs(self, session) -> list[str]:
+        return [i.name for i in session.get_inputs()]
+
+    def _run(self, session, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The transformer's last hidden state for one padded batch."""
+        return session.run([OUTPUT_NAME], feeds)[0]
 
     def _session(self, graph: Path):
         ort = self._ort
@@ -235,7 +249,7 @@ class OnnxBackend(Backend):
 
     def _forward(self, session, input_names: Sequence[str], batch: Sequence[Encoded]) -> np.ndarray:
         feeds = self.tokenizer.pad(batch)
-        hidden = session.run([OUTPUT_NAME], {name: feeds[name] for name in input_names})[0]
+        hidden = self._run(session, {name: feeds[name] for name in input_names})
         vectors = pool(hidden, feeds["attention_mask"], self.layout.pooling_modes)
         if self.layout.normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -263,7 +277,7 @@ class OnnxBackend(Backend):
     def _check(self, graph: Path, spec: GraphSpec) -> dict:
         """Reject a freshly built graph whose vectors differ from sentence-transformers'."""
         session = self._session(graph)
-        names = [i.name for i in session.get_inputs()]
+        names = self._inputs(session)
         encoded = self.tokenizer.encode(CHECK_TEXTS)
         together = self._forward(session, names, encoded)
         alone = np.concatenate([self._forward(session, names, [e]) for e in encoded])

@@ -15,6 +15,7 @@ from mlbase.backends.base import Backend, BackendOptions
 BACKENDS: dict[str, str] = {
     "torch": "mlbase.backends.torch_backend:TorchBackend",
     "onnx": "mlbase.backends.onnx_backend:OnnxBackend",
+    "openvino": "mlbase.backends.openvino_backend:OpenVinoBackend",
 }
 # The precisions each backend runs (--precision), the first its default; declared here so that
 # settings can check them without importing torch or onnxruntime. No onnx bf16: onnxruntime's
@@ -23,6 +24,8 @@ BACKENDS: dict[str, str] = {
 PRECISIONS: dict[str, tuple[str, ...]] = {
     "torch": ("fp32", "bf16"),
     "onnx": ("fp32", "int8", "int8-static"),
+    # OpenVINO's CPU plugin on the onnx backend's graphs; bf16 needs a CPU with native bfloat16.
+    "openvino": ("fp32", "bf16", "int8-static"),
 }
 
 

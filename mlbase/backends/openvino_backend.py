@@ -1,0 +1,93 @@
+"""OpenVINO backend: the ONNX backend's exported graphs, compiled by OpenVINO's CPU plugin.
+
+Why a second runtime for the same graphs: OpenVINO compiles the whole
+transformer into fused kernels (attention in one node, GELU and the bias in
+the MatMul's epilogue) and, asked for bfloat16, runs its MatMuls on AMX or
+AVX512-BF16 where the CPU has them. onnxruntime's CPU provider has no
+bfloat16 MatMul at all, and spends much of a static-int8 batch in separate
+element-wise nodes (BiasGelu, SkipLayerNormalization, the quantize steps).
+Which runtime wins depends on the CPU, which is what `sutra tune` measures.
+
+Precisions:
+- "fp32": the plain fp32 graph with inference precision f32.
+- "bf16": the same graph with inference precision bf16 (weights and MatMul
+  inputs in bfloat16, accumulation in fp32). A CPU without native bfloat16
+  would make OpenVINO fall back to f32 silently; the backend refuses to load
+  there instead, so a "bf16" fingerprint always means bf16 arithmetic.
+- "int8-static": the ONNX backend's calibrated QDQ graph (same calibration
+  set and tag), executed by OpenVINO's int8 kernels.
+
+Everything around the graph (tokenizer, padding, pooling, normalisation,
+the graph cache and its build-time check) is the ONNX backend's, inherited.
+The fingerprint's backend is "openvino", so its vectors never share a cache
+with onnxruntime's, even for the same graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlbase.backends.base import BackendOptions
+from mlbase.backends.onnx_backend import OnnxBackend
+
+# Our precision name -> OpenVINO's inference precision hint.
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8-static": "f32"}
+
+
+class OpenVinoBackend(OnnxBackend):
+    name = "openvino"
+
+    def __init__(self, options: BackendOptions, fused: bool | None = None) -> None:
+        # OpenVINO fuses the graph itself; onnxruntime's contrib fusions (Attention,
+        # SkipLayerNormalization) would only hide the structure from it.
+        super().__init__(options, fused=False)
+
+    def graph_precision(self) -> str:
+        return "fp32" if self.precision == "bf16" else self.precision
+
+    def precision_label(self) -> str:
+        return "bf16" if self.precision == "bf16" else super().precision_label()
+
+    def _session(self, graph: Path):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {
+            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            # Several replicas share a machine: pinning each one's threads would put them all on the
+            # same cores.
+            "ENABLE_CPU_PINNING": False,
+        }
+        if self.options.threads > 0:
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        compiled = core.compile_model(core.read_model(str(graph)), "CPU", config)
+        granted = compiled.get_property("INFERENCE_PRECISION_HINT")
+        wanted = config["INFERENCE_PRECISION_HINT"]
+        if granted.get_type_name() != wanted:
+            raise ValueError(f"openvino runs this graph in {granted.get_type_name()} on this CPU, not {wanted}: "
+                             f"--precision {self.precision} is not available here")
+        return _Compiled(compiled)
+
+    def _inputs(self, session: "_Compiled") -> list[str]:
+        return session.input_names
+
+    def _run(self, session: "_Compiled", feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(feeds)
+
+
+class _Compiled:
+    """One compiled model and its one infer request: a replica runs inference on one thread,
+    so reusing the request saves allocating its tensors per batch."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.input_names = [port.get_any_name() for port in compiled.inputs]
+        self.output = compiled.outputs[0]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        # infer() returns views of the request's own buffers, which the next call overwrites.
+        return np.array(self.request.infer(feeds)[self.output], copy=True)
