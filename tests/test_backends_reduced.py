@@ -394,3 +394,28 @@ def test_replica_with_backend_auto_serves_the_recorded_choice(auto_replica, stat
     vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(reply.count, reply.width)
     assert cosines(vectors, static.encode(TEXTS)[0]).min() > 0.9999
     assert "--backend auto: onnx int8-static" in auto_replica.log()
+
+
+@pytest.fixture(scope="module")
+def openvino_replica(tmp_path_factory, cache_dir, onnx_fp32):
+    """A real replica process on the openvino backend: bf16 where the CPU has it, else fp32."""
+    folder = tmp_path_factory.mktemp("openvino-replica")
+    precision = "bf16" if cpu_has_bf16() else "fp32"
+    yield from serving(service("mlbase", folder / "mlbase.log",
+                               {"backend_name": "openvino", "precision": precision, "threads": 1,
+                                "server.drain_seconds": 0.0, "onnx_cache_dir": str(cache_dir)}))
+
+
+def test_replica_serves_the_openvino_backend(openvino_replica, ov_bf16, cache_dir):
+    in_process = ov_bf16 or load("openvino", "fp32", cache_dir)
+    with grpc.insecure_channel(openvino_replica.address) as channel:
+        stub = pb_grpc.MLBaseServiceStub(channel)
+        info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+        reply = stub.Embed(pb.EmbedRequest(texts=TEXTS, full_width=True), timeout=30)
+        alone = [stub.Embed(pb.EmbedRequest(texts=[text], full_width=True), timeout=30) for text in TEXTS]
+    assert (info.backend, info.precision) == ("openvino", in_process.describe().precision)
+    assert info.fingerprint == in_process.describe().fingerprint() == reply.model_fingerprint
+    vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(reply.count, reply.width)
+    one_by_one = np.concatenate([np.frombuffer(r.vectors, dtype="<f4").reshape(1, r.width) for r in alone])
+    assert cosines(vectors, in_process.encode(TEXTS)[0]).min() > 0.9999
+    assert cosines(vectors, one_by_one).min() > gates.MIN_BATCH_COSINE  # batch mates do not move a vector
