@@ -419,3 +419,15 @@ def test_replica_serves_the_openvino_backend(openvino_replica, ov_bf16, cache_di
     one_by_one = np.concatenate([np.frombuffer(r.vectors, dtype="<f4").reshape(1, r.width) for r in alone])
     assert cosines(vectors, in_process.encode(TEXTS)[0]).min() > 0.9999
     assert cosines(vectors, one_by_one).min() > gates.MIN_BATCH_COSINE  # batch mates do not move a vector
+
+
+def test_openvino_backend_is_safe_to_share_between_threads(onnx_fp32, cache_dir):
+    """Like an onnxruntime session, one loaded backend may be called from several threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    openvino = load("openvino", "fp32", cache_dir)
+    texts = [f"{i} " + "word " * (i % 40) for i in range(64)]
+    expected = np.concatenate([openvino.encode([t])[0] for t in texts])
+    with ThreadPoolExecutor(4) as pool:
+        got = np.concatenate(list(pool.map(lambda t: openvino.encode([t])[0], texts)))
+    assert cosines(got, expected).min() > 0.99999

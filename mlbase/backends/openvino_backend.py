@@ -25,6 +25,7 @@ with onnxruntime's, even for the same graph.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +80,18 @@ class OpenVinoBackend(OnnxBackend):
 
 
 class _Compiled:
-    """One compiled model and its one infer request: a replica runs inference on one thread,
-    so reusing the request saves allocating its tensors per batch."""
+    """One compiled model and its one infer request. A replica runs inference on one thread,
+    so reusing the request saves allocating its tensors per batch; the lock keeps a second
+    caller (an onnxruntime session may be shared between threads) from overwriting them."""
 
     def __init__(self, compiled) -> None:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in compiled.inputs]
         self.output = compiled.outputs[0]
+        self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        # infer() returns views of the request's own buffers, which the next call overwrites.
-        return np.array(self.request.infer(feeds)[self.output], copy=True)
+        with self._lock:
+            # infer() returns views of the request's own buffers, which the next call overwrites.
+            return np.array(self.request.infer(feeds)[self.output], copy=True)
