@@ -89,9 +89,9 @@ class MLBaseSettings(Settings):
     # "" = the backend's default (DEFAULT_PRECISION); `backend` resolves it.
     precision: str = setting(
         "", f"forward-pass precision, one of: {', '.join(PRECISIONS)}; bf16 (the transformer in bfloat16: AMX or "
-        "AVX512-BF16 where the CPU has them) needs --backend torch; int8 (dynamic quantization: a text's vector "
-        "depends on its batch mates) and int8-static (activation scales fixed by calibration text, so it does not) "
-        "need --backend onnx; empty = the backend's default "
+        "AVX512-BF16 where the CPU has them) needs --backend torch or openvino; int8 (dynamic quantization: a text's "
+        "vector depends on its batch mates) needs --backend onnx, and int8-static (activation scales fixed by "
+        "calibration text, so it does not) --backend onnx or openvino; empty = the backend's default "
         f"({', '.join(f'{k}: {v}' for k, v in DEFAULT_PRECISION.items())})")
     onnx_cache_dir: str = setting(
         DEFAULT_ONNX_CACHE, "where --backend onnx keeps the graphs it exports from the model (once per weights and "

@@ -17,8 +17,8 @@ The winner is the candidate with the highest batch throughput among those that
 pass both gates and whose single-text latency is at most 1.5x the lowest
 single-text latency among them: one new text per request is the call an
 embedding server answers most, so a backend that buys some batch throughput
-with a much slower lone text (torch bf16, openvino bf16: per-call overhead
-and per-shape preparation) does not win. Throughputs within 3% of the best count as a tie (rounds on a
+with a much slower lone text (torch bf16 on the Xeon: per-call overhead)
+does not win. Throughputs within 3% of the best count as a tie (rounds on a
 shared 2-core machine vary by more than that); a tie goes to the lower
 single-text latency (the gates already call the candidates' quality equal, and
 latency is what interactive callers feel), then to the smaller worst STS-B

@@ -247,9 +247,9 @@ class OnnxBackend(Backend):
         so.log_severity_level = 3
         return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
 
-    def _forward(self, session, input_names: Sequence[str], batch: Sequence[Encoded]) -> np.ndarray:
+    def _forward(self, session, input_names: Sequence[str], batch: Sequence[Encoded], run=None) -> np.ndarray:
         feeds = self.tokenizer.pad(batch)
-        hidden = self._run(session, {name: feeds[name] for name in input_names})
+        hidden = (run or self._run)(session, {name: feeds[name] for name in input_names})
         vectors = pool(hidden, feeds["attention_mask"], self.layout.pooling_modes)
         if self.layout.normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -276,11 +276,14 @@ class OnnxBackend(Backend):
 
     def _check(self, graph: Path, spec: GraphSpec) -> dict:
         """Reject a freshly built graph whose vectors differ from sentence-transformers'."""
-        session = self._session(graph)
-        names = self._inputs(session)
+        # Always onnxruntime: the graph enters a cache every backend shares, and its floor is
+        # the graph's own precision, whatever runtime asked for it.
+        session = OnnxBackend._session(self, graph)
+        names = OnnxBackend._inputs(self, session)
+        run = lambda s, feeds: OnnxBackend._run(self, s, feeds)  # noqa: E731
         encoded = self.tokenizer.encode(CHECK_TEXTS)
-        together = self._forward(session, names, encoded)
-        alone = np.concatenate([self._forward(session, names, [e]) for e in encoded])
+        together = self._forward(session, names, encoded, run)
+        alone = np.concatenate([self._forward(session, names, [e], run) for e in encoded])
         ref = self._reference()
         cosine = min(float(cosines(together, ref).min()), float(cosines(alone, ref).min()))
         floor = MIN_CHECK_COSINE[spec.precision]

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mlbase.backends.base import BackendOptions
+from mlbase.backends.onnx_export import OUTPUT_NAME
 from mlbase.backends.onnx_backend import OnnxBackend
 
 # Our precision name -> OpenVINO's inference precision hint.
@@ -67,6 +68,11 @@ class OpenVinoBackend(OnnxBackend):
         compiled = core.compile_model(core.read_model(str(graph)), "CPU", config)
         granted = compiled.get_property("INFERENCE_PRECISION_HINT")
         wanted = config["INFERENCE_PRECISION_HINT"]
+        # OpenVINO also grants bf16 on AVX-512 CPUs without bfloat16 instructions, and emulates it
+        # there; "bf16" is kept for CPUs that compute in bfloat16 natively.
+        if wanted == "bf16" and not native_bf16():
+            raise ValueError("this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): "
+                             f"--precision {self.precision} is not available here")
         if granted.get_type_name() != wanted:
             raise ValueError(f"openvino runs this graph in {granted.get_type_name()} on this CPU, not {wanted}: "
                              f"--precision {self.precision} is not available here")
@@ -79,6 +85,12 @@ class OpenVinoBackend(OnnxBackend):
         return session.run(feeds)
 
 
+def native_bf16() -> bool:
+    from mlbase import tuned
+
+    return any(flag in tuned.cpu_identity().flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
 class _Compiled:
     """One compiled model and its one infer request. A replica runs inference on one thread,
     so reusing the request saves allocating its tensors per batch; the lock keeps a second
@@ -88,7 +100,7 @@ class _Compiled:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in compiled.inputs]
-        self.output = compiled.outputs[0]
+        self.output = compiled.output(OUTPUT_NAME)
         self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
