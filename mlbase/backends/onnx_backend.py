@@ -27,6 +27,7 @@ rounding, ~1e-7, like different thread counts do) and share a fingerprint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -280,7 +281,7 @@ class OnnxBackend(Backend):
         # the graph's own precision, whatever runtime asked for it.
         session = OnnxBackend._session(self, graph)
         names = OnnxBackend._inputs(self, session)
-        run = lambda s, feeds: OnnxBackend._run(self, s, feeds)  # noqa: E731
+        run = functools.partial(OnnxBackend._run, self)
         encoded = self.tokenizer.encode(CHECK_TEXTS)
         together = self._forward(session, names, encoded, run)
         alone = np.concatenate([self._forward(session, names, [e], run) for e in encoded])

@@ -44,6 +44,8 @@ class OpenVinoBackend(OnnxBackend):
     def __init__(self, options: BackendOptions, fused: bool | None = None) -> None:
         # OpenVINO fuses the graph itself; onnxruntime's contrib fusions (Attention,
         # SkipLayerNormalization) would only hide the structure from it.
+        if fused:
+            raise ValueError("the openvino backend runs the plain graph only (it fuses the graph itself)")
         super().__init__(options, fused=False)
 
     def graph_precision(self) -> str:
