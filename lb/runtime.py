@@ -61,6 +61,8 @@ class ServerView:
     bytes_in: int  # bytes from clients to the replica
     bytes_out: int
     last_change_s: int  # seconds since the last state change
+    checks_failed: int = 0  # failed health checks while it was up (HAProxy's chkfail)
+    went_down: int = 0  # UP -> DOWN transitions (chkdown)
 
     @property
     def up(self) -> bool:
@@ -94,6 +96,8 @@ def server_views(rows: list[dict[str, str]], backend: str = "mlbase") -> list[Se
             bytes_in=_int(row, "bin"),
             bytes_out=_int(row, "bout"),
             last_change_s=_int(row, "lastchg"),
+            checks_failed=_int(row, "chkfail"),
+            went_down=_int(row, "chkdown"),
         ))
     return found
 
