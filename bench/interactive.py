@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bench import workloads
 
@@ -43,18 +43,26 @@ def floors(baseline: workloads.Baseline, lines: Sequence[str], samples: int) -> 
             "batch8_p50_ms": 1000 * statistics.median(batch), "samples": samples}
 
 
-def sweep(address: str, lines: Sequence[str], per_level: int, levels: Sequence[int] = LEVELS) -> list[dict]:
-    """One row per concurrency level: single-text cold requests, `per_level` of them."""
+def sweep(address: str, lines: Sequence[str], per_level: int, levels: Sequence[int] = LEVELS,
+          probe: Callable[[], dict[str, float]] | None = None) -> list[dict]:
+    """One row per concurrency level: single-text cold requests, `per_level` of them. With `probe`
+    (cumulative seconds per part, `stack_access.cpu_by_role`), each row also gets the milliseconds
+    of each part per request."""
     rows = []
     for level in levels:
         requests = [[t] for t in fresh(lines, max(per_level, 4 * level))]
+        before = probe() if probe else {}
         started = time.perf_counter()
         _, latencies, usage = workloads.drive(address, requests, level)
         elapsed = time.perf_counter() - started
+        after = probe() if probe else {}
         summary = workloads.latency_summary(latencies)
-        rows.append({"concurrency": level, "requests": len(requests), "req_per_s": len(requests) / elapsed,
-                     "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"], "computed": usage["computed"],
-                     "latency": summary})
+        row = {"concurrency": level, "requests": len(requests), "req_per_s": len(requests) / elapsed,
+               "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"], "computed": usage["computed"],
+               "latency": summary}
+        if probe:
+            row["ms_per_request"] = {part: 1000 * (after[part] - before[part]) / len(requests) for part in after}
+        rows.append(row)
     return rows
 
 

@@ -133,6 +133,41 @@ def cpu_seconds(pids: dict[str, int]) -> float:
     return total
 
 
+def role_of(program: str) -> str:
+    """The part of the stack a supervisord program is: replicas, cache shard, HAProxy, frontend."""
+    if program.startswith("mlbase"):
+        return "replicas"
+    if program.startswith("cacheshard"):
+        return "cache shard"
+    return "haproxy" if program.startswith("haproxy") else "frontend"
+
+
+def cpu_by_role(settings: StackSettings) -> Callable[[], dict[str, float]]:
+    """A probe of cumulative CPU seconds per part of the stack: each role's processes, the
+    replicas' forward passes (the inference thread's CPU in them, from their /metrics; all of the
+    model's CPU with one thread per replica) and this process (the client). Differences between
+    two probes split a phase's cost per request, which is what says where two cores go."""
+    from deploy.scrape import fetch
+
+    pids = stack_pids(settings)
+    urls = [settings.metrics_url(name) for name in settings.replica_names()]
+
+    def probe() -> dict[str, float]:
+        out = {"replicas": 0.0, "replicas: inference": 0.0, "frontend": 0.0, "cache shard": 0.0,
+               "haproxy": 0.0, "client": time.process_time()}
+        for name, pid in pids.items():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = psutil.Process(pid).cpu_times()
+                out[role_of(name)] += t.user + t.system
+        for url in urls:
+            for sample, _labels, value in fetch(url).samples:
+                if sample == "sutra_mlbase_inference_cpu_seconds_total":
+                    out["replicas: inference"] += value
+        return out
+
+    return probe
+
+
 def rss_snapshot(settings: StackSettings, extra: dict[str, int]) -> dict[str, float]:
     """RSS in MiB of supervisord, each program it runs, our extra frontends and this process."""
     pids = {"supervisord": Supervisor(settings.supervisor_socket).pid(), **stack_pids(settings)}

@@ -54,8 +54,8 @@ import grpc
 import numpy as np
 
 from bench import interactive, frontend_bench, workloads
-from bench.stack_access import (cache_stats, cpu_seconds, disk_phase, extra_frontend, replica_info, rss_snapshot,
-                                stack_pids, start_stack, wait_shard_entries)
+from bench.stack_access import (cache_stats, cpu_by_role, cpu_seconds, disk_phase, extra_frontend, replica_info,
+                                rss_snapshot, stack_pids, start_stack, wait_shard_entries)
 from deploy import stack
 from deploy.settings import StackSettings
 from harness.procs import Proc
@@ -171,22 +171,31 @@ async def sequential_latencies(address: str, texts: list[str], size: int, encodi
 
 
 def interactive_phase(cfg: BenchConfig, address: str, lines: list[str], baselines: list[workloads.Baseline],
-                      same: str, replica_threads: int, out: Printer) -> dict:
+                      same: str, replica_threads: int, probe: Callable[[], dict[str, float]], out: Printer) -> dict:
     """The single-text sweep, and the same backend's floors at the replica's thread budget (one
-    text) and on every core (8 texts as one batch)."""
+    text) and on every core (8 texts as one batch). `probe` splits each level's cost per request
+    by part of the stack (`stack_access.cpu_by_role`)."""
     mine = [b for b in baselines if b.engine == same]
     budget = min(mine, key=lambda b: abs(b.threads - replica_threads))
     widest = max(mine, key=lambda b: b.threads)
     samples = 40 if cfg.quick else 200
     floor = {"replica_threads": interactive.floors(budget, lines, samples),
              "all_cores": interactive.floors(widest, lines, samples)}
-    rows = interactive.sweep(address, lines, 64 if cfg.quick else 320)
+    rows = interactive.sweep(address, lines, 64 if cfg.quick else 320, probe=probe)
     out(f"  in-process {budget.name}: one text p50 {floor['replica_threads']['single_p50_ms']:.1f} ms; "
         f"{widest.name}: 8 texts as one batch p50 {floor['all_cores']['batch8_p50_ms']:.1f} ms")
     for row in rows:
         out(f"  {row['concurrency']:>2} clients: {row['req_per_s']:6.1f} req/s, p50 {row['p50_ms']:6.1f} ms, "
-            f"p99 {row['p99_ms']:6.1f} ms ({row['computed']}/{row['requests']} computed)")
+            f"p99 {row['p99_ms']:6.1f} ms ({row['computed']}/{row['requests']} computed); "
+            + cost_line(row["ms_per_request"]))
     return {"floors": floor, "sweep": rows}
+
+
+def cost_line(ms: dict[str, float]) -> str:
+    """"CPU ms per request: ..." from a sweep row's `ms_per_request`."""
+    cpu = sum(v for k, v in ms.items() if ":" not in k)
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+    return f"CPU ms per request {cpu:.2f} ({parts})"
 
 
 def hits_phase(cfg: BenchConfig, address: str, texts: list[str], level: str, out: Printer) -> dict:
@@ -298,7 +307,8 @@ def run(cfg: BenchConfig, out: Printer = print) -> dict:
 
         t = time.perf_counter()
         out("interactive: one new text per request, 1 to 32 clients...")
-        interactive = interactive_phase(cfg, front, split.cold, baselines, same, settings.torch_threads, out)
+        interactive = interactive_phase(cfg, front, split.cold, baselines, same, settings.torch_threads,
+                                        cpu_by_role(settings), out)
         phases["interactive"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -93,6 +93,9 @@ class BatchStats:
     batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))  # padding included
     queue_wait: Histogram = field(default_factory=Histogram)  # seconds, per text: submitted -> its batch starts
     inference: Histogram = field(default_factory=Histogram)  # seconds per forward pass
+    # CPU seconds of the inference thread in forward passes (time.thread_time): beside the wall time
+    # above it shows contention, and with one thread per replica it is the model's whole CPU cost.
+    inference_cpu: float = 0.0
 
 
 def plan_batches(items: Sequence[_Item], limits: BatchLimits) -> list[list[_Item]]:
@@ -270,6 +273,7 @@ class InferenceBatcher:
         started = time.monotonic()
         for it in batch:
             stats.queue_wait.observe(started - it.request.queued)
+        cpu = time.thread_time()
         try:
             vectors = self._embed([it.encoded for it in batch])
         except Exception as exc:  # the backend failed: fail these requests, keep serving
@@ -280,6 +284,7 @@ class InferenceBatcher:
                 request.loop.call_soon_threadsafe(_fail, request, exc)
             return
         ended = time.monotonic()
+        stats.inference_cpu += time.thread_time() - cpu
         stats.inference.observe(ended - started)
         if tracing.enabled():
             _note_pass(batch, started, ended)

@@ -139,6 +139,13 @@ def test_replica_metrics_count_what_the_frontend_computed(workload):
     assert page.value("sutra_mlbase_batch_texts_sum") == page.value("sutra_mlbase_texts_total")
     assert page.value("sutra_mlbase_queue_wait_seconds_count") == page.value("sutra_mlbase_texts_total")
     assert page.value("sutra_mlbase_inference_duration_seconds_count") == page.value("sutra_mlbase_batches_total")
+    # The inference thread's CPU in forward passes: some for the new texts, never more than their wall time
+    # (one thread per replica here), nor than the whole process used.
+    cpu = page.value("sutra_mlbase_inference_cpu_seconds_total") - old.value("sutra_mlbase_inference_cpu_seconds_total")
+    wall = page.value("sutra_mlbase_inference_duration_seconds_sum") - \
+        old.value("sutra_mlbase_inference_duration_seconds_sum")
+    process = page.value("process_cpu_seconds_total") - old.value("process_cpu_seconds_total")
+    assert 0 < cpu <= wall + 1e-3 and cpu <= process + 0.02, (cpu, wall, process)
     assert page.value("sutra_mlbase_padding_tokens_total") >= 0
     assert page.value("sutra_mlbase_queue_texts") == 0 and page.value("sutra_mlbase_ready") == 1
     [(labels, value)] = page.series("sutra_mlbase_model_info")

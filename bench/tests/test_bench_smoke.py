@@ -159,6 +159,27 @@ def test_table_and_plots_from_a_result_document(tmp_path):
     assert (Path(tmp_path) / "again" / "throughput.png").exists()
 
 
+def test_single_text_rows_show_where_each_request_goes_and_the_budget_of_the_throughput_goal():
+    doc = result_doc()
+    costs = {"replicas": 6.0, "replicas: inference": 4.0, "frontend": 2.0, "cache shard": 0.5, "haproxy": 0.2,
+             "client": 0.5}
+    for row in doc["interactive"]["sweep"]:
+        row["ms_per_request"] = costs
+    goal = report.goals(doc, ("onnx", "int8"))[2]
+    # 2 cores / (0.8 x 190 texts/s) = 13.16 ms per request; the requests cost 9.2, 4.0 of it in forward passes.
+    assert goal["goal"].startswith("8 single-text clients >= 0.8x")
+    assert "allows 13.16 ms of CPU per request on 2 cores; each cost 9.20 (forward passes 4.00, " \
+           "everything else 5.20)" in goal["note"]
+    doc["goals"] = report.goals(doc, ("onnx", "int8"))
+    lines: list[str] = []
+    report.print_table(doc, out=lines.append)
+    text = "\n".join(lines)
+    assert "CPU ms per request: replicas, replicas: inference, frontend, cache shard, haproxy, client" in text
+    assert "6.00 4.00 2.00 0.50 0.20 0.50" in text
+    # Documents from before the split still print and judge.
+    assert report.budget_note(result_doc()["interactive"]["sweep"][3], 190.0, 2, 0.8) == ""
+
+
 @pytest.mark.parametrize("winner, verdict", [("onnx:int8", "(the backend the stack ran)"),
                                              ("torch:bf16", "(the stack ran onnx:int8)"),
                                              (None, "no candidate passed both gates in this run")])
