@@ -6,7 +6,11 @@ Reads go to the in-memory tier first (`memory.py`), then to RocksDB for
 what it lacks. rocksdict holds the GIL while RocksDB runs a multi-get
 (measured: two threads doing multi-gets get no speed-up over one), so the
 worker pool adds no read parallelism; it keeps disk waits off the event loop
-for writes (fsync in --sync mode) and for reads that go to RocksDB.
+for writes (fsync in --sync mode) and for larger reads. A read of a few keys
+(--inline-read-keys) runs on the event loop: new traffic's lookups are mostly
+of one or a few keys RocksDB's filters rule out in microseconds, and the hop
+to a worker and back cost more than that (two thread wake-ups and context
+switches on a 2-vCPU machine, where they also preempt the other processes).
 
 Callers are not trusted: a Store is refused (INVALID_ARGUMENT, nothing
 written) unless every key has a cache key's length, every value is one the
@@ -106,14 +110,18 @@ class Shard:
         return self._checker.screen(self.store.multi_get(keys))
 
     async def _read(self, keys: list[bytes]) -> tuple[list[bool], list[bytes]]:
-        """One multi-get on a worker thread, screened by the codec.
+        """One multi-get, screened by the codec: on the event loop for a few keys
+        (--inline-read-keys), else on a worker thread.
 
         A value the codec rejects is a miss (counted as corrupt). A failed
         read is logged, counted, and answered as misses: the caller computes
         instead, which is what a cache should make it do."""
         c = self.counters
         try:
-            found, values, _, corrupt = await self._blocking(self._read_blocking, keys)
+            if len(keys) <= self.settings.inline_read_keys:
+                found, values, _, corrupt = self._read_blocking(keys)
+            else:
+                found, values, _, corrupt = await self._blocking(self._read_blocking, keys)
         except StoreError as exc:
             log.error("lookup of %d keys failed: %s", len(keys), exc)
             c.errors += 1

@@ -4,6 +4,7 @@ A real RocksDB database (rocksdict) in a temporary directory."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -66,6 +67,50 @@ async def test_shard_memory_tier_takes_its_bounds_from_the_budget(tmp_path):
     try:
         assert (shard.memory.max_entries, shard.memory.max_bytes) == (s.tier_entries, s.tier_value_bytes)
         assert shard.memory.max_entries > 50_000
+    finally:
+        await shard.close()
+
+
+@pytest.mark.parametrize("tier_entries", [1000, 0])
+@aio
+async def test_small_reads_run_on_the_event_loop_and_larger_ones_on_the_workers(tmp_path, tier_entries):
+    """--inline-read-keys: a lookup with at most that many keys the memory tier lacks reads RocksDB on
+    the event loop (no worker thread runs), a larger one on the workers, and both answer alike."""
+    s = ShardSettings(server=ServerOptions(), path=tmp_path / "db", inline_read_keys=4, memory_entries=tier_entries)
+    shard = Shard(ShardStore(s), s)
+    readers: list[str] = []
+    read = shard._read_blocking
+
+    def spying(keys):
+        readers.append(threading.current_thread().name)
+        return read(keys)
+
+    shard._read_blocking = spying
+    try:
+        rng = np.random.default_rng(3)
+        keys = [rng.bytes(16) for _ in range(12)]
+        values = codec.encode_many(rng.standard_normal((6, 384)).astype(np.float32))
+        await shard.put(keys[:6], values)  # fills the tier too (when it is on)
+        if tier_entries:
+            shard.memory.delete_many(keys[:6])  # so RocksDB answers them
+        loop_thread = threading.current_thread().name
+        small = await shard.lookup([keys[0], keys[7], keys[1], keys[8]])  # 4 keys: on the loop
+        assert small == ([True, False, True, False], [values[0], b"", values[1], b""])
+        assert readers == [loop_thread]
+        large = await shard.lookup(keys[2:12])  # 10 keys the tier lacks: on a worker
+        assert large == ([True] * 4 + [False] * 6, [*values[2:6], *[b""] * 6])
+        assert len(readers) == 2 and readers[1].startswith("rocksdb")
+    finally:
+        await shard.close()
+
+    off = ShardSettings(server=ServerOptions(), path=tmp_path / "db2", inline_read_keys=0)
+    shard = Shard(ShardStore(off), off)
+    readers.clear()
+    read = shard._read_blocking
+    shard._read_blocking = spying
+    try:
+        assert await shard.lookup([keys[0]]) == ([False], [b""])
+        assert len(readers) == 1 and readers[0].startswith("rocksdb")
     finally:
         await shard.close()
 
