@@ -14,6 +14,13 @@ The queue is bounded in texts: `reserve` refuses at once (Overloaded ->
 RESOURCE_EXHAUSTED) when admitting a request would exceed it. A request
 whose caller went away (cancelled, deadline) is skipped by the worker: its
 future's done-callback marks it abandoned, however the caller ended.
+
+A small request (`BatchLimits.inline_tokens`) that finds nothing running and
+nothing queued is computed on its caller's event loop instead: the lone query
+of interactive traffic then skips the two thread hand-offs (to the inference
+thread and back), and whatever arrives meanwhile queues for the thread as
+usual. One flag (`_busy`) makes the thread and an inline pass take turns, so
+there is still one forward pass at a time.
 """
 
 from __future__ import annotations
@@ -48,12 +55,16 @@ class BatchLimits:
     max_queue: int = 8192
     # Fixed cost of one forward pass, in padded tokens: trades fewer batches against less padding.
     overhead_tokens: int = 32
+    # A request of at most this many tokens (all its texts) that finds the inference thread idle and
+    # nothing queued is computed on the caller's event loop: no hand-off to the thread and back.
+    # 0: every request goes to the thread.
+    inline_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue < 1:
             raise ValueError("batch size, batch tokens and queue size must be at least 1")
-        if self.wait_ms < 0 or self.overhead_tokens < 0:
-            raise ValueError("wait window and batch overhead must not be negative")
+        if self.wait_ms < 0 or self.overhead_tokens < 0 or self.inline_tokens < 0:
+            raise ValueError("wait window, batch overhead and inline tokens must not be negative")
 
 
 @dataclass(eq=False)
@@ -88,6 +99,7 @@ class BatchStats:
     padded_tokens: int = 0
     generations: int = 0
     failed_batches: int = 0
+    inline_batches: int = 0  # forward passes run on the caller's event loop (BatchLimits.inline_tokens)
     sizes: list[int] = field(default_factory=list)
     batch_texts: Histogram = field(default_factory=lambda: Histogram(COUNT_BUCKETS))
     batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))  # padding included
@@ -186,6 +198,8 @@ class InferenceBatcher:
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._pending: list[_Item] = []
+        # A forward pass is running (on the inference thread, or inline on an event loop); under _cond.
+        self._busy = False
         self._closing = False
         self._admitted = 0  # event-loop thread only
         self._thread: threading.Thread | None = None
@@ -220,6 +234,8 @@ class InferenceBatcher:
                            loop, loop.create_future(), passes=[] if tracing.enabled() else None)
         if not items:
             return request.out
+        if sum(e.length for e in items) <= self.limits.inline_tokens and self._claim():
+            return self._inline(request, items)
         # However the caller ends (cancelled, deadline, answered), the worker learns it from the
         # future itself: no path through this coroutine has to remember to say so.
         request.future.add_done_callback(_abandon_if_cancelled(request))
@@ -234,6 +250,34 @@ class InferenceBatcher:
             if request.passes is not None:
                 _trace(request, len(items))
 
+    def _claim(self) -> bool:
+        """Take the right to run the next forward pass here, if nothing runs and nothing waits."""
+        with self._cond:
+            if self._busy or self._pending or self._closing:
+                return False
+            self._busy = True
+            return True
+
+    def _release(self) -> None:
+        with self._cond:
+            self._busy = False
+            if self._pending or self._closing:
+                self._cond.notify()
+
+    def _inline(self, request: _Request, items: Sequence[Encoded]) -> np.ndarray:
+        """A small request on an idle replica, computed here on the event loop: the loop is held for
+        one short forward pass, and the two thread hand-offs (to the inference thread and back),
+        each a wake-up and a context switch, are saved. Requests arriving meanwhile queue for the
+        inference thread as usual."""
+        try:
+            self.stats.inline_batches += 1
+            request.out[:] = self._forward([_Item(e, request, row) for row, e in enumerate(items)])
+        finally:
+            self._release()
+            if request.passes is not None:
+                _trace(request, len(items))
+        return request.out
+
     async def close(self) -> None:
         """Stop taking requests, finish what is queued, join the thread."""
         with self._cond:
@@ -245,7 +289,7 @@ class InferenceBatcher:
 
     def _take_generation(self) -> list[_Item] | None:
         with self._cond:
-            while not self._pending and not self._closing:
+            while self._busy or (not self._pending and not self._closing):
                 self._cond.wait()
             if not self._pending:
                 return None  # closing and drained
@@ -257,18 +301,43 @@ class InferenceBatcher:
                         break
                     self._cond.wait(left)
             generation, self._pending = self._pending, []
+            self._busy = True
             return generation
 
     def _run(self) -> None:
         while (generation := self._take_generation()) is not None:
-            self.stats.generations += 1
-            for batch in plan_batches([it for it in generation if not it.request.abandoned], self.limits):
-                batch = [it for it in batch if not it.request.abandoned]
-                if batch:
-                    self._run_batch(batch)
+            try:
+                self.stats.generations += 1
+                for batch in plan_batches([it for it in generation if not it.request.abandoned], self.limits):
+                    batch = [it for it in batch if not it.request.abandoned]
+                    if batch:
+                        self._run_batch(batch)
+            finally:
+                self._release()
         log.debug("inference thread done")
 
     def _run_batch(self, batch: list[_Item]) -> None:
+        try:
+            vectors = self._forward(batch)
+        except Exception as exc:  # the backend failed: fail these requests, keep serving
+            for request in {id(it.request): it.request for it in batch}.values():
+                request.abandoned = True
+                request.loop.call_soon_threadsafe(_fail, request, exc)
+            return
+        finished: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+        for k, it in enumerate(batch):
+            request = it.request
+            request.out[it.row] = vectors[k]
+            request.remaining -= 1
+            if request.remaining == 0:
+                finished.setdefault(request.loop, []).append(request)
+        # One wake-up per loop for the whole batch: each call_soon_threadsafe writes to the loop's
+        # self-pipe, which cost about 8% of a replica's CPU with one wake-up per finished request.
+        for loop, requests in finished.items():
+            loop.call_soon_threadsafe(_resolve_all, requests)
+
+    def _forward(self, batch: list[_Item]) -> np.ndarray:
+        """One forward pass, timed and counted; a backend failure is logged, counted and raised."""
         stats = self.stats
         started = time.monotonic()
         for it in batch:
@@ -276,13 +345,10 @@ class InferenceBatcher:
         cpu = time.thread_time()
         try:
             vectors = self._embed([it.encoded for it in batch])
-        except Exception as exc:  # the backend failed: fail these requests, keep serving
+        except Exception:
             stats.failed_batches += 1
             log.exception("inference failed for a batch of %d texts", len(batch))
-            for request in {id(it.request): it.request for it in batch}.values():
-                request.abandoned = True
-                request.loop.call_soon_threadsafe(_fail, request, exc)
-            return
+            raise
         ended = time.monotonic()
         stats.inference_cpu += time.thread_time() - cpu
         stats.inference.observe(ended - started)
@@ -298,14 +364,4 @@ class InferenceBatcher:
         stats.sizes.append(len(batch))
         if len(stats.sizes) > 1024:
             del stats.sizes[:512]
-        finished: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
-        for k, it in enumerate(batch):
-            request = it.request
-            request.out[it.row] = vectors[k]
-            request.remaining -= 1
-            if request.remaining == 0:
-                finished.setdefault(request.loop, []).append(request)
-        # One wake-up per loop for the whole batch: each call_soon_threadsafe writes to the loop's
-        # self-pipe, which cost about 8% of a replica's CPU with one wake-up per finished request.
-        for loop, requests in finished.items():
-            loop.call_soon_threadsafe(_resolve_all, requests)
+        return vectors

@@ -122,6 +122,10 @@ class MLBaseSettings(Settings):
     batch_wait_ms: float = setting(_B.wait_ms, "how long an idle replica waits for more requests to batch "
                                                "together; 0 = never: texts that arrive while a batch computes form "
                                                "the next one")
+    inline_tokens: int = setting(
+        _B.inline_tokens, "a request of at most this many tokens (all its texts) that finds the replica idle is "
+        "computed on the event loop, skipping the hand-off to the inference thread and back (the lone query); "
+        "0 = every request goes to the inference thread", check=not_negative)
     max_queue: int = setting(_B.max_queue, "texts queued or being computed; a request that would exceed it gets "
                                            "RESOURCE_EXHAUSTED at once")
     max_inputs: int = setting(2048, "most texts per request; more is INVALID_ARGUMENT", env="SUTRA_MAX_INPUTS",
@@ -185,7 +189,7 @@ class MLBaseSettings(Settings):
     def batch(self) -> BatchLimits:
         return BatchLimits(max_batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
                            wait_ms=self.batch_wait_ms, max_queue=self.max_queue,
-                           overhead_tokens=self.batch_overhead_tokens)
+                           overhead_tokens=self.batch_overhead_tokens, inline_tokens=self.inline_tokens)
 
     @property
     def log_level(self) -> str:

@@ -112,6 +112,8 @@ def test_limits_are_validated():
         BatchLimits(wait_ms=-1)
     with pytest.raises(ValueError):
         BatchLimits(overhead_tokens=-1)
+    with pytest.raises(ValueError):
+        BatchLimits(inline_tokens=-1)
 
 
 async def _with_batcher(embed, limits, body):
@@ -125,7 +127,7 @@ async def _with_batcher(embed, limits, body):
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows():
     embed = RecordingEmbed()
-    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=300)
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=300, inline_tokens=0)
     requests = [[enc(100 * r + i, (7 * r + 3 * i) % 20 + 1) for i in range(5)] for r in range(6)]
 
     async def body(batcher):
@@ -146,7 +148,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
 
 def test_token_budget_splits_one_request_and_rows_come_back_in_request_order():
     embed = RecordingEmbed()
-    limits = BatchLimits(max_batch_size=4, max_batch_tokens=40, wait_ms=0)
+    limits = BatchLimits(max_batch_size=4, max_batch_tokens=40, wait_ms=0, inline_tokens=0)
     req = [enc(i, n) for i, n in enumerate([3, 30, 9, 12, 1, 30, 2, 8, 8, 20])]
 
     async def body(batcher):
@@ -177,7 +179,7 @@ def test_reserve_refuses_at_once_when_the_queue_is_full():
 
 def test_a_failed_batch_fails_only_its_requests_and_the_worker_goes_on():
     embed = RecordingEmbed(fail_tags={666})
-    limits = BatchLimits(max_batch_size=2, max_batch_tokens=1000, wait_ms=0)
+    limits = BatchLimits(max_batch_size=2, max_batch_tokens=1000, wait_ms=0, inline_tokens=0)
 
     async def body(batcher):
         with pytest.raises(RuntimeError, match="backend failed"):
@@ -191,7 +193,7 @@ def test_a_failed_batch_fails_only_its_requests_and_the_worker_goes_on():
 def test_cancelled_request_is_skipped_and_close_finishes_queued_work():
     gate = threading.Event()
     embed = RecordingEmbed(gate=gate)
-    limits = BatchLimits(max_batch_size=1, max_batch_tokens=1000, wait_ms=0)
+    limits = BatchLimits(max_batch_size=1, max_batch_tokens=1000, wait_ms=0, inline_tokens=0)
 
     async def body(batcher):
         first = asyncio.ensure_future(batcher.submit([enc(1, 3)]))
@@ -215,3 +217,111 @@ def test_cancelled_request_is_skipped_and_close_finishes_queued_work():
     assert first[0, 0] == 1 and kept[0, 0] == 4
     tags = [t for batch in embed.batches for t, _ in batch]
     assert 2 not in tags and 3 not in tags and 5 not in tags
+
+
+# --- small requests on an idle replica: computed on the caller's event loop ------------------------
+
+
+class ThreadRecordingEmbed(RecordingEmbed):
+    """Also records which thread ran each pass, and how many passes ever ran at once."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.threads: list[str] = []
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, batch):
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            self.threads.append(threading.current_thread().name)
+            return super().__call__(batch)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_a_small_request_on_an_idle_replica_runs_on_the_event_loop_and_a_large_one_on_the_thread():
+    embed = ThreadRecordingEmbed()
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=16)
+
+    async def body(batcher):
+        small = await batcher.submit([enc(1, 9), enc(2, 7)])  # 16 tokens: inline
+        large = await batcher.submit([enc(3, 9), enc(4, 8)])  # 17 tokens: the inference thread
+        return small, large, threading.current_thread().name, batcher.stats
+
+    small, large, loop_thread, stats = asyncio.run(_with_batcher(embed, limits, body))
+    assert embed.threads == [loop_thread, "mlbase-inference"]
+    assert small[:, 0].tolist() == [1, 2] and small[:, 1].tolist() == [9, 7]
+    assert large[:, 0].tolist() == [3, 4]
+    assert stats.inline_batches == 1 and stats.batches == 2 and stats.texts == 4
+
+
+def test_a_small_request_waits_its_turn_while_a_pass_runs_and_passes_never_overlap():
+    """A pass runs on the thread (held at a gate): a small request from the event loop is queued,
+    not inlined. Then an inline pass held at a gate on one event loop: a request from another
+    loop queues, and the inference thread does not start it until the inline pass is over."""
+    gate = threading.Event()
+    embed = ThreadRecordingEmbed(gate=gate)
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=64)
+    batcher = InferenceBatcher(embed, WIDTH, limits)
+    batcher.start()
+    try:
+        async def behind_a_running_pass():
+            first = asyncio.ensure_future(batcher.submit([enc(1, 100)]))  # too large to inline
+            await asyncio.to_thread(embed.entered.wait, 10)
+            second = asyncio.ensure_future(batcher.submit([enc(2, 3)]))  # small, but a pass runs
+            await asyncio.sleep(0.05)
+            assert not second.done() and batcher.stats.inline_batches == 0
+            gate.set()
+            return await asyncio.gather(first, second)
+
+        first, second = asyncio.run(behind_a_running_pass())
+        assert first[0, 0] == 1 and second[0, 0] == 2
+        assert embed.threads == ["mlbase-inference", "mlbase-inference"]
+
+        gate.clear()
+        embed.entered.clear()
+        other: dict = {}
+
+        def from_another_loop():
+            async def go():
+                await asyncio.to_thread(embed.entered.wait, 10)  # the inline pass has started
+                other["out"] = await batcher.submit([enc(4, 3)])
+            asyncio.run(go())
+
+        helper = threading.Thread(target=from_another_loop)
+        helper.start()
+
+        async def inline_held_at_the_gate():
+            threading.Timer(0.3, gate.set).start()  # the inline pass holds this loop until then
+            return await batcher.submit([enc(3, 3)])
+
+        third = asyncio.run(inline_held_at_the_gate())
+        helper.join(10)
+        assert third[0, 0] == 3 and other["out"][0, 0] == 4
+        assert embed.threads[2] == "MainThread" and embed.threads[3] == "mlbase-inference"
+        assert embed.most_at_once == 1 and batcher.stats.inline_batches == 1
+    finally:
+        gate.set()
+        asyncio.run(batcher.close())
+
+
+def test_an_inline_pass_that_fails_raises_to_its_caller_and_the_replica_keeps_serving():
+    embed = ThreadRecordingEmbed(fail_tags={666})
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=64)
+
+    async def body(batcher):
+        with pytest.raises(RuntimeError, match="backend failed"):
+            await batcher.submit([enc(666, 3)])
+        after = await batcher.submit([enc(7, 3)])  # inline again: the claim was released
+        queued = await batcher.submit([enc(8, 100)])  # and the thread still serves
+        return after, queued, batcher.stats
+
+    after, queued, stats = asyncio.run(_with_batcher(embed, limits, body))
+    assert after[0, 0] == 7 and queued[0, 0] == 8
+    assert stats.failed_batches == 1 and stats.inline_batches == 2
+    assert embed.threads[-1] == "mlbase-inference"
