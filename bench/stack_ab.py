@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from bench import ab, interactive, workloads
 from bench.stack_access import stack_settings
