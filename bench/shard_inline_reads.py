@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {case:8} {level.split()[-1]:>9} {name:8} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
                       f"{r['p99_ms']:8.3f} {r['shard_cpu_us_per_lookup']:14.1f}")
             a, b = rows["inline"], rows["workers"]
-            print(f"  {'':8} {'':>9} {'ratio':8} {a['p50_ms'] / b['p50_ms']:8.2f}x{'':>17} "
-                  f"{a['shard_cpu_us_per_lookup'] / b['shard_cpu_us_per_lookup']:14.2f}x")
+            # CPU times come in 10 ms ticks: a short run may count none.
+            cpu = (f"{a['shard_cpu_us_per_lookup'] / b['shard_cpu_us_per_lookup']:14.2f}x"
+                   if b["shard_cpu_us_per_lookup"] else f"{'-':>15}")
+            print(f"  {'':8} {'':>9} {'ratio':8} {a['p50_ms'] / b['p50_ms']:8.2f}x{'':>17} {cpu}")
     out = cfg.out or results_path("shard_inline_reads.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
