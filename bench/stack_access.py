@@ -135,11 +135,11 @@ def cpu_seconds(pids: dict[str, int]) -> float:
 
 def role_of(program: str) -> str:
     """The part of the stack a supervisord program is: replicas, cache shard, HAProxy, frontend."""
-    if program.startswith("mlbase"):
+    if "mlbase" in program:  # mlbase2, or a --models-file model's replica: e2-mlbase1
         return "replicas"
     if program.startswith("cacheshard"):
         return "cache shard"
-    return "haproxy" if program.startswith("haproxy") else "frontend"
+    return "haproxy" if "haproxy" in program else "frontend"
 
 
 def cpu_by_role(settings: StackSettings) -> Callable[[], dict[str, float]]:

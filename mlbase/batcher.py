@@ -15,12 +15,15 @@ RESOURCE_EXHAUSTED) when admitting a request would exceed it. A request
 whose caller went away (cancelled, deadline) is skipped by the worker: its
 future's done-callback marks it abandoned, however the caller ended.
 
-A small request (`BatchLimits.inline_tokens`) that finds nothing running and
-nothing queued is computed on its caller's event loop instead: the lone query
-of interactive traffic then skips the two thread hand-offs (to the inference
-thread and back), and whatever arrives meanwhile queues for the thread as
-usual. One flag (`_busy`) makes the thread and an inline pass take turns, so
-there is still one forward pass at a time.
+A small request (`BatchLimits.inline_tokens`) that finds the replica idle,
+nothing running, nothing queued and no pass ended in the last
+`inline_idle_ms`, is computed on its caller's event loop instead: the lone
+query of interactive traffic then skips the two thread hand-offs (to the
+inference thread and back). The idle gap is what tells a lone caller from a
+busy replica: under load the next request comes within a fraction of a
+millisecond of the last pass (it was waiting), and it goes to the thread,
+where requests batch. One flag (`_busy`) makes the thread and an inline pass
+take turns, so there is still one forward pass at a time.
 """
 
 from __future__ import annotations
@@ -55,16 +58,20 @@ class BatchLimits:
     max_queue: int = 8192
     # Fixed cost of one forward pass, in padded tokens: trades fewer batches against less padding.
     overhead_tokens: int = 32
-    # A request of at most this many tokens (all its texts) that finds the inference thread idle and
-    # nothing queued is computed on the caller's event loop: no hand-off to the thread and back.
-    # 0: every request goes to the thread.
+    # A request of at most this many padded tokens (texts x longest) that finds the replica idle
+    # (nothing running, nothing queued, no pass ended within inline_idle_ms) is computed on the
+    # caller's event loop: no hand-off to the thread and back. 0: every request goes to the thread.
     inline_tokens: int = 64
+    # A lone caller's next text comes milliseconds after the last pass ended (its answer travels
+    # back, the next request comes in); one waiting behind a busy replica comes within a fraction
+    # of a millisecond, and should batch on the thread.
+    inline_idle_ms: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue < 1:
             raise ValueError("batch size, batch tokens and queue size must be at least 1")
-        if self.wait_ms < 0 or self.overhead_tokens < 0 or self.inline_tokens < 0:
-            raise ValueError("wait window, batch overhead and inline tokens must not be negative")
+        if self.wait_ms < 0 or self.overhead_tokens < 0 or self.inline_tokens < 0 or self.inline_idle_ms < 0:
+            raise ValueError("wait window, batch overhead and the inline bounds must not be negative")
 
 
 @dataclass(eq=False)
@@ -99,7 +106,7 @@ class BatchStats:
     padded_tokens: int = 0
     generations: int = 0
     failed_batches: int = 0
-    inline_batches: int = 0  # forward passes run on the caller's event loop (BatchLimits.inline_tokens)
+    inline_batches: int = 0  # forward passes completed on the caller's event loop (BatchLimits.inline_tokens)
     sizes: list[int] = field(default_factory=list)
     batch_texts: Histogram = field(default_factory=lambda: Histogram(COUNT_BUCKETS))
     batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))  # padding included
@@ -200,6 +207,7 @@ class InferenceBatcher:
         self._pending: list[_Item] = []
         # A forward pass is running (on the inference thread, or inline on an event loop); under _cond.
         self._busy = False
+        self._last_pass_end = float("-inf")  # monotonic; under _cond
         self._closing = False
         self._admitted = 0  # event-loop thread only
         self._thread: threading.Thread | None = None
@@ -234,7 +242,8 @@ class InferenceBatcher:
                            loop, loop.create_future(), passes=[] if tracing.enabled() else None)
         if not items:
             return request.out
-        if sum(e.length for e in items) <= self.limits.inline_tokens and self._claim():
+        if (len(items) * max(e.length for e in items) <= self.limits.inline_tokens
+                and len(items) <= self.limits.max_batch_size and self._claim()):
             return self._inline(request, items)
         # However the caller ends (cancelled, deadline, answered), the worker learns it from the
         # future itself: no path through this coroutine has to remember to say so.
@@ -251,9 +260,12 @@ class InferenceBatcher:
                 _trace(request, len(items))
 
     def _claim(self) -> bool:
-        """Take the right to run the next forward pass here, if nothing runs and nothing waits."""
+        """Take the right to run the next forward pass here, if nothing runs, nothing waits and the
+        replica has been idle for `inline_idle_ms`."""
         with self._cond:
             if self._busy or self._pending or self._closing:
+                return False
+            if time.monotonic() - self._last_pass_end < self.limits.inline_idle_ms / 1000:
                 return False
             self._busy = True
             return True
@@ -261,6 +273,7 @@ class InferenceBatcher:
     def _release(self) -> None:
         with self._cond:
             self._busy = False
+            self._last_pass_end = time.monotonic()
             if self._pending or self._closing:
                 self._cond.notify()
 
@@ -270,8 +283,8 @@ class InferenceBatcher:
         each a wake-up and a context switch, are saved. Requests arriving meanwhile queue for the
         inference thread as usual."""
         try:
-            self.stats.inline_batches += 1
             request.out[:] = self._forward([_Item(e, request, row) for row, e in enumerate(items)])
+            self.stats.inline_batches += 1
         finally:
             self._release()
             if request.passes is not None:

@@ -38,10 +38,11 @@ class ReplicaCollector(Collector):
             ("padding_tokens", "Padding computed: padded tokens less real tokens", s.padded_tokens - s.tokens),
             ("generations", "Times the inference thread took everything pending", s.generations),
             ("failed_batches", "Forward passes the backend failed", s.failed_batches),
-            ("inline_batches", "Forward passes run on the event loop: a small request on an idle replica "
+            ("inline_batches", "Forward passes completed on the event loop: a small request on an idle replica "
              "(--inline-tokens)", s.inline_batches),
-            ("inference_cpu_seconds", "CPU time of the inference thread in forward passes (a backend's other "
-             "threads, with --threads above 1, are not counted)", s.inference_cpu),
+            ("inference_cpu_seconds", "CPU time of the thread that ran each forward pass (the inference thread, "
+             "or the event loop for inline passes; a backend's other threads, with --threads above 1, are not "
+             "counted)", s.inference_cpu),
         ):
             yield CounterMetricFamily(P + name, doc, value=value)
         rejected = CounterMetricFamily(P + "rejected", "Embed calls refused, by reason", labels=["reason"])

@@ -123,9 +123,14 @@ class MLBaseSettings(Settings):
                                                "together; 0 = never: texts that arrive while a batch computes form "
                                                "the next one")
     inline_tokens: int = setting(
-        _B.inline_tokens, "a request of at most this many tokens (all its texts) that finds the replica idle is "
-        "computed on the event loop, skipping the hand-off to the inference thread and back (the lone query); "
-        "0 = every request goes to the inference thread", check=not_negative)
+        _B.inline_tokens, "a request of at most this many padded tokens (texts x longest) that finds the replica "
+        "idle (nothing computing or queued, no forward pass ended in the last --inline-idle-ms) is computed on the "
+        "event loop, skipping the hand-off to the inference thread and back (the lone query); 0 = every request "
+        "goes to the inference thread", check=not_negative)
+    inline_idle_ms: float = setting(
+        _B.inline_idle_ms, "how long a replica must have been idle for --inline-tokens to apply: a lone caller's "
+        "next text comes milliseconds after the last pass, one that waited behind a busy replica within a "
+        "fraction of a millisecond, and that one batches on the inference thread", check=not_negative)
     max_queue: int = setting(_B.max_queue, "texts queued or being computed; a request that would exceed it gets "
                                            "RESOURCE_EXHAUSTED at once")
     max_inputs: int = setting(2048, "most texts per request; more is INVALID_ARGUMENT", env="SUTRA_MAX_INPUTS",
@@ -189,7 +194,8 @@ class MLBaseSettings(Settings):
     def batch(self) -> BatchLimits:
         return BatchLimits(max_batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
                            wait_ms=self.batch_wait_ms, max_queue=self.max_queue,
-                           overhead_tokens=self.batch_overhead_tokens, inline_tokens=self.inline_tokens)
+                           overhead_tokens=self.batch_overhead_tokens, inline_tokens=self.inline_tokens,
+                           inline_idle_ms=self.inline_idle_ms)
 
     @property
     def log_level(self) -> str:

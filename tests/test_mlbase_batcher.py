@@ -114,6 +114,8 @@ def test_limits_are_validated():
         BatchLimits(overhead_tokens=-1)
     with pytest.raises(ValueError):
         BatchLimits(inline_tokens=-1)
+    with pytest.raises(ValueError):
+        BatchLimits(inline_idle_ms=-1)
 
 
 async def _with_batcher(embed, limits, body):
@@ -246,18 +248,38 @@ class ThreadRecordingEmbed(RecordingEmbed):
 
 def test_a_small_request_on_an_idle_replica_runs_on_the_event_loop_and_a_large_one_on_the_thread():
     embed = ThreadRecordingEmbed()
-    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=16)
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=18, inline_idle_ms=0)
 
     async def body(batcher):
-        small = await batcher.submit([enc(1, 9), enc(2, 7)])  # 16 tokens: inline
-        large = await batcher.submit([enc(3, 9), enc(4, 8)])  # 17 tokens: the inference thread
-        return small, large, threading.current_thread().name, batcher.stats
+        small = await batcher.submit([enc(1, 9), enc(2, 7)])  # 2 x 9 = 18 padded tokens: inline
+        large = await batcher.submit([enc(3, 9), enc(4, 1)])  # 2 x 9 = 18 as well: inline
+        padded = await batcher.submit([enc(5, 10), enc(6, 1)])  # 11 tokens, but 2 x 10 = 20 padded: the thread
+        return small, large, padded, threading.current_thread().name, batcher.stats
 
-    small, large, loop_thread, stats = asyncio.run(_with_batcher(embed, limits, body))
-    assert embed.threads == [loop_thread, "mlbase-inference"]
+    small, large, padded, loop_thread, stats = asyncio.run(_with_batcher(embed, limits, body))
+    assert embed.threads == [loop_thread, loop_thread, "mlbase-inference"]
     assert small[:, 0].tolist() == [1, 2] and small[:, 1].tolist() == [9, 7]
-    assert large[:, 0].tolist() == [3, 4]
-    assert stats.inline_batches == 1 and stats.batches == 2 and stats.texts == 4
+    assert large[:, 0].tolist() == [3, 4] and padded[:, 0].tolist() == [5, 6]
+    assert stats.inline_batches == 2 and stats.batches == 3 and stats.texts == 6
+
+
+def test_a_request_right_after_a_pass_goes_to_the_thread_and_one_after_an_idle_gap_runs_inline():
+    """Within inline_idle_ms of the last pass the replica counts as busy (a caller that waited behind
+    it); the first request ever, and one after a long enough pause, run inline."""
+    embed = ThreadRecordingEmbed()
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=64,
+                         inline_idle_ms=1000)
+
+    async def body(batcher):
+        for tag in (1, 2, 3):  # back to back: only the first finds the replica idle long enough
+            await batcher.submit([enc(tag, 3)])
+        await asyncio.sleep(1.1)
+        await batcher.submit([enc(4, 3)])
+        return threading.current_thread().name, batcher.stats
+
+    loop_thread, stats = asyncio.run(_with_batcher(embed, limits, body))
+    assert embed.threads == [loop_thread, "mlbase-inference", "mlbase-inference", loop_thread]
+    assert stats.inline_batches == 2
 
 
 def test_a_small_request_waits_its_turn_while_a_pass_runs_and_passes_never_overlap():
@@ -266,7 +288,7 @@ def test_a_small_request_waits_its_turn_while_a_pass_runs_and_passes_never_overl
     loop queues, and the inference thread does not start it until the inline pass is over."""
     gate = threading.Event()
     embed = ThreadRecordingEmbed(gate=gate)
-    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=64)
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=64, inline_idle_ms=0)
     batcher = InferenceBatcher(embed, WIDTH, limits)
     batcher.start()
     try:
@@ -290,17 +312,16 @@ def test_a_small_request_waits_its_turn_while_a_pass_runs_and_passes_never_overl
         def from_another_loop():
             async def go():
                 await asyncio.to_thread(embed.entered.wait, 10)  # the inline pass has started
-                other["out"] = await batcher.submit([enc(4, 3)])
+                queued = asyncio.ensure_future(batcher.submit([enc(4, 3)]))
+                while not batcher._pending:  # it queued behind the inline pass: now let that pass end
+                    await asyncio.sleep(0.001)
+                gate.set()
+                other["out"] = await queued
             asyncio.run(go())
 
         helper = threading.Thread(target=from_another_loop)
         helper.start()
-
-        async def inline_held_at_the_gate():
-            threading.Timer(0.3, gate.set).start()  # the inline pass holds this loop until then
-            return await batcher.submit([enc(3, 3)])
-
-        third = asyncio.run(inline_held_at_the_gate())
+        third = asyncio.run(batcher.submit([enc(3, 3)]))  # inline, held at the gate until the helper queued
         helper.join(10)
         assert third[0, 0] == 3 and other["out"][0, 0] == 4
         assert embed.threads[2] == "MainThread" and embed.threads[3] == "mlbase-inference"
@@ -312,7 +333,7 @@ def test_a_small_request_waits_its_turn_while_a_pass_runs_and_passes_never_overl
 
 def test_an_inline_pass_that_fails_raises_to_its_caller_and_the_replica_keeps_serving():
     embed = ThreadRecordingEmbed(fail_tags={666})
-    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=64)
+    limits = BatchLimits(max_batch_size=64, max_batch_tokens=10_000, wait_ms=0, inline_tokens=64, inline_idle_ms=0)
 
     async def body(batcher):
         with pytest.raises(RuntimeError, match="backend failed"):
@@ -323,5 +344,5 @@ def test_an_inline_pass_that_fails_raises_to_its_caller_and_the_replica_keeps_se
 
     after, queued, stats = asyncio.run(_with_batcher(embed, limits, body))
     assert after[0, 0] == 7 and queued[0, 0] == 8
-    assert stats.failed_batches == 1 and stats.inline_batches == 2
-    assert embed.threads[-1] == "mlbase-inference"
+    assert stats.failed_batches == 1 and stats.inline_batches == 1  # completed passes only
+    assert embed.threads[-2:] == ["MainThread", "mlbase-inference"]
