@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import random
 import tempfile
@@ -31,7 +30,6 @@ import grpc
 from bench import ab, interactive, workloads
 from bench.stack_access import stack_settings
 from deploy import stack
-from harness.procs import free_port
 from sutra.embedding.v1 import embedding_service_pb2 as pb
 from sutra.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -53,17 +51,11 @@ def environment(extra: dict[str, str]):
 
 @contextlib.contextmanager
 def two_stacks(work: Path, replicas: int, backend: str, precision: str, env_b: dict[str, str]):
-    """Stacks A (as `make bench` starts one) and B (with `env_b`), every port free, metrics ports
-    included."""
+    """Stacks A (as `make bench` starts one) and B (with `env_b`), each on its own free ports."""
     started = []
     try:
         for name, env in (("a", {}), ("b", env_b)):
-            base = stack_settings(work / name, replicas, backend, precision)
-            metrics = free_port()  # the replicas' metrics ports are consecutive
-            while any(not stack.probe.port_free("127.0.0.1", metrics + i) for i in range(1, replicas)):
-                metrics = free_port()
-            settings = dataclasses.replace(base, http_port=0, shard_metrics_port=free_port(),
-                                           replica_metrics_base_port=metrics)
+            settings = stack_settings(work / name, replicas, backend, precision)
             with environment(env):
                 stack.up(settings, out=lambda line: None)
             started.append(settings)

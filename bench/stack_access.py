@@ -37,14 +37,22 @@ from sutra.mlbase.v1 import mlbase_service_pb2_grpc as mpb_grpc
 Printer = Callable[[str], None]
 
 
+def consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive free loopback ports (replicas number theirs from a base)."""
+    base = free_port()
+    while any(not stack.probe.port_free("127.0.0.1", base + i) for i in range(1, count)):
+        base = free_port()
+    return base
+
+
 def stack_settings(run_dir: Path, replicas: int, backend: str, precision: str = "") -> StackSettings:
     """A stack of `backend` replicas (`precision`; empty = the backend's default, and none with
-    `auto`) on free loopback ports in `run_dir` (replicas on consecutive free ports), admin HTTP off."""
-    base = free_port()
-    while any(not stack.probe.port_free("127.0.0.1", base + i) for i in range(1, replicas)):
-        base = free_port()
+    `auto`) on free loopback ports in `run_dir`, metrics ports included (so it runs beside `make
+    up` or another bench stack), admin and OpenAI HTTP off."""
     return StackSettings(run_dir=run_dir, replicas=replicas, frontend_port=free_port(), shard_port=free_port(),
-                         lb_port=free_port(), stats_port=free_port(), admin_port=0, replica_base_port=base,
+                         lb_port=free_port(), stats_port=free_port(), admin_port=0, http_port=0,
+                         replica_base_port=consecutive_free_ports(replicas), shard_metrics_port=free_port(),
+                         replica_metrics_base_port=consecutive_free_ports(replicas),
                          backend=backend, precision=precision)
 
 
@@ -147,22 +155,19 @@ def cpu_by_role(settings: StackSettings) -> Callable[[], dict[str, float]]:
     replicas' forward passes (the inference thread's CPU in them, from their /metrics; all of the
     model's CPU with one thread per replica) and this process (the client). Differences between
     two probes split a phase's cost per request, which is what says where two cores go."""
-    from deploy.scrape import fetch
+    from harness.impatient.metrics import scrape
 
-    pids = stack_pids(settings)
+    roles: dict[str, dict[str, int]] = {}
+    for name, pid in stack_pids(settings).items():
+        roles.setdefault(role_of(name), {})[name] = pid
     urls = [settings.metrics_url(name) for name in settings.replica_names()]
 
     def probe() -> dict[str, float]:
-        out = {"replicas": 0.0, "replicas: inference": 0.0, "frontend": 0.0, "cache shard": 0.0,
-               "haproxy": 0.0, "client": time.process_time()}
-        for name, pid in pids.items():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                t = psutil.Process(pid).cpu_times()
-                out[role_of(name)] += t.user + t.system
-        for url in urls:
-            for sample, _labels, value in fetch(url).samples:
-                if sample == "sutra_mlbase_inference_cpu_seconds_total":
-                    out["replicas: inference"] += value
+        out = {role: 0.0 for role in ("replicas", "replicas: inference", "frontend", "cache shard", "haproxy")}
+        out.update({role: cpu_seconds(pids) for role, pids in roles.items()})
+        out["replicas: inference"] = sum(scrape(url).get("sutra_mlbase_inference_cpu_seconds_total", 0.0)
+                                         for url in urls)
+        out["client"] = time.process_time()
         return out
 
     return probe

@@ -8,6 +8,7 @@ SIGTERM test stops it and therefore runs last.
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,8 @@ import grpc
 import numpy as np
 import pytest
 
-from harness.procs import NOT_SERVING, SERVING, health_status
+from harness.impatient.metrics import scrape
+from harness.procs import NOT_SERVING, SERVING, free_port, health_status
 from harness.stack import service
 from sutra.mlbase.v1 import mlbase_service_pb2 as pb
 from sutra.mlbase.v1 import mlbase_service_pb2_grpc as pb_grpc
@@ -30,8 +32,10 @@ BUSY_TEXT = "replicas finish the work they accepted before they exit " * 20
 @pytest.fixture(scope="module")
 def started(tmp_path_factory):
     """Start the replica and record what health said (and what Embed said) while it loaded."""
+    metrics_port = free_port()
     proc = service("mlbase", tmp_path_factory.mktemp("mlbase") / "mlbase.log",
-                   {"threads": 2, "max_queue": MAX_QUEUE, "server.drain_seconds": DRAIN_SECONDS})
+                   {"threads": 2, "max_queue": MAX_QUEUE, "server.drain_seconds": DRAIN_SECONDS,
+                    "server.metrics_port": metrics_port})
     proc.start()
     seen: list[int] = []
     embed_while_loading = None
@@ -53,7 +57,7 @@ def started(tmp_path_factory):
                     break
                 time.sleep(0.05)
         proc.wait_serving(timeout=5)
-        yield proc, seen, embed_while_loading
+        yield proc, seen, embed_while_loading, f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         proc.stop()
 
@@ -70,7 +74,7 @@ def stub(replica):
 
 
 def test_not_serving_until_loaded_and_warm_then_serving(started):
-    _, seen, embed_while_loading = started
+    _, seen, embed_while_loading, _ = started
     assert seen[0] == NOT_SERVING and seen[-1] == SERVING
     assert embed_while_loading == grpc.StatusCode.UNAVAILABLE
 
@@ -115,6 +119,51 @@ def test_a_deadline_stops_the_call_and_frees_its_queue_room(stub, replica):
             time.sleep(0.05)
     assert reply.count == MAX_QUEUE
     assert health_status(replica.address) == SERVING
+
+
+def test_impatient_callers_of_small_texts_leave_nothing_pending(stub, replica, started):
+    """Small texts take the inline path (computed on the replica's event loop when it is idle):
+    1 ms deadlines, cancels at random moments and plain calls from six threads at once. Afterwards
+    nothing is queued, the inline path did run, and a new request is answered."""
+    metrics_url = started[3]
+    before = scrape(metrics_url)
+    rng = random.Random(7)
+    outcomes: list[str] = []
+
+    def caller(seed: int) -> None:
+        local = random.Random(seed)
+        for i in range(40):
+            request = pb.EmbedRequest(texts=[f"impatient {seed}-{i}"], dimensions=32)
+            kind = local.choice(["deadline", "cancel", "plain"])
+            try:
+                if kind == "deadline":
+                    stub.Embed(request, timeout=0.001)
+                elif kind == "cancel":
+                    future = stub.Embed.future(request, timeout=30)
+                    time.sleep(local.random() * 0.01)
+                    future.cancel()
+                    future.result(timeout=30)
+                else:
+                    assert stub.Embed(request, timeout=30).count == 1
+                outcomes.append("ok")
+            except grpc.FutureCancelledError:
+                outcomes.append("cancelled")
+            except grpc.RpcError as exc:
+                assert exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED), exc
+                outcomes.append(exc.code().name)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(caller, [rng.randrange(1 << 30) for _ in range(6)]))
+    assert len(outcomes) == 240 and "ok" in outcomes
+    deadline = time.monotonic() + 30
+    while (after := scrape(metrics_url))["sutra_mlbase_queue_texts"] != 0:
+        assert time.monotonic() < deadline, after["sutra_mlbase_queue_texts"]
+        time.sleep(0.05)
+    assert after["sutra_mlbase_inline_batches_total"] > before["sutra_mlbase_inline_batches_total"]
+    assert health_status(replica.address) == SERVING
+    reply = stub.Embed(pb.EmbedRequest(texts=["still answering"], full_width=True), timeout=30)
+    got = np.frombuffer(reply.vectors, dtype="<f4")
+    assert reply.count == 1 and abs(float(np.linalg.norm(got)) - 1.0) < 1e-5
 
 
 def test_sigterm_goes_not_serving_finishes_in_flight_work_and_exits_0(stub, replica):

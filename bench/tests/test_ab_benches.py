@@ -35,7 +35,7 @@ def test_stack_ab_runs_two_real_stacks_a_setting_apart(tmp_path):
     """One replica each; B's replicas get SUTRA_MLBASE_INLINE_TOKENS=0, so only A's lone texts are
     computed on the replica's event loop: the setting reached B and only B."""
     from bench import workloads
-    from deploy.scrape import fetch
+    from harness.impatient.metrics import scrape
 
     backend, precision = workloads.stack_default(1)
     lines = workloads.corpus_lines(workloads.data_dir())
@@ -43,7 +43,6 @@ def test_stack_ab_runs_two_real_stacks_a_setting_apart(tmp_path):
         times, rates = stack_ab.measure({"A": a.frontend_address, "B": b.frontend_address}, lines, 20, 1, 5, 1)
         inline = {}
         for name, settings in (("A", a), ("B", b)):
-            samples = fetch(settings.metrics_url("mlbase1")).samples
-            inline[name] = sum(v for n, _, v in samples if n == "sutra_mlbase_inline_batches_total")
+            inline[name] = scrape(settings.metrics_url("mlbase1"))["sutra_mlbase_inline_batches_total"]
     assert len(times["A"]["cold"]) == len(times["B"]["cold"]) == 20 and rates["A"] > 0 and rates["B"] > 0
     assert inline["A"] >= 20 and inline["B"] == 0, inline
